@@ -1,0 +1,196 @@
+"""The ``"checkfree"`` configuration section: one schema for the DeepSpeed JSON and for YAML files.
+
+The models build on DeepSpeed's own ``DeepSpeedConfigModel`` and, like DeepSpeed's sub-configs, reject unknown
+keys; unlike pydantic's default message, the error names the closest known key.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, List, Literal, Mapping, Optional, Union
+
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+from .errors import ConfigError
+
+SECTION = "checkfree"
+
+Mode = Literal["checkfree", "checkfree_plus"]
+Strategy = Literal["gradnorm_average", "uniform_average", "copy", "random"]
+NormKind = Literal["plain", "squared"]
+AdjacentPolicy = Literal["interpolate", "stop"]
+
+
+class _Section(DeepSpeedConfigModel):
+    """A config section that rejects unknown keys with a did-you-mean hint."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True,
+                              populate_by_name=True, arbitrary_types_allowed=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        known = set(cls.model_fields)
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+        return data
+
+
+
+class FailureAt(_Section):
+    """One planned failure: ``stage`` is lost before the forward pass of the step that starts at ``step``."""
+
+
+    stage: int = Field(ge=0, description="Pipeline stage id to lose.")
+    step: int = Field(ge=0, description="Value of engine.global_steps when the failure strikes (before that "
+                      "step's first micro-batch, as in the paper's failure generator).")
+
+
+class FailureInjectionConfig(_Section):
+    """A seeded failure plan that every rank evaluates identically without communicating."""
+
+
+    at: List[FailureAt] = Field(default_factory=list, description="Explicit (stage, step) failures.")
+    probability: float = Field(0.0, ge=0.0, le=1.0,
+                               description="Per-stage, per-iteration failure probability (the paper's p).")
+    stages: Optional[List[int]] = Field(None, description="Stages the probability applies to; default: every "
+                                        "stage the configured mode can rebuild.")
+    seed: int = Field(0, description="Seed of the probabilistic plan; the same seed gives the same plan.")
+
+
+class CheckFreeConfig(_Section):
+    """The ``"checkfree"`` section of a DeepSpeed config (or a YAML file with the same keys)."""
+
+    enabled: bool = Field(False, description="Turn CheckFree on. Off (or no section) leaves DeepSpeed untouched.")
+    mode: Mode = Field("checkfree", description="'checkfree' rebuilds middle stages from their two neighbours; "
+                       "'checkfree_plus' adds out-of-order micro-batches and (de)embedding replicas so the first "
+                       "and last stages can be rebuilt too.")
+    strategy: Strategy = Field("gradnorm_average", description="How a middle stage is rebuilt: the paper's "
+                               "gradient-norm-weighted average, or the ablations uniform_average, copy (of the "
+                               "previous stage) and random (fresh initialisation).")
+    lr_boost: float = Field(1.1, gt=0.0, description="The rebuilt stage's learning rate is the scheduled LR times "
+                            "this factor for the rest of training (paper: 1.1 for 124M/1.5B, 1.2 for 500M).")
+    eps: float = Field(1e-4, ge=0.0, description="Added to each neighbour's gradient norm before weighting.")
+    norm: NormKind = Field("plain", description="Weight neighbours by the plain L2 norm of their gradient (the "
+                           "reference code) or by its square.")
+    per_stage_clip: Optional[float] = Field(None, gt=0.0, description="If set, clip each stage's gradient to this "
+                                            "norm before the optimizer step and record the clipped norm, as the "
+                                            "reference code does with 1.0. Default: record the unclipped norm "
+                                            "and leave the gradients alone.")
+    on_adjacent_failure: AdjacentPolicy = Field("interpolate", description="Several adjacent stages lost at once: "
+                                                "interpolate between the nearest survivors on both sides, or stop "
+                                                "with an error.")
+    seed: int = Field(0, description="Seed of the 'random' strategy's re-initialisation.")
+    failure_injection: FailureInjectionConfig = Field(default_factory=FailureInjectionConfig,
+                                                      description="Planned failures, for demos and experiments.")
+    events_file: Optional[str] = Field(None, description="Append one JSON line per detection and recovery here "
+                                       "(the records also go to the 'deepspeed_checkfree.events' logger).")
+
+    def validate_for(self, num_stages: int) -> None:
+        """Check the parts of the config that depend on the pipeline depth.
+
+        Raises:
+            ConfigError: with the rule, the values and the fix.
+        """
+        if not self.enabled:
+            return
+        if num_stages < 3:
+            raise ConfigError(
+                f"CheckFree rebuilds a stage from two neighbours, so it needs num_stages >= 3; the topology has "
+                f"num_stages={num_stages}. Increase the pipeline degree or set checkfree.enabled=false.")
+        if self.mode == "checkfree_plus" and num_stages < 4:
+            raise ConfigError(
+                f"CheckFree+ swaps the first two and the last two stages, so it needs num_stages >= 4; the "
+                f"topology has num_stages={num_stages}. Increase the pipeline degree or use mode='checkfree'.")
+        plan = self.failure_injection
+        for i, failure in enumerate(plan.at):
+            if failure.stage >= num_stages:
+                raise ConfigError(
+                    f"checkfree.failure_injection.at[{i}] names stage {failure.stage}, but the pipeline has "
+                    f"stages 0..{num_stages - 1}. Use a stage id below num_stages={num_stages}.")
+            if self.mode == "checkfree" and failure.stage in (0, num_stages - 1):
+                raise ConfigError(
+                    f"checkfree.failure_injection.at[{i}] loses stage {failure.stage}, an edge stage of a "
+                    f"{num_stages}-stage pipeline; plain CheckFree can rebuild only stages 1..{num_stages - 2} "
+                    f"(an edge stage has one neighbour). Set checkfree.mode='checkfree_plus' or pick a middle "
+                    f"stage.")
+        for stage in plan.stages or []:
+            if not 0 <= stage < num_stages:
+                raise ConfigError(
+                    f"checkfree.failure_injection.stages lists stage {stage}, but the pipeline has stages "
+                    f"0..{num_stages - 1}. Remove it or increase the pipeline degree.")
+            if self.mode == "checkfree" and stage in (0, num_stages - 1):
+                raise ConfigError(
+                    f"checkfree.failure_injection.stages lists edge stage {stage}, which plain CheckFree cannot "
+                    f"rebuild. Set checkfree.mode='checkfree_plus' or list only stages 1..{num_stages - 2}.")
+
+    @classmethod
+    def from_ds_config(cls, ds_config: Union[Mapping[str, Any], None]) -> "CheckFreeConfig":
+        """Parse the ``"checkfree"`` section of a DeepSpeed config dict (absent section: disabled)."""
+        section = (ds_config or {}).get(SECTION)
+        if section is None:
+            return cls()
+        return parse_section(section, source=f"{SECTION!r} section of the DeepSpeed config")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item.get("loc", ()))
+        msg = item.get("msg", "")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        value = item.get("input")
+        shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+        lines.append(f"checkfree{'.' + loc if loc else ''}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_section(section: Any, source: str = "checkfree section") -> CheckFreeConfig:
+    """Validate a ``"checkfree"`` section given as a mapping.
+
+    Raises:
+        ConfigError: the section is not a mapping, has unknown keys or invalid values.
+    """
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"the {source} must be a mapping of keys to values, got {type(section).__name__}: "
+                          f"{section!r}. Write it as {{\"enabled\": true, ...}}.")
+    try:
+        return CheckFreeConfig(**section)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}: {_format_validation_error(err)}") from None
+
+
+def load_config(path: Union[str, os.PathLike]) -> CheckFreeConfig:
+    """Load the section from a JSON or YAML file.
+
+    The file may hold either a whole DeepSpeed config (the ``"checkfree"`` key is used) or just the section.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or its content is invalid.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the CheckFree config file {str(p)!r}: {err.strerror or err}. "
+                          f"Check the path.") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"cannot parse {str(p)!r}: {err}") from None
+    if isinstance(data, Mapping) and SECTION in data:
+        data = data[SECTION]
+    return parse_section(data, source=f"CheckFree config {str(p)!r}")

@@ -1,0 +1,161 @@
+"""Moving stage signatures, gradient norms and weights between ranks for a rebuild.
+
+Every rank of the pipeline calls :func:`rebuild_stages` with the same plans. Sources (survivors) only send and
+targets (rebuilt stages) only receive, each in plan order, so the wait graph has no cycle and blocking sends (gloo)
+cannot deadlock. The same path serves injected wipes and real process loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .recovery import (ParamMapping, RecoveryPlan, StageSignature, blend, match_layers, reinitialize,
+                       source_weights)
+
+
+def gather_signatures(signature: StageSignature, stage_id: int, num_stages: int,
+                      group: Optional[dist.ProcessGroup] = None) -> Dict[int, StageSignature]:
+    """All stages' signatures, gathered over the pipeline group (one small collective, at start-up)."""
+    gathered: List[Optional[Tuple[int, StageSignature]]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (stage_id, signature), group=group)
+    out = {s: sig for s, sig in gathered}
+    missing = sorted(set(range(num_stages)) - set(out))
+    assert not missing, f"no signature gathered for stages {missing}"
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _pack(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """One flat buffer per dtype, dtypes in first-appearance order: few messages instead of one per parameter."""
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t.detach().reshape(-1))
+    return [torch.cat(ts) for ts in by_dtype.values()]
+
+
+def _unpack(buffers: Sequence[torch.Tensor], specs: Sequence[Tuple[Tuple[int, ...], torch.dtype]]
+            ) -> List[torch.Tensor]:
+    offsets: Dict[torch.dtype, int] = {}
+    by_dtype = {b.dtype: b for b in buffers}
+    out = []
+    for shape, dtype in specs:
+        n = math.prod(shape)
+        start = offsets.get(dtype, 0)
+        out.append(by_dtype[dtype][start:start + n].view(shape))
+        offsets[dtype] = start + n
+    return out
+
+
+def _wire_specs(mapping: ParamMapping, source_sig: StageSignature) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    params = {f"{l.name}.{n}": (shape, _dtype(dt)) for l in source_sig for n, shape, dt in l.params}
+    return [params[src] for _, src in mapping.pairs]
+
+
+@dataclass
+class RebuildResult:
+    """What a rebuilt stage did, for its event record."""
+
+    plan: RecoveryPlan
+    source_norms: Tuple[Optional[float], ...] = ()
+    weights: Tuple[float, ...] = ()
+    fallback: Optional[str] = None
+    layer_note: Optional[str] = None
+    bytes_received: int = 0
+    timings_s: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def normalized_weights(self) -> Tuple[float, ...]:
+        total = sum(self.weights)
+        return tuple(w / total for w in self.weights) if total else ()
+
+
+def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
+                   signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int],
+                   grad_norm: Optional[float], *, eps: float, norm: str, layers: Sequence[torch.nn.Module] = (),
+                   random_seed: int = 0) -> Optional[RebuildResult]:
+    """Run this rank's part of rebuilding the ``plans``' targets (a collective over the ranks named by the plans).
+
+    Args:
+        plans: the rebuild plans, identical on every rank (from :func:`recovery.plan_recovery`).
+        stage_id: this rank's stage.
+        named_params: this rank's stage parameters by name.
+        signatures: every stage's signature.
+        stage_to_rank: global rank of a stage in this rank's data-parallel column.
+        grad_norm: this stage's last gradient norm (None if never measured); sent to the targets.
+        eps, norm: the gradient-norm weighting (see :func:`recovery.source_weights`).
+        layers: this stage's layer modules (re-initialised by the ``random`` strategy).
+        random_seed: seed of the ``random`` strategy.
+
+    Returns:
+        For a rebuilt stage, what was done; None on other ranks.
+    """
+    result: Optional[RebuildResult] = None
+    for plan in sorted(plans, key=lambda p: p.target):
+        if stage_id in plan.sources:
+            mapping = match_layers(signatures[plan.target], signatures[stage_id], plan.target, stage_id)
+            device = next(iter(named_params.values())).device
+            dst = stage_to_rank(plan.target)
+            norm_t = torch.tensor([math.nan if grad_norm is None else grad_norm], dtype=torch.float64,
+                                  device=device)
+            dist.send(norm_t, dst)
+            for buf in _pack([named_params[src] for _, src in mapping.pairs]):
+                dist.send(buf, dst)
+        elif stage_id == plan.target:
+            result = _receive_and_blend(plan, stage_id, named_params, signatures, stage_to_rank, eps, norm, layers,
+                                        random_seed)
+    return result
+
+
+def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
+                       signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int], eps: float,
+                       norm: str, layers: Sequence[torch.nn.Module], random_seed: int) -> RebuildResult:
+    result = RebuildResult(plan)
+    t0 = time.perf_counter()
+    if plan.strategy == "random":
+        reinitialize(layers, random_seed)
+        result.timings_s["rebuild"] = time.perf_counter() - t0
+        return result
+
+    device = next(iter(named_params.values())).device
+    received: List[List[torch.Tensor]] = []
+    mappings: List[ParamMapping] = []
+    norms: List[Optional[float]] = []
+    for src in plan.sources:
+        mapping = match_layers(signatures[stage_id], signatures[src], stage_id, src)
+        specs = _wire_specs(mapping, signatures[src])
+        rank = stage_to_rank(src)
+        norm_t = torch.empty(1, dtype=torch.float64, device=device)
+        dist.recv(norm_t, rank)
+        value = norm_t.item()
+        norms.append(None if math.isnan(value) else value)
+        sizes: Dict[torch.dtype, int] = {}
+        for shape, dtype in specs:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        buffers = []
+        for dtype, n in sizes.items():
+            buf = torch.empty(n, dtype=dtype, device=device)
+            dist.recv(buf, rank)
+            buffers.append(buf)
+            result.bytes_received += buf.numel() * buf.element_size()
+        received.append(_unpack(buffers, specs))
+        mappings.append(mapping)
+    result.timings_s["transfer"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    result.source_norms = tuple(norms)
+    result.weights, result.fallback = source_weights(plan, norms, eps=eps, norm=norm)
+    result.layer_note = "; ".join(m.note for m in mappings if m.note) or None
+    with torch.no_grad():
+        for i, (target_name, _) in enumerate(mappings[0].pairs):
+            param = named_params[target_name]
+            param.copy_(blend([r[i] for r in received], result.weights, dtype=param.dtype))
+    result.timings_s["blend"] = time.perf_counter() - t1
+    return result

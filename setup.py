@@ -1,0 +1,15 @@
+"""deepspeed_checkfree: checkpoint-free recovery of lost pipeline stages for DeepSpeed and Megatron."""
+from setuptools import find_packages, setup
+
+setup(
+    name="deepspeed_checkfree",
+    version="0.1.0",
+    description="CheckFree / CheckFree+: rebuild a lost pipeline stage from its neighbours, without checkpoints",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["deepspeed_checkfree*"]),
+    # The engine subclasses private DeepSpeed internals: pin the version the contract test checks.
+    install_requires=["deepspeed==0.19.8", "torch>=2.6", "pyyaml", "numpy"],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+)

@@ -1,0 +1,72 @@
+"""The DeepSpeed internals the CheckFree engine relies on. If DeepSpeed changes them, this fails loudly here
+instead of the engine silently doing nothing (e.g. an unmapped _exec_* override is never called)."""
+from __future__ import annotations
+
+import inspect
+
+import deepspeed
+import pytest
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+import deepspeed_checkfree
+from deepspeed_checkfree.engine import CheckFreeEngine
+
+
+def test_deepspeed_is_the_pinned_version():
+    assert deepspeed.__version__ == "0.19.8", (
+        f"deepspeed_checkfree is tested with DeepSpeed 0.19.8 and touches private engine internals; found "
+        f"{deepspeed.__version__}. Re-run this contract test's checks against the new version before unpinning.")
+
+
+def test_initialize_builds_pipeline_engines_through_the_module_global():
+    src = inspect.getsource(deepspeed.initialize)
+    assert "else PipelineEngine" in src and "engine_cls(" in src
+
+
+def test_import_registers_the_selector():
+    assert deepspeed.PipelineEngine is deepspeed_checkfree.PipelineEngineSelector
+    assert issubclass(CheckFreeEngine, deepspeed.PipelineEngine)
+    assert issubclass(PipelineEngine, deepspeed.PipelineEngine)
+
+
+def test_schedule_dispatch_goes_through_the_instruction_map():
+    src = inspect.getsource(PipelineEngine._exec_schedule)
+    assert "self._INSTRUCTION_MAP[type(cmd)]" in src
+    assert PipelineEngine._INSTRUCTION_MAP[schedule.OptimizerStep] is PipelineEngine._exec_optimizer_step
+    assert CheckFreeEngine._INSTRUCTION_MAP[schedule.OptimizerStep] is CheckFreeEngine._exec_optimizer_step
+    other = {k: v for k, v in CheckFreeEngine._INSTRUCTION_MAP.items() if k is not schedule.OptimizerStep}
+    assert other == {k: v for k, v in PipelineEngine._INSTRUCTION_MAP.items() if k is not schedule.OptimizerStep}
+
+
+def test_optimizer_step_then_scheduler_step_in_take_model_step():
+    src = inspect.getsource(DeepSpeedEngine._take_model_step)
+    assert src.index("self.optimizer.step()") < src.index("self.lr_scheduler.step(")
+    assert "_take_model_step" in inspect.getsource(PipelineEngine._exec_optimizer_step)
+
+
+def test_pipeline_module_layout_attributes():
+    src = inspect.getsource(PipelineModule)
+    for attr in ("self._local_start", "self._local_stop", "self._layer_specs", "self.tied_modules",
+                 "self.num_stages", "self.add_module(name, module)"):
+        assert attr in src, attr
+    assert "key" in inspect.signature(TiedLayerSpec.__init__).parameters
+    assert "stage_to_global" in dir(PipelineParallelGrid)
+
+
+@pytest.mark.parametrize("cls", [BF16_Optimizer, DeepSpeedZeroOptimizer])
+def test_mixed_precision_optimizers_can_refresh_master_weights(cls):
+    assert callable(getattr(cls, "refresh_fp32_params", None))
+
+
+def test_zero_keeps_reduced_gradients_in_averaged_gradients():
+    assert "self.averaged_gradients = {}" in inspect.getsource(DeepSpeedZeroOptimizer.__init__)
+
+
+def test_bf16_gradients_live_in_hp_grad():
+    assert "_hp_grad" in inspect.getsource(PipelineEngine._exec_reduce_tied_grads)
