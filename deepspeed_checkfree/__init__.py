@@ -27,7 +27,11 @@ def _checkfree_enabled(kwargs: dict) -> bool:
     ds_config = getattr(config_class, "_param_dict", None) or {}
     section = ds_config.get("checkfree")
     # A malformed section is reported by CheckFreeEngine's validation, not silently ignored.
-    return section is not None and (not isinstance(section, dict) or bool(section.get("enabled", False)))
+    if section is None:
+        return False
+    if isinstance(section, dict):
+        return bool(section.get("enabled", False))
+    return CheckFreeConfig.from_ds_config(ds_config).enabled
 
 
 class _SelectorMeta(type(_StockPipelineEngine)):

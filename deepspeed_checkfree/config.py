@@ -134,10 +134,16 @@ class CheckFreeConfig(_Section):
 
     @classmethod
     def from_ds_config(cls, ds_config: Union[Mapping[str, Any], None]) -> "CheckFreeConfig":
-        """Parse the ``"checkfree"`` section of a DeepSpeed config dict (absent section: disabled)."""
+        """Parse the ``"checkfree"`` section of a DeepSpeed config dict (absent section: disabled).
+
+        The section is either a mapping or the path of a YAML/JSON file holding it.
+        """
         section = (ds_config or {}).get(SECTION)
         if section is None:
             return cls()
+        if isinstance(section, (str, os.PathLike)):
+            # "checkfree": "path/to/checkfree.yaml" keeps the section in its own file.
+            return load_config(section)
         return parse_section(section, source=f"{SECTION!r} section of the DeepSpeed config")
 
 

@@ -6,6 +6,7 @@ Run by tests/distributed/test_engine_recovery.py through spawn.run_ranks; argume
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -21,6 +22,7 @@ from deepspeed import ops as ds_ops
 ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 import deepspeed  # noqa: E402
+from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 
 import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
 from deepspeed_checkfree import gpt  # noqa: E402
@@ -57,11 +59,30 @@ def snapshot(engine) -> dict:
     }
 
 
+def build_model(sc: dict):
+    num_stages = sc.get("num_stages", 4)
+    if sc.get("model") == "mismatched":
+        # Stage 2's two blocks (blocks 4 and 5) are narrower: they cannot be averaged with stages 1 and 3.
+        narrow = dataclasses.replace(MODEL, mlp_ratio=2)
+        specs = [LayerSpec(gpt.Embedding, MODEL),
+                 *[LayerSpec(gpt.Block, narrow if i in (4, 5) else MODEL) for i in range(MODEL.n_layers)],
+                 LayerSpec(gpt.Head, MODEL)]
+        return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=gpt.lm_loss,
+                              partition_method="type:Block")
+    return gpt.pipeline_module(MODEL, num_stages=num_stages)
+
+
 def run(sc: dict, tokens, out: Path, rank: int) -> None:
     torch.manual_seed(0)
-    model = gpt.pipeline_module(MODEL, num_stages=4)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(sc),
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    model = build_model(sc)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(sc),
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+    except Exception as err:  # the bad-input scenarios expect a clear error before training starts
+        if "expect_error" not in sc:
+            raise
+        torch.save({"error": type(err).__name__, "message": str(err)}, out / f"{sc['name']}-rank{rank}.pt")
+        return
     record = {"engine": type(engine).__name__, "stage": engine.stage_id, "losses": [], "lrs": [], "norms": [],
               "rebuilds": []}
     if hasattr(engine, "lose_and_rebuild"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,9 @@ SCENARIOS = [
     {"name": "uniform_lose1", "steps": 5, "checkfree": _lose(1, 2, strategy="uniform_average")},
     {"name": "copy_lose2", "steps": 5, "checkfree": _lose(2, 2, strategy="copy")},
     {"name": "random_lose1", "steps": 5, "checkfree": _lose(1, 2, strategy="random")},
+    {"name": "two_stages", "num_stages": 2, "steps": 1, "checkfree": _cf(), "expect_error": True},
+    {"name": "mismatched_layers", "model": "mismatched", "steps": 1, "checkfree": _cf(), "expect_error": True},
+    {"name": "plan_names_missing_stage", "steps": 1, "checkfree": _lose(5, 1), "expect_error": True},
 ]
 
 
@@ -241,3 +245,16 @@ def test_random_strategy_reinitialises_without_neighbour_weights(results):
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(after[n], before[n]) for n in after)
     assert all(math.isfinite(l) for l in rec[0]["losses"])
+
+
+@pytest.mark.parametrize("name,error,pattern", [
+    ("two_stages", "ConfigError", r"needs num_stages >= 3; the topology has num_stages=2"),
+    ("mismatched_layers", "RecoveryError",
+     r"layer \d+ \(Block\) of stage \d cannot be rebuilt from layer \d+ of stage \d: parameters .*fc\.weight"),
+    ("plan_names_missing_stage", "ConfigError", r"names stage 5, but the pipeline has stages 0\.\.3"),
+])
+def test_bad_setups_fail_with_a_clear_error_before_training(results, name, error, pattern):
+    _, recs = results
+    for r in range(4):
+        assert recs[name][r]["error"] == error
+        assert re.search(pattern, recs[name][r]["message"]), recs[name][r]["message"]

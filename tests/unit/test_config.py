@@ -91,3 +91,11 @@ def test_unreadable_or_unparsable_file_is_an_error(tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_ds_config_can_name_a_yaml_file_for_the_section(tmp_path):
+    (tmp_path / "cf.yaml").write_text("enabled: true\nstrategy: copy\n")
+    cfg = CheckFreeConfig.from_ds_config({"checkfree": str(tmp_path / "cf.yaml")})
+    assert cfg.enabled and cfg.strategy == "copy"
+    with pytest.raises(ConfigError, match="cannot read"):
+        CheckFreeConfig.from_ds_config({"checkfree": str(tmp_path / "nope.yaml")})
