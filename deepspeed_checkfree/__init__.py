@@ -14,10 +14,12 @@ from deepspeed.runtime.pipe.engine import PipelineEngine as _StockPipelineEngine
 from .config import CheckFreeConfig, load_config
 from .engine import CheckFreeEngine
 from .errors import CheckFreeError, ConfigError, RecoveryError, StageFailure, UnsupportedSetupError
+from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
 
 __all__ = [
-    "CheckFreeConfig", "CheckFreeEngine", "CheckFreeError", "ConfigError", "RecoveryError", "StageFailure",
-    "UnsupportedSetupError", "initialize", "load_config", "register",
+    "CheckFreeConfig", "CheckFreeEngine", "CheckFreeError", "CheckFreePlusPipelineModule", "ConfigError",
+    "RecoveryError", "StageFailure", "UnsupportedSetupError", "checkfree_plus_module", "initialize", "load_config",
+    "register",
 ]
 __version__ = "0.1.0"
 

@@ -4,22 +4,26 @@ decisions live in :mod:`recovery` and :mod:`failures`, the transfers in :mod:`ex
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from types import MethodType
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe import p2p, schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
+from . import schedule as cf_schedule
 from .config import CheckFreeConfig
-from .errors import UnsupportedSetupError
+from .errors import ConfigError, UnsupportedSetupError
 from .events import EventLog, identity
 from .exchange import RebuildResult, gather_signatures, rebuild_stages
 from .failures import FailurePlan, recoverable_stages
+from .plus import CheckFreePlusPipelineModule
 from .recovery import StageSignature, layer_signature, match_layers, plan_recovery
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,48 @@ def stage_signature(module: PipelineModule) -> StageSignature:
     return tuple(layer_signature(name, layer, key) for name, layer, key in stage_layers(module))
 
 
+def _check_plus_setup(model, config_class) -> None:
+    """CheckFree+ needs its module layout, swapped micro-batches in every step, and (for now) fp32."""
+    if not isinstance(model, CheckFreePlusPipelineModule):
+        raise UnsupportedSetupError(
+            f"checkfree.mode='checkfree_plus' needs the (de)embedding replicas and role-gated edge layers, but the "
+            f"model is a plain {type(model).__name__}. Build it with deepspeed_checkfree.checkfree_plus_module("
+            f"embedding, blocks, head, num_stages, loss_fn=...) or use mode='checkfree'.")
+    gas = config_class.gradient_accumulation_steps
+    if gas < 2:
+        raise ConfigError(
+            f"CheckFree+ runs every other micro-batch out of order, so it needs gradient_accumulation_steps >= 2; "
+            f"the config has {gas}. Raise gradient_accumulation_steps (and lower the micro-batch size).")
+    if config_class.bfloat16_config.enabled or config_class.float16_config.enabled or config_class.zero_enabled:
+        raise UnsupportedSetupError(
+            "checkfree.mode='checkfree_plus' supports fp32 with a torch optimizer (no bf16/fp16, no ZeRO) in this "
+            "version: after an edge stage is rebuilt the (de)embedding copies are re-synchronised every step, "
+            "which would discard the fp32 master weights of a mixed-precision optimizer. Use fp32, or "
+            "mode='checkfree' for bf16/ZeRO-1.")
+
+
+@functools.lru_cache(maxsize=None)
+def _route_hops(num_stages: int) -> frozenset:
+    return cf_schedule.route_hops(num_stages)
+
+
+def _allow_route_hops() -> None:
+    """DeepSpeed's p2p helpers assert that only adjacent stages talk; CheckFree+ routes also link stages 0->2 and
+    P-3->P-1. Extend the check with exactly the route hops (the transport is a plain send on the world group)."""
+    original = p2p._is_valid_send_recv
+    if getattr(original, "checkfree_route_hops", False):
+        return
+
+    def is_valid_send_recv(src_stage, dest_stage):
+        stages = p2p._grid.pipe_parallel_size
+        if stages >= 4 and (src_stage, dest_stage) in _route_hops(stages):
+            return
+        original(src_stage, dest_stage)
+
+    is_valid_send_recv.checkfree_route_hops = True
+    p2p._is_valid_send_recv = is_valid_send_recv
+
+
 class CheckFreeEngine(PipelineEngine):
     """A ``PipelineEngine`` that can lose a stage and rebuild it from its neighbours.
 
@@ -60,12 +106,18 @@ class CheckFreeEngine(PipelineEngine):
         if isinstance(model, PipelineModule):
             # Fail on bad input before any engine state, optimizer or process group exists.
             cf.validate_for(model.num_stages)
-        if cf.enabled and cf.mode == "checkfree_plus":
-            raise UnsupportedSetupError(
-                "checkfree.mode='checkfree_plus' needs the out-of-order CheckFree+ engine, which this version "
-                "does not include yet. Use mode='checkfree' (middle stages only).")
+        self._plus = cf.enabled and cf.mode == "checkfree_plus"
+        if self._plus:
+            _check_plus_setup(model, config_class)
+            _allow_route_hops()
+        self._role: Optional[cf_schedule.Role] = None
         super().__init__(*args, **kwargs)
         self.checkfree = cf
+        # Tied key -> global rank whose copy is authoritative after an edge stage was rebuilt (see _step_tied).
+        self._tied_authority: Dict[str, int] = {}
+        self._mb_losses: Dict[int, torch.Tensor] = {}
+        self._meta_sent_to: set = set()
+        self._recv_bufs: Dict[int, object] = {}
         self.failure_plan = FailurePlan.from_config(cf, self.num_stages)
         self.events = EventLog(cf.events_file)
         self._stage_grad_norm: Optional[torch.Tensor] = None
@@ -140,6 +192,11 @@ class CheckFreeEngine(PipelineEngine):
     # ------------------------------------------------------------------------------------------------------
 
     def _take_model_step(self, lr_kwargs):
+        self._take_boosted_model_step(lr_kwargs)
+        if self._tied_authority:
+            self._sync_tied_copies()
+
+    def _take_boosted_model_step(self, lr_kwargs):
         scheduler = self.lr_scheduler
         if self._scheduled_lrs is None or scheduler is None:
             return super()._take_model_step(lr_kwargs)
@@ -170,6 +227,117 @@ class CheckFreeEngine(PipelineEngine):
         self._lr_scale = self.checkfree.lr_boost
         for g, lr in zip(groups, self._scheduled_lrs):
             g["lr"] = lr * self._lr_scale
+
+    # ------------------------------------------------------------------------------------------------------
+    # CheckFree+: out-of-order micro-batches
+    # ------------------------------------------------------------------------------------------------------
+
+    def is_first_stage(self):
+        role = getattr(self, "_role", None)
+        return self.stage_id == 0 if role is None else role.is_first
+
+    def is_last_stage(self):
+        role = getattr(self, "_role", None)
+        return self.stage_id == self.num_stages - 1 if role is None else role.is_last
+
+    def _train_schedule(self):
+        if self._plus:
+            return cf_schedule.CheckFreePlusTrainSchedule(self.micro_batches, self.num_stages, self.stage_id)
+        return super()._train_schedule()
+
+    def set_dataloader(self, loader):
+        if self._plus and self.stage_id in cf_schedule.data_stages(self.num_stages):
+            self.training_dataloader = loader
+            self.data_iterator = iter(self.training_dataloader)
+        else:
+            super().set_dataloader(loader)
+
+    def set_dataiterator(self, iterator):
+        # Under CheckFree+ stages 1 and P-2 also read inputs or labels (on the swapped micro-batches).
+        if self._plus and self.stage_id in cf_schedule.data_stages(self.num_stages):
+            self.training_dataloader = None
+            self.data_iterator = iterator
+        else:
+            super().set_dataiterator(iterator)
+
+    def _enter_role(self, role: Optional[cf_schedule.Role]) -> None:
+        """Make the base handlers see this micro-batch's route: neighbours, first/last, and the edge layers' gate."""
+        self._role = role
+        self.prev_stage = self.stage_id - 1 if role is None or role.prev_stage is None else role.prev_stage
+        self.next_stage = self.stage_id + 1 if role is None or role.next_stage is None else role.next_stage
+        gate = self.module.checkfree_role
+        gate.first, gate.last = self.is_first_stage(), self.is_last_stage()
+
+    def _exec_schedule(self, pipe_schedule):
+        if not isinstance(pipe_schedule, cf_schedule.CheckFreePlusTrainSchedule):
+            return super()._exec_schedule(pipe_schedule)
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        self._mb_losses = {}
+        try:
+            for step_cmds in pipe_schedule:
+                for cmd in step_cmds:
+                    mb = cmd.kwargs.get("buffer_id")
+                    if mb is not None:
+                        self._enter_role(cf_schedule.role(self.stage_id, mb, self.num_stages))
+                    self._exec_routed(cmd, mb)
+        finally:
+            self._enter_role(None)
+
+    def _exec_routed(self, cmd, mb: Optional[int]) -> None:
+        kind = type(cmd)
+        # Tensor metadata goes once per (sender, receiver) pair; with two routes a rank has two peers per side.
+        if kind is schedule.SendActivation:
+            self.first_output_send = self.next_stage not in self._meta_sent_to
+        elif kind is schedule.RecvActivation:
+            self.pipe_recv_buf = self._recv_bufs.get(self.prev_stage)
+        elif kind is schedule.BackwardPass and self._role.is_last:
+            # All forwards run before the backwards, so each micro-batch's loss is kept until its backward.
+            self.loss = self._mb_losses.pop(mb)
+        MethodType(self._INSTRUCTION_MAP[kind], self)(**cmd.kwargs)
+        if kind is schedule.SendActivation:
+            self._meta_sent_to.add(self.next_stage)
+        elif kind is schedule.RecvActivation:
+            self._recv_bufs[self.prev_stage] = self.pipe_recv_buf
+        elif kind is schedule.ForwardPass and self._role.is_last:
+            self._mb_losses[mb] = self.loss
+
+    def _aggregate_total_loss(self):
+        if not self._plus:
+            return super()._aggregate_total_loss()
+        # The loss is computed on two ranks (P-1 on even micro-batches, P-2 on odd): sum their partial totals
+        # over the pipeline, then scale by the accumulation steps exactly as the base engine does.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.total_loss is not None:
+            total += self.total_loss.detach().float()
+        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        loss = self._scale_loss_by_gas(total)
+        self.dp_group_loss = loss.clone()
+        if self.is_data_parallel:
+            dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
+            loss /= self.dp_world_size
+        return loss
+
+    def _sync_tied_copies(self) -> None:
+        """After an edge stage was rebuilt, its (de)embedding copy has a fresh optimizer and a boosted LR while
+        the surviving copy has neither; broadcasting the survivor's values after every step keeps the copies
+        bit-identical (one broadcast per replicated tensor, like DeepSpeed's own tied-gradient all-reduce)."""
+        with torch.no_grad():
+            for key, comm in self.module.tied_comms.items():
+                src = self._tied_authority.get(key)
+                if src is None:
+                    continue
+                for attr in comm["weight_attr"]:
+                    dist.broadcast(self.module._recursive_getattr(comm["module"], attr).data, src=src,
+                                   group=comm["group"])
+
+    @property
+    def replica_bytes(self) -> int:
+        """Bytes of (de)embedding replicas this rank holds beyond the originals: stage 1's embedding copy and stage
+        P-2's head copy (0 on every other stage, and without CheckFree+)."""
+        if not self._plus or self.stage_id not in (1, self.num_stages - 2):
+            return 0
+        return sum(p.numel() * p.element_size() for m in self.module.tied_modules.values() for p in m.parameters())
 
     # ------------------------------------------------------------------------------------------------------
     # Losing and rebuilding a stage
@@ -233,6 +401,12 @@ class CheckFreeEngine(PipelineEngine):
             self.stage_grad_norm, eps=cf.eps, norm=cf.norm,
             layers=[layer for _, layer, _ in stage_layers(self.module)],
             random_seed=cf.seed + 7919 * step + self.stage_id)
+        for plan in plans:
+            # A rebuilt holder of a replicated (de)embedding follows the copy it was rebuilt from from now on.
+            if plan.strategy == "copy":
+                for layer in self.stage_signatures[plan.target]:
+                    if layer.tied_key is not None:
+                        self._tied_authority[layer.tied_key] = self.grid.stage_to_global(plan.sources[0])
         if me:
             self._reset_optimizer_state()
             self._apply_lr_boost()

@@ -14,6 +14,8 @@ from torch import nn
 
 from deepspeed.pipe import LayerSpec, PipelineModule
 
+from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -101,3 +103,12 @@ def pipeline_module(cfg: GPTConfig, num_stages: int, **kwargs) -> PipelineModule
     # DeepSpeed's default seeding passes a numpy integer to random.seed() under 'type:' partitioning.
     kwargs.setdefault("seed_fn", seed_layer)
     return PipelineModule(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=lm_loss, **kwargs)
+
+
+def plus_pipeline_module(cfg: GPTConfig, num_stages: int, **kwargs) -> CheckFreePlusPipelineModule:
+    """The model for CheckFree+: the same layers, with the embedding replicated on stage 1 and the head on stage
+    P-2 (see :func:`deepspeed_checkfree.checkfree_plus_module`)."""
+    kwargs.setdefault("seed_layers", True)
+    kwargs.setdefault("seed_fn", seed_layer)
+    return checkfree_plus_module(LayerSpec(Embedding, cfg), [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)],
+                                 LayerSpec(Head, cfg), num_stages, loss_fn=lm_loss, **kwargs)

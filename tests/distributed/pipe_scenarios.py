@@ -39,8 +39,10 @@ def ds_config(sc: dict) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
                                                      "warmup_num_steps": 6, "warmup_type": "linear"}},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": sc.get("clip", 1.0),
     }
+    if sc.get("constant_lr"):
+        del cfg["scheduler"]
     if sc.get("precision") == "bf16":
         cfg["bf16"] = {"enabled": True}
     if sc.get("zero"):
@@ -69,6 +71,8 @@ def build_model(sc: dict):
                  LayerSpec(gpt.Head, MODEL)]
         return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=gpt.lm_loss,
                               partition_method="type:Block")
+    if sc.get("model") == "plus":
+        return gpt.plus_pipeline_module(MODEL, num_stages=num_stages)
     return gpt.pipeline_module(MODEL, num_stages=num_stages)
 
 
@@ -84,7 +88,8 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         torch.save({"error": type(err).__name__, "message": str(err)}, out / f"{sc['name']}-rank{rank}.pt")
         return
     record = {"engine": type(engine).__name__, "stage": engine.stage_id, "losses": [], "lrs": [], "norms": [],
-              "rebuilds": []}
+              "rebuilds": [], "replica_bytes": getattr(engine, "replica_bytes", 0),
+              "initial_params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
     if hasattr(engine, "lose_and_rebuild"):
         real = engine.lose_and_rebuild
 
@@ -104,6 +109,17 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    if sc.get("checkpoint"):
+        # Save with DeepSpeed's own checkpointing, load into a freshly built engine, and record what came back.
+        ckpt = out / f"ckpt-{sc['name']}"
+        engine.save_checkpoint(str(ckpt), tag="t")
+        fresh_model = build_model(sc)
+        fresh, _, _, _ = deepspeed.initialize(model=fresh_model, config=ds_config(sc), model_parameters=[
+            p for p in fresh_model.parameters() if p.requires_grad])
+        fresh.load_checkpoint(str(ckpt), tag="t")
+        record["reloaded_params"] = {n: p.detach().clone() for n, p in fresh.module.named_parameters()}
+        record["reloaded_loss"] = float(fresh.train_batch(batches.iterator(sc["steps"])))
+        del fresh, fresh_model
     torch.save(record, out / f"{sc['name']}-rank{rank}.pt")
     del engine, model
     gc.collect()

@@ -1,0 +1,239 @@
+"""CheckFree+ in the real DeepSpeed PipelineEngine: out-of-order micro-batches against a single-process reference,
+(de)embedding replicas, first/last stage recovery, and DeepSpeed checkpoints. 4 and 6 real ranks on gloo."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspeed_checkfree import gpt
+from deepspeed_checkfree.data import StepBatches, load_corpus
+from deepspeed_checkfree.events import read_events
+from deepspeed_checkfree.plus import EMBED_KEY, HEAD_KEY
+from deepspeed_checkfree.schedule import route
+
+from .spawn import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("pipe_scenarios.py")
+MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)  # as in pipe_scenarios.py
+REF_STEPS = 3
+
+
+def _plus(**kw):
+    return {"enabled": True, "mode": "checkfree_plus", **kw}
+
+
+def _lose(stage, step):
+    return _plus(failure_injection={"at": [{"stage": stage, "step": step}]})
+
+
+REFERENCE = {"model": "plus", "steps": REF_STEPS, "clip": 0.0, "constant_lr": True, "checkfree": _plus()}
+SCENARIOS_4 = [
+    {"name": "ref4", **REFERENCE},
+    {"name": "lose0", "model": "plus", "steps": 10, "checkfree": _lose(0, 3)},
+    {"name": "lose3", "model": "plus", "steps": 10, "checkfree": _lose(3, 3)},
+    {"name": "ckpt4", "model": "plus", "steps": 3, "checkpoint": True, "checkfree": _plus()},
+    {"name": "plus_needs_plus_module", "steps": 1, "checkfree": _plus(), "expect_error": True},
+    {"name": "plus_needs_two_micro_batches", "model": "plus", "gas": 1, "steps": 1, "checkfree": _plus(),
+     "expect_error": True},
+]
+SCENARIOS_6 = [{"name": "ref6", "num_stages": 6, **REFERENCE},
+               {"name": "lose5_of_6", "num_stages": 6, "model": "plus", "steps": 8, "checkfree": _lose(5, 3)}]
+
+
+def _launch(tmp_path_factory, world, scenarios):
+    out = tmp_path_factory.mktemp(f"plus{world}")
+    for sc in scenarios:
+        if sc.get("checkfree") and "failure_injection" in sc["checkfree"]:
+            sc["checkfree"]["events_file"] = str(out / f"{sc['name']}.events.jsonl")
+    run_ranks(WORKER, world, [str(out), json.dumps(scenarios)], timeout_s=600, log_dir=out)
+    return out, {sc["name"]: [torch.load(out / f"{sc['name']}-rank{r}.pt", weights_only=False)
+                              for r in range(world)] for sc in scenarios}
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return _launch(tmp_path_factory, 4, SCENARIOS_4)
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    return _launch(tmp_path_factory, 6, SCENARIOS_6)
+
+
+def _stage_parts(params: dict):
+    """(embedding params, [block param dicts in order], head params) of one stage's named parameters."""
+    emb = {n.split(".layer.", 1)[1]: p for n, p in params.items() if n.startswith(f"tied_modules.{EMBED_KEY}.")}
+    head = {n.split(".layer.", 1)[1]: p for n, p in params.items() if n.startswith(f"tied_modules.{HEAD_KEY}.")}
+    idx = sorted({int(n.split(".")[0]) for n in params if not n.startswith("tied_modules.")})
+    blocks = [{n.split(".", 1)[1]: p for n, p in params.items() if n.split(".")[0] == str(i)} for i in idx]
+    return emb, blocks, head
+
+
+def _reference_run(recs, num_stages, steps):
+    """Train the same model in one process, routing micro-batches exactly as CheckFree+ does."""
+    torch.manual_seed(0)
+    embed, head = gpt.Embedding(MODEL), gpt.Head(MODEL)
+    stages = []
+    for s in range(num_stages):
+        emb_p, block_ps, head_p = _stage_parts(recs[s]["initial_params"])
+        if s == 0:
+            embed.load_state_dict(emb_p)
+        if s == num_stages - 1:
+            head.load_state_dict(head_p)
+        blocks = []
+        for bp in block_ps:
+            b = gpt.Block(MODEL)
+            b.load_state_dict(bp)
+            blocks.append(b)
+        stages.append(blocks)
+    params = list(embed.parameters()) + [p for st in stages for b in st for p in b.parameters()] + \
+        list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
+    batches = StepBatches(load_corpus(), seq_len=MODEL.seq_len, micro_batch_size=2, micro_batches=4)
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for mb in range(4):
+            x, y = batches.get(step, mb)
+            r = route(mb, num_stages)
+            h = embed(x)
+            for s in r:
+                for b in stages[s]:
+                    h = b(h)
+            loss = gpt.lm_loss(head(h), y)
+            (loss / 4).backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total / 4)
+    return losses, embed, stages, head
+
+
+def _check_against_reference(recs, num_stages):
+    losses, embed, stages, head = _reference_run(recs, num_stages, REF_STEPS)
+    assert recs[0]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    for s in range(num_stages):
+        emb_p, block_ps, head_p = _stage_parts(recs[s]["final_params"])
+        for bp, ref in zip(block_ps, stages[s]):
+            for n, p in ref.named_parameters():
+                got, want = bp[n], p.detach()
+                if n == "qkv.bias":
+                    # The key bias has an exactly-zero true gradient (softmax ignores a constant added to every
+                    # score); Adam turns its rounding noise into +-lr steps. Compare the query and value parts.
+                    d = MODEL.d_model
+                    got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for got, ref in ((emb_p, embed), (head_p, head)):
+            for n, p in ref.named_parameters():
+                if n in got:
+                    torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_four_stage_swaps_match_a_single_process_reference(four):
+    _, recs = four
+    assert [r["engine"] for r in recs["ref4"]] == ["CheckFreeEngine"] * 4
+    _check_against_reference(recs["ref4"], 4)
+
+
+def test_six_stage_swaps_match_a_single_process_reference(six):
+    _, recs = six
+    _check_against_reference(recs["ref6"], 6)
+
+
+def _assert_replicas_identical(recs, num_stages, which="final_params"):
+    emb0, _, _ = _stage_parts(recs[0][which])
+    emb1, _, _ = _stage_parts(recs[1][which])
+    _, _, head_a = _stage_parts(recs[num_stages - 2][which])
+    _, _, head_b = _stage_parts(recs[num_stages - 1][which])
+    assert emb0 and head_a and emb0.keys() == emb1.keys() and head_a.keys() == head_b.keys()
+    for a, b in ((emb0, emb1), (head_a, head_b)):
+        for n in a:
+            assert torch.equal(a[n], b[n]), f"replica {n} differs from its original"
+
+
+def test_replicas_stay_bit_identical_to_their_originals(four, six):
+    _assert_replicas_identical(four[1]["ref4"], 4)
+    _assert_replicas_identical(six[1]["ref6"], 6)
+
+
+def test_replica_memory_is_reported(four):
+    _, recs = four
+    sizes = [recs["ref4"][r]["replica_bytes"] for r in range(4)]
+    emb = (MODEL.vocab_size + MODEL.seq_len) * MODEL.d_model * 4
+    head = (2 * MODEL.d_model + MODEL.d_model * MODEL.vocab_size) * 4
+    assert sizes == [0, emb, head, 0]
+
+
+def _check_copy_rebuild(recs, target, source, num_stages, step):
+    before = _stage_parts(recs[source]["rebuilds"][0]["before"]["params"])
+    after = _stage_parts(recs[target]["rebuilds"][0]["after"]["params"])
+    for b_src, b_tgt in zip(before[1], after[1]):
+        for n in b_tgt:
+            assert torch.equal(b_tgt[n], b_src[n]), f"block param {n} is not an exact copy"
+    for part in (0, 2):  # the embedding (stage 0/1) or head (P-2/P-1) replica
+        for n in after[part]:
+            assert torch.equal(after[part][n], before[part][n])
+    assert any(after[0]) or any(after[2])
+    for s in range(num_stages):
+        if s == target:
+            continue
+        rb = recs[s]["rebuilds"][0]
+        assert all(torch.equal(p, rb["after"]["params"][n]) for n, p in rb["before"]["params"].items())
+    assert recs[target]["rebuilds"][0]["after"]["opt_state"] == {}
+    losses = recs[0]["losses"]
+    assert all(math.isfinite(l) for l in losses)
+    assert sum(losses[-2:]) < sum(losses[step:step + 2]), losses
+
+
+def test_lost_first_stage_is_rebuilt_as_an_exact_copy_of_stage_1(four):
+    out, recs = four
+    _check_copy_rebuild(recs["lose0"], 0, 1, 4, 3)
+    rec = read_events(str(out / "lose0.events.jsonl"))[-1]
+    assert rec["event"] == "recovery" and rec["strategy"] == "copy" and rec["sources"] == [1]
+    assert rec["weights"] == [1.0]
+    # The rebuilt copy has a fresh optimizer and a boosted LR; the survivor's embedding stays authoritative.
+    _assert_replicas_identical(recs["lose0"], 4)
+
+
+def test_lost_last_stage_is_rebuilt_as_an_exact_copy_of_stage_p_minus_2(four):
+    _, recs = four
+    _check_copy_rebuild(recs["lose3"], 3, 2, 4, 3)
+    _assert_replicas_identical(recs["lose3"], 4)
+
+
+def test_lost_last_of_six_stages_is_copied_from_stage_4(six):
+    _, recs = six
+    _check_copy_rebuild(recs["lose5_of_6"], 5, 4, 6, 3)
+    _assert_replicas_identical(recs["lose5_of_6"], 6)
+
+
+def test_deepspeed_checkpoint_saves_and_loads_embedding_and_head(four):
+    out, recs = four
+    files = sorted(p.name for p in (out / "ckpt-ckpt4" / "t").glob("layer_*"))
+    # every layer with parameters is written, the replicas on stages 1 and P-2 included
+    n_layers = 2 + 2 + MODEL.n_layers
+    assert len(files) == n_layers, files
+    for r in range(4):
+        final, reloaded = recs["ckpt4"][r]["final_params"], recs["ckpt4"][r]["reloaded_params"]
+        assert final.keys() == reloaded.keys()
+        for n in final:
+            assert torch.equal(final[n], reloaded[n]), f"rank {r} {n} not restored"
+    assert math.isfinite(recs["ckpt4"][0]["reloaded_loss"])
+
+
+@pytest.mark.parametrize("name,error,pattern", [
+    ("plus_needs_plus_module", "UnsupportedSetupError", r"checkfree_plus_module"),
+    ("plus_needs_two_micro_batches", "ConfigError", r"gradient_accumulation_steps >= 2; the config has 1"),
+])
+def test_bad_checkfree_plus_setups_fail_before_training(four, name, error, pattern):
+    import re
+    _, recs = four
+    for r in range(4):
+        assert recs[name][r]["error"] == error
+        assert re.search(pattern, recs[name][r]["message"]), recs[name][r]["message"]
