@@ -31,6 +31,7 @@ import deepspeed  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine with deepspeed.initialize)
 from deepspeed_checkfree import gpt  # noqa: E402
+from deepspeed_checkfree.config import CheckFreeConfig  # noqa: E402
 from deepspeed_checkfree.data import StepBatches, load_corpus, split_corpus  # noqa: E402
 
 
@@ -71,7 +72,9 @@ def main(argv=None) -> None:
 
     cfg = gpt.GPTConfig(vocab_size=256, seq_len=args.seq_len, d_model=args.d_model, n_heads=args.heads,
                         n_layers=args.layers)
-    model = gpt.pipeline_module(cfg, num_stages=args.stages, base_seed=args.seed)
+    plus = CheckFreeConfig.from_ds_config(ds_config).mode == "checkfree_plus"
+    build = gpt.plus_pipeline_module if plus else gpt.pipeline_module
+    model = build(cfg, num_stages=args.stages, base_seed=args.seed)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     train_tokens, _ = split_corpus(load_corpus(args.corpus))
