@@ -45,8 +45,9 @@ def ds_config(checkfree: dict | None, precision: str) -> dict:
     return cfg
 
 
-def build(cfg: gpt.GPTConfig, stages: int, config: dict):
-    model = gpt.pipeline_module(cfg, num_stages=stages, base_seed=1234)
+def build(cfg: gpt.GPTConfig, stages: int, config: dict, plus: bool = False):
+    make = gpt.plus_pipeline_module if plus else gpt.pipeline_module
+    model = make(cfg, num_stages=stages, base_seed=1234)
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     return engine
@@ -70,7 +71,11 @@ def main() -> None:
 
     cfg = gpt.GPTConfig(seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers)
     stock = build(cfg, args.stages, ds_config(None, args.precision))
-    checkfree = build(cfg, args.stages, ds_config({"enabled": True, "mode": args.mode}, args.precision))
+    checkfree = build(cfg, args.stages, ds_config({"enabled": True, "mode": args.mode}, args.precision),
+                      plus=args.mode == "checkfree_plus")
+    model_bytes = torch.tensor([sum(p.numel() * p.element_size() for p in stock.module.parameters()),
+                                checkfree.replica_bytes], dtype=torch.int64)
+    dist.all_reduce(model_bytes)
     assert type(stock).__name__ == "PipelineEngine" and type(checkfree).__name__ == "CheckFreeEngine"
     batches = StepBatches(load_corpus(), seq_len=cfg.seq_len, micro_batch_size=4, micro_batches=8)
 
@@ -94,6 +99,7 @@ def main() -> None:
             "model": {"d_model": cfg.d_model, "layers": cfg.n_layers, "seq_len": cfg.seq_len},
             "rounds": args.steps, "median_step_s": {k: statistics.median(v) for k, v in times.items()},
             "median_ratio": statistics.median(ratios),
+            "model_bytes": int(model_bytes[0]), "replica_bytes": int(model_bytes[1]),
             "ratio_of_medians": statistics.median(times["checkfree"]) / statistics.median(times["stock"]),
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

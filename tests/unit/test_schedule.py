@@ -47,7 +47,9 @@ def test_every_micro_batch_visits_every_stage_once_forward_and_backward(stages, 
     for s, prog in progs.items():
         fwd = [c.buffer_id for c in prog if isinstance(c, ForwardPass)]
         bwd = [c.buffer_id for c in prog if isinstance(c, BackwardPass)]
-        assert fwd == list(range(mbs)) and bwd == list(range(mbs))
+        assert sorted(fwd) == list(range(mbs)) and sorted(bwd) == list(range(mbs))
+        last_fwd = max(i for i, c in enumerate(prog) if isinstance(c, ForwardPass))
+        assert all(not isinstance(c, BackwardPass) for c in prog[:last_fwd]), "forwards precede backwards"
         assert isinstance(prog[-1], OptimizerStep)
         loads = [c.buffer_id for c in prog if isinstance(c, LoadMicroBatch)]
         assert loads == (list(range(mbs)) if s in data_stages(stages) else [])
@@ -115,3 +117,28 @@ def test_the_simulator_detects_a_rank_that_walks_micro_batches_in_another_order(
     progs[2] = list(reversed(head)) + tail  # stage 2 posts its micro-batches backwards
     with pytest.raises(AssertionError, match="deadlock|expects"):
         simulate(progs, 4)
+
+
+@pytest.mark.parametrize("stages", [4, 5, 6, 8])
+@pytest.mark.parametrize("mbs", [2, 3, 4, 8])
+def test_a_received_gradient_is_used_before_the_next_one_arrives(stages, mbs):
+    """The engine receives gradients into one reused buffer, so each must be consumed first."""
+    for prog in _programs(stages, mbs).values():
+        pending = None
+        for c in prog:
+            if isinstance(c, RecvGrad):
+                assert pending is None, f"gradient of micro-batch {pending} overwritten before its backward"
+                pending = c.buffer_id
+            elif isinstance(c, BackwardPass) and c.buffer_id == pending:
+                pending = None
+        assert pending is None
+
+
+def test_the_swapped_pair_computes_concurrently_on_the_first_two_stages():
+    """Stage 0 embeds micro-batch 0 while stage 1 embeds micro-batch 1: each rank's first pass needs no receive."""
+    progs = _programs(4, 4)
+    for s in (0, 1):
+        first_pass = next(c for c in progs[s] if isinstance(c, ForwardPass))
+        before = progs[s][:progs[s].index(first_pass)]
+        assert not any(isinstance(c, RecvActivation) for c in before)
+        assert first_pass.buffer_id == s
