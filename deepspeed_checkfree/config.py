@@ -93,6 +93,13 @@ class CheckFreeConfig(_Section):
                                                       description="Planned failures, for demos and experiments.")
     events_file: Optional[str] = Field(None, description="Append one JSON line per detection and recovery here "
                                        "(the records also go to the 'deepspeed_checkfree.events' logger).")
+    detection_timeout_s: float = Field(30.0, gt=0.0, description="Under the supervisor (real process loss): the "
+                                       "process-group timeout, i.e. how long a rank waits on a dead peer before "
+                                       "it declares a failure. Must exceed the longest legitimate wait of one step "
+                                       "(about one step time); neighbours of a dead rank notice at once.")
+    join_timeout_s: float = Field(600.0, gt=0.0, description="How long the survivors wait for a replacement (a "
+                                  "respawned trainer, or a new machine running the join command).")
+    max_failures: int = Field(100, ge=0, description="Give up after this many re-formations of the process group.")
 
     def validate_for(self, num_stages: int) -> None:
         """Check the parts of the config that depend on the pipeline depth.

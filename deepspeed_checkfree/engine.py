@@ -19,7 +19,7 @@ from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
 from . import schedule as cf_schedule
 from .config import CheckFreeConfig
-from .errors import ConfigError, UnsupportedSetupError
+from .errors import ConfigError, RecoveryError, UnsupportedSetupError
 from .events import EventLog, identity
 from .exchange import RebuildResult, gather_signatures, rebuild_stages
 from .failures import FailurePlan, recoverable_stages
@@ -115,6 +115,7 @@ class CheckFreeEngine(PipelineEngine):
         self.checkfree = cf
         # Tied key -> global rank whose copy is authoritative after an edge stage was rebuilt (see _step_tied).
         self._tied_authority: Dict[str, int] = {}
+        self._replayed_steps = 0
         self._mb_losses: Dict[int, torch.Tensor] = {}
         self._meta_sent_to: set = set()
         self._recv_bufs: Dict[int, object] = {}
@@ -182,6 +183,15 @@ class CheckFreeEngine(PipelineEngine):
     def _exec_optimizer_step(self, lr_kwargs=None):
         if self.checkfree.enabled:
             self._record_stage_grad_norm()
+        if self._replayed_steps > 0:
+            # This rank already applied this step before a failure interrupted the others: its update is not
+            # applied twice; the replay only carried activations and gradients for the stages that had not.
+            self._replayed_steps -= 1
+            if self.using_bf16_optimizer or self.zero_optimization():
+                self.optimizer.zero_grad()
+            else:
+                self.zero_grad()
+            return
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     # The base class dispatches through a map of *its own* functions; subclass overrides count only if mapped.
@@ -338,6 +348,53 @@ class CheckFreeEngine(PipelineEngine):
         if not self._plus or self.stage_id not in (1, self.num_stages - 2):
             return 0
         return sum(p.numel() * p.element_size() for m in self.module.tied_modules.values() for p in m.parameters())
+
+    # ------------------------------------------------------------------------------------------------------
+    # Keeping a survivor's state across a re-formed process group (no file involved)
+    # ------------------------------------------------------------------------------------------------------
+
+    def export_state(self) -> dict:
+        """Everything this rank's stage needs to continue, as in-memory objects (tensors are not copied).
+
+        A survivor of a lost process calls this before its engine and process group are torn down, and
+        :meth:`import_state` on the engine it builds next; nothing is written to disk.
+        """
+        if self.using_bf16_optimizer or self.zero_optimization():
+            raise UnsupportedSetupError(
+                "surviving process loss keeps a torch optimizer's state in memory; bf16 and ZeRO optimizers are not "
+                "supported for that yet. Use fp32 (injected failures work with bf16 and ZeRO-1).")
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.basic_optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "global_steps": self.global_steps, "global_samples": self.global_samples,
+            "skipped_steps": self.skipped_steps, "stage_grad_norm": self._stage_grad_norm,
+            "scheduled_lrs": self._scheduled_lrs, "lr_scale": self._lr_scale,
+            "tied_authority": dict(self._tied_authority), "stage_id": self.stage_id,
+        }
+
+    def import_state(self, state: dict) -> None:
+        """Continue from :meth:`export_state` of the previous engine of this rank."""
+        if state["stage_id"] != self.stage_id:
+            raise RecoveryError(f"state exported by stage {state['stage_id']} cannot be imported by stage "
+                                f"{self.stage_id}; the rank-to-stage mapping changed between generations")
+        self.module.load_state_dict(state["module"])
+        self.basic_optimizer.load_state_dict(state["optimizer"])
+        if state["lr_scheduler"] is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_steps, self.global_samples = state["global_steps"], state["global_samples"]
+        self.skipped_steps = state["skipped_steps"]
+        self._stage_grad_norm = state["stage_grad_norm"]
+        self._scheduled_lrs, self._lr_scale = state["scheduled_lrs"], state["lr_scale"]
+        self._tied_authority = dict(state["tied_authority"])
+
+    def replay_from(self, step: int) -> None:
+        """Prepare to re-run ``step`` (the one a failure interrupted): a rank that already applied it skips its
+        optimizer update while replaying, a rank that had not applies it, and both end at ``step + 1``."""
+        if self.global_steps > step + 1 or self.global_steps < step:
+            raise RecoveryError(f"stage {self.stage_id} completed {self.global_steps} steps but the job replays "
+                                f"step {step}: a rank can be at most one step ahead")
+        self._replayed_steps = self.global_steps - step
 
     # ------------------------------------------------------------------------------------------------------
     # Losing and rebuilding a stage

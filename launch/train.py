@@ -6,6 +6,10 @@
 (On CPU, DeepSpeed counts one "device", so --num_gpus N is what starts N ranks.) Prints the loss per step on rank
 0, writes ``metrics.csv`` and, when CheckFree is enabled, ``events.jsonl`` into ``--out``. Works unchanged on GPUs
 with NCCL (the backend is the accelerator's unless --backend says otherwise).
+
+To survive real process loss, start it through the supervisor (and set CHECKFREE_JOB_TOKEN):
+
+    deepspeed --num_gpus 4 --module deepspeed_checkfree.supervisor launch/train.py --deepspeed_config ...
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import deepspeed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine with deepspeed.initialize)
-from deepspeed_checkfree import gpt  # noqa: E402
+from deepspeed_checkfree import gpt, resilient  # noqa: E402
 from deepspeed_checkfree.config import CheckFreeConfig  # noqa: E402
 from deepspeed_checkfree.data import StepBatches, load_corpus, split_corpus  # noqa: E402
 
@@ -57,47 +61,64 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    deepspeed.init_distributed(dist_backend=args.backend)
-    rank = torch.distributed.get_rank()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
     if not args.deepspeed_config:
         sys.exit("pass --deepspeed_config CONFIG.json (see configs/)")
     with open(args.deepspeed_config) as f:
         ds_config = json.load(f)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     cf = ds_config.get("checkfree")
     if isinstance(cf, dict) and cf.get("enabled") and not cf.get("events_file"):
         cf["events_file"] = str(out / "events.jsonl")
+    rank = int(os.environ.get("RANK", "0"))
 
     cfg = gpt.GPTConfig(vocab_size=256, seq_len=args.seq_len, d_model=args.d_model, n_heads=args.heads,
                         n_layers=args.layers)
     plus = CheckFreeConfig.from_ds_config(ds_config).mode == "checkfree_plus"
-    build = gpt.plus_pipeline_module if plus else gpt.pipeline_module
-    model = build(cfg, num_stages=args.stages, base_seed=args.seed)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
     train_tokens, _ = split_corpus(load_corpus(args.corpus))
-    dp_rank = engine.grid.data_parallel_id
-    batches = StepBatches(train_tokens, seq_len=cfg.seq_len, micro_batch_size=engine.train_micro_batch_size_per_gpu(),
-                          micro_batches=engine.micro_batches, seed=args.seed, dp_rank=dp_rank,
-                          dp_size=engine.dp_world_size)
-    if rank == 0:
-        print(f"engine={type(engine).__name__} stages={engine.num_stages} dp={engine.dp_world_size} "
-              f"params/stage={sum(p.numel() for p in model.parameters())} steps={args.steps}", flush=True)
 
-    metrics = open(out / "metrics.csv", "w", newline="") if rank == 0 else None
+    def build_engine():
+        model = (gpt.plus_pipeline_module if plus else gpt.pipeline_module)(cfg, num_stages=args.stages,
+                                                                             base_seed=args.seed)
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+        # Batches are addressed by (step, micro-batch): a replayed step sees exactly the data it saw before.
+        engine.checkfree_batches = StepBatches(
+            train_tokens, seq_len=cfg.seq_len, micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+            micro_batches=engine.micro_batches, seed=args.seed, dp_rank=engine.grid.data_parallel_id,
+            dp_size=engine.dp_world_size)
+        if rank == 0:
+            print(f"engine={type(engine).__name__} stages={engine.num_stages} dp={engine.dp_world_size} "
+                  f"steps={args.steps}", flush=True)
+        return engine
+
+    # Rank 0 appends (a replacement of rank 0's trainer continues the file).
+    metrics = open(out / "metrics.csv", "a", newline="") if rank == 0 else None
     writer = csv.writer(metrics) if metrics else None
-    if writer:
+    if writer and metrics.tell() == 0:
         writer.writerow(["step", "loss", "step_time_s", "lr"])
-    for step in range(engine.global_steps, args.steps):
-        t0 = time.perf_counter()
-        loss = float(engine.train_batch(batches.iterator(step)))
-        dt = time.perf_counter() - t0
+    clock = {"t": time.perf_counter()}
+
+    def train_step(engine, step):
+        clock["t"] = time.perf_counter()
+        return float(engine.train_batch(engine.checkfree_batches.iterator(step)))
+
+    def on_step(engine, step, loss):
+        dt = time.perf_counter() - clock["t"]
         if writer:
             writer.writerow([step, f"{loss:.6f}", f"{dt:.4f}", engine.get_lr()[0]])
             metrics.flush()
             print(f"step {step:4d} loss {loss:.4f} time {dt * 1000:.0f} ms", flush=True)
+
+    if resilient.supervised():
+        # Started by `-m deepspeed_checkfree.supervisor`: survive the loss of any rank's process.
+        resilient.ResilientTrainer(build_engine, ds_config, backend=args.backend).train(args.steps, train_step,
+                                                                                       on_step)
+    else:
+        deepspeed.init_distributed(dist_backend=args.backend)
+        engine = build_engine()
+        for step in range(engine.global_steps, args.steps):
+            on_step(engine, step, train_step(engine, step))
     if metrics:
         metrics.close()
         print(f"done: {args.steps} steps; metrics in {out / 'metrics.csv'}", flush=True)

@@ -1,0 +1,263 @@
+"""The trainer side of surviving real process loss: form the process group per generation, keep the stage's state
+in memory across a failure, rebuild lost stages from their neighbours, and replay the interrupted step.
+
+A training script hands over two functions and the step count::
+
+    trainer = ResilientTrainer(build_engine, ds_config)  # build_engine() -> engine from deepspeed.initialize
+    trainer.train(num_steps, lambda engine, step: engine.train_batch(batches.iterator(step)))
+
+and is started by the per-rank supervisor (``python -m deepspeed_checkfree.supervisor``), which respawns it when
+it dies. Data must be addressable by step (the replayed step sees the same batches).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from .config import CheckFreeConfig
+from .engine import CheckFreeEngine
+from .errors import CheckFreeError, RecoveryError
+from .events import EventLog, identity
+from .membership import MemberInfo, Membership, connect_store, job_token
+
+logger = logging.getLogger(__name__)
+
+SUPERVISED_ENV = "CHECKFREE_SUPERVISED"
+INCARNATION_ENV = "CHECKFREE_INCARNATION"
+SPARE_ENV = "CHECKFREE_SPARE"
+STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
+DUMP_ENV = "CHECKFREE_DUMP_DIR"  # debugging and verification aid: dump states around each rebuild
+
+
+def supervised() -> bool:
+    """True when this process was started by the CheckFree supervisor."""
+    return os.environ.get(SUPERVISED_ENV) == "1"
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    # gloo: "Connection closed by peer", "Connection reset by peer", "Timed out waiting ... for send/recv";
+    # NCCL: "NCCL error", watchdog timeouts; torch wraps them in RuntimeError/DistBackendError/DistNetworkError.
+    return isinstance(err, (RuntimeError, dist.DistError, ConnectionError, TimeoutError))
+
+
+class ResilientTrainer:
+    """Runs ``train_step`` for every step, surviving the loss of any rank's process.
+
+    Args:
+        build_engine: builds the model and returns ``deepspeed.initialize(...)[0]`` (a ``CheckFreeEngine``); called
+            once per generation, after the process group is formed.
+        ds_config: the DeepSpeed config dict the engine is built with (its ``"checkfree"`` section gives the
+            detection and join timeouts before any engine exists).
+        backend: torch.distributed backend (default: the DeepSpeed accelerator's, e.g. NCCL on GPUs, gloo on CPU).
+    """
+
+    def __init__(self, build_engine: Callable[[], CheckFreeEngine], ds_config: dict,
+                 backend: Optional[str] = None) -> None:
+        if not supervised():
+            raise CheckFreeError("ResilientTrainer runs under the CheckFree supervisor: launch the script as "
+                                 "`deepspeed --num_gpus N -m deepspeed_checkfree.supervisor SCRIPT ARGS` (or with "
+                                 "torchrun), which starts and respawns it")
+        self.build_engine = build_engine
+        self.config = CheckFreeConfig.from_ds_config(ds_config)
+        if backend is None:
+            from deepspeed.accelerator import get_accelerator
+            backend = get_accelerator().communication_backend_name()
+        self.backend = backend
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        if os.environ.get(SPARE_ENV) == "1":
+            # A warm spare: everything is imported and prepared; wait until the supervisor activates it in place
+            # of a trainer that died, which saves the replacement the seconds of start-up.
+            line = sys.stdin.readline()
+            if not line:
+                sys.exit(0)  # the supervisor ended without needing this spare
+            os.environ[INCARNATION_ENV] = line.strip()
+        self.incarnation = int(os.environ.get(INCARNATION_ENV, "0"))
+        self.token = job_token()
+        self.store_addr = os.environ[STORE_ADDR_ENV]
+        self.store_port = int(os.environ["CHECKFREE_STORE_PORT"])
+        self.engine: Optional[CheckFreeEngine] = None
+        self.generation = -1
+        self.events = EventLog(self.config.events_file)
+        self.failures = 0
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _form_group(self, membership: Membership, generation: int) -> None:
+        timeout = timedelta(seconds=self.config.detection_timeout_s)
+        # The timeout is fixed when a gloo group is created, and DeepSpeed creates its pipeline, data-parallel and
+        # tied-weight groups with torch's default: make every group of this generation give up on a dead peer
+        # after the detection timeout.
+        c10d.default_pg_timeout = timeout
+        c10d.default_pg_nccl_timeout = timeout
+        dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
+                                world_size=self.world_size, timeout=timeout)
+        # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
+        # torch.distributed, so it follows the group of each new generation).
+        deepspeed.init_distributed(dist_backend=self.backend)
+
+    def _teardown(self) -> None:
+        self.engine = None
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
+              on_step: Optional[Callable[[CheckFreeEngine, int, object], None]] = None) -> CheckFreeEngine:
+        """Run steps ``0..num_steps-1`` (continuing where the job is), replaying a step a failure interrupted.
+
+        Args:
+            num_steps: total optimizer steps of the job.
+            train_step: runs one step, e.g. ``engine.train_batch(batches.iterator(step))``; returns the loss.
+            on_step: called after each completed step with (engine, step, loss).
+
+        Returns:
+            The engine of the last generation.
+        """
+        store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
+        membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
+        # A replacement joins the generation after the last one its rank took part in; the survivors move there
+        # as soon as they notice the failure.
+        generation = membership.last_generation() + 1 if self.incarnation > 0 else 0
+        state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
+        detected_at: Optional[float] = None
+        while True:
+            info = MemberInfo(self.rank, fresh=state is None,
+                              completed_steps=state["global_steps"] if state else 0,
+                              incarnation=self.incarnation, pid=os.getpid())
+            members = membership.arrive(generation, info)
+            t_arrived = time.time()
+            engine = None
+            engine_holds_state = False
+            step = state["global_steps"] if state else 0
+            try:
+                self._form_group(membership, generation)
+                self.generation = generation
+                engine = self.build_engine()
+                if not isinstance(engine, CheckFreeEngine) or not engine.checkfree.enabled:
+                    raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
+                                         "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
+                self.engine = engine
+                t_rejoined = time.time()
+                step = self._resume(engine, members, state, generation)
+                engine_holds_state = True
+                t_rebuilt = time.time()
+                first = True
+                while step < num_steps:
+                    loss = train_step(engine, step)
+                    if first and generation > 0:
+                        self._report_outage(membership, generation, members, detected_at, t_arrived, t_rejoined,
+                                            t_rebuilt, step)
+                    first = False
+                    if on_step is not None:
+                        on_step(engine, step, loss)
+                    step += 1
+                break
+            except Exception as err:  # noqa: BLE001 - only communication failures are recovered, see below
+                if not _is_comm_failure(err):
+                    raise
+                detected_at = time.time()
+                self.failures += 1
+                stage = engine.stage_id if engine is not None else None
+                logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step),
+                               generation, str(err).splitlines()[0][:300])
+                self.events.write("failure_detected", step=step, stage=stage, rank=self.rank,
+                                  generation=generation, error=str(err).splitlines()[0][:300])
+                if self.failures > self.config.max_failures:
+                    raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures="
+                                         f"{self.config.max_failures}") from err
+                # A survivor keeps what it held; a replacement whose rebuild did not finish stays fresh.
+                if engine_holds_state:
+                    state = engine.export_state()
+                engine = None
+                self._teardown()
+                generation += 1
+        membership.store.add(membership._key("done"), 1)
+        return self.engine
+
+    def _resume(self, engine: CheckFreeEngine, members: Dict[int, MemberInfo], state: Optional[dict],
+                generation: int) -> int:
+        """Restore this rank's state, rebuild the lost stages, agree on the step to run next; return it."""
+        if generation == 0 and all(m.fresh for m in members.values()):
+            return engine.global_steps
+        fresh = sorted(r for r, m in members.items() if m.fresh)
+        survivors = {r: m for r, m in members.items() if not m.fresh}
+        if not survivors:
+            raise RecoveryError(f"generation {generation}: every rank lost its state (ranks {fresh}); nothing to "
+                                f"rebuild from. Restart from a checkpoint.")
+        step = min(m.completed_steps for m in survivors.values())
+        # The replayed step's schedule state (LR scheduler, sample count) comes from a survivor that has not yet
+        # applied it.
+        source = min(r for r, m in survivors.items() if m.completed_steps == step)
+        if state is not None:
+            engine.import_state(state)
+        payload: List[object] = [None]
+        if self.rank == source:
+            payload = [{"lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
+                        "lrs": engine._scheduled_lrs or [g["lr"] for g in engine.basic_optimizer.param_groups],
+                        "global_samples": engine.global_samples}]
+        dist.broadcast_object_list(payload, src=source)
+        if state is None:
+            sched = payload[0]
+            if sched["lr_scheduler"] is not None and engine.lr_scheduler is not None:
+                engine.lr_scheduler.load_state_dict(sched["lr_scheduler"])
+            for g, lr in zip(engine.basic_optimizer.param_groups, sched["lrs"]):
+                g["lr"] = lr
+            engine.global_steps, engine.global_samples = step, sched["global_samples"]
+        lost_stages = sorted({engine.grid._topo.get_coord(r).pipe for r in fresh})
+        dump = os.environ.get(DUMP_ENV)
+        if dump:
+            self._dump(dump, generation, "before", engine)
+        engine.replay_from(step)
+        engine.lose_and_rebuild(lost_stages, cause=f"process lost (ranks {fresh}, generation {generation})")
+        if dump:
+            self._dump(dump, generation, "after", engine)
+        return step
+
+    def _report_outage(self, membership: Membership, generation: int, members: Dict[int, MemberInfo],
+                       detected_at: Optional[float], t_arrived: float, t_rejoined: float, t_rebuilt: float,
+                       step: int) -> None:
+        """After the first step of a new generation: gather every rank's phase times; rank 0 writes the outage."""
+        times = [None] * self.world_size
+        dist.all_gather_object(times, {"detected": detected_at, "arrived": t_arrived, "rejoined": t_rejoined,
+                                       "rebuilt": t_rebuilt, "resumed": time.time()})
+        if self.rank != 0:
+            return
+        fresh = sorted(r for r, m in members.items() if m.fresh)
+        deaths = [membership.fact(f"death/{r}/{members[r].incarnation - 1}") for r in fresh]
+        death_times = [d["time"] for d in deaths if d]
+        detected = [t["detected"] for t in times if t["detected"] is not None]
+        start = min(death_times) if death_times else min(detected)
+
+        def phase(key: str) -> float:
+            return round(max(t[key] for t in times if t[key] is not None) - start, 4)
+
+        record = dict(generation=generation, lost_ranks=fresh,
+                      lost_stages=sorted({self.engine.grid._topo.get_coord(r).pipe for r in fresh}),
+                      replayed_step=step, lost_steps=0, start="trainer death" if death_times else "first detection",
+                      detected_s=round(max(detected) - start, 4) if detected else None,
+                      rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
+                      outage_s=phase("resumed"))
+        logger.warning("%s outage of generation %d: %.2f s (detected %.2f, re-joined %.2f, rebuilt %.2f, resumed "
+                       "%.2f), replayed step %d, lost steps 0", identity(step=step, rank=self.rank), generation,
+                       record["outage_s"], record["detected_s"] or 0.0, record["rejoined_s"], record["rebuilt_s"],
+                       record["resumed_s"], step)
+        self.events.write("outage", **record)
+
+    def _dump(self, directory: str, generation: int, when: str, engine: CheckFreeEngine) -> None:
+        os.makedirs(directory, exist_ok=True)
+        torch.save({"stage": engine.stage_id, "step": engine.global_steps, "norm": engine.stage_grad_norm,
+                    "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+                    "opt_state": engine.basic_optimizer.state_dict()["state"],
+                    "lrs": [g["lr"] for g in engine.basic_optimizer.param_groups]},
+                   os.path.join(directory, f"g{generation}-{when}-rank{self.rank}.pt"))
