@@ -64,6 +64,9 @@ class FailureInjectionConfig(_Section):
     stages: Optional[List[int]] = Field(None, description="Stages the probability applies to; default: every "
                                         "stage the configured mode can rebuild.")
     seed: int = Field(0, description="Seed of the probabilistic plan; the same seed gives the same plan.")
+    kill_during_rebuild: Optional[int] = Field(None, ge=0, description="Under the supervisor: the first replacement "
+                                               "of this stage's trainer kills itself (SIGKILL) after receiving its "
+                                               "first neighbour's weights, to exercise a death during a rebuild.")
 
 
 class CheckFreeConfig(_Section):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import signal
 import time
 from types import MethodType
 from typing import Dict, List, Optional, Sequence
@@ -426,6 +428,17 @@ class CheckFreeEngine(PipelineEngine):
             # Otherwise the fp32 master weights would overwrite the new weights at the next step.
             self.optimizer.refresh_fp32_params()
 
+    def _die_during_rebuild_hook(self):
+        """``failure_injection.kill_during_rebuild``: the first replacement of that stage dies mid-rebuild."""
+        if (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
+                and os.environ.get("CHECKFREE_INCARNATION") == "1"):
+            def die(source_stage: int) -> None:
+                logger.warning("%s killing this replacement after receiving stage %d (kill_during_rebuild)",
+                               identity(self.stage_id, self.global_rank, self.global_steps), source_stage)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return die
+        return None
+
     def lose_and_rebuild(self, lost: Sequence[int], cause: str) -> Optional[RebuildResult]:
         """Lose the ``lost`` stages' state and rebuild them from the survivors (a collective on every rank).
 
@@ -457,7 +470,7 @@ class CheckFreeEngine(PipelineEngine):
             plans, self.stage_id, self._local_params(), self.stage_signatures, self.grid.stage_to_global,
             self.stage_grad_norm, eps=cf.eps, norm=cf.norm,
             layers=[layer for _, layer, _ in stage_layers(self.module)],
-            random_seed=cf.seed + 7919 * step + self.stage_id)
+            random_seed=cf.seed + 7919 * step + self.stage_id, on_received=self._die_during_rebuild_hook())
         for plan in plans:
             # A rebuilt holder of a replicated (de)embedding follows the copy it was rebuilt from from now on.
             if plan.strategy == "copy":

@@ -80,7 +80,8 @@ class RebuildResult:
 def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
                    signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int],
                    grad_norm: Optional[float], *, eps: float, norm: str, layers: Sequence[torch.nn.Module] = (),
-                   random_seed: int = 0) -> Optional[RebuildResult]:
+                   random_seed: int = 0, on_received: Optional[Callable[[int], None]] = None
+                   ) -> Optional[RebuildResult]:
     """Run this rank's part of rebuilding the ``plans``' targets (a collective over the ranks named by the plans).
 
     Args:
@@ -93,6 +94,7 @@ def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: M
         eps, norm: the gradient-norm weighting (see :func:`recovery.source_weights`).
         layers: this stage's layer modules (re-initialised by the ``random`` strategy).
         random_seed: seed of the ``random`` strategy.
+        on_received: called on a target with each source stage once its weights have arrived (fault injection).
 
     Returns:
         For a rebuilt stage, what was done; None on other ranks.
@@ -110,13 +112,14 @@ def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: M
                 dist.send(buf, dst)
         elif stage_id == plan.target:
             result = _receive_and_blend(plan, stage_id, named_params, signatures, stage_to_rank, eps, norm, layers,
-                                        random_seed)
+                                        random_seed, on_received)
     return result
 
 
 def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
                        signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int], eps: float,
-                       norm: str, layers: Sequence[torch.nn.Module], random_seed: int) -> RebuildResult:
+                       norm: str, layers: Sequence[torch.nn.Module], random_seed: int,
+                       on_received: Optional[Callable[[int], None]]) -> RebuildResult:
     result = RebuildResult(plan)
     t0 = time.perf_counter()
     if plan.strategy == "random":
@@ -147,6 +150,8 @@ def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[
             result.bytes_received += buf.numel() * buf.element_size()
         received.append(_unpack(buffers, specs))
         mappings.append(mapping)
+        if on_received is not None:
+            on_received(src)
     result.timings_s["transfer"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
