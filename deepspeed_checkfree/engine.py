@@ -118,6 +118,8 @@ class CheckFreeEngine(PipelineEngine):
         # Tied key -> global rank whose copy is authoritative after an edge stage was rebuilt (see _step_tied).
         self._tied_authority: Dict[str, int] = {}
         self._replayed_steps = 0
+        # Set by the resilient trainer: give up on a peer in a rebuild after this long.
+        self.p2p_timeout = None
         self._mb_losses: Dict[int, torch.Tensor] = {}
         self._meta_sent_to: set = set()
         self._recv_bufs: Dict[int, object] = {}
@@ -470,7 +472,8 @@ class CheckFreeEngine(PipelineEngine):
             plans, self.stage_id, self._local_params(), self.stage_signatures, self.grid.stage_to_global,
             self.stage_grad_norm, eps=cf.eps, norm=cf.norm,
             layers=[layer for _, layer, _ in stage_layers(self.module)],
-            random_seed=cf.seed + 7919 * step + self.stage_id, on_received=self._die_during_rebuild_hook())
+            random_seed=cf.seed + 7919 * step + self.stage_id, on_received=self._die_during_rebuild_hook(),
+            timeout=self.p2p_timeout)
         for plan in plans:
             # A rebuilt holder of a replicated (de)embedding follows the copy it was rebuilt from from now on.
             if plan.strategy == "copy":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -16,6 +17,20 @@ import torch.distributed as dist
 
 from .recovery import (ParamMapping, RecoveryPlan, StageSignature, blend, match_layers, reinitialize,
                        source_weights)
+
+
+def _send(tensor: torch.Tensor, dst: int, timeout: Optional[timedelta]) -> None:
+    if timeout is None:
+        dist.send(tensor, dst)
+    else:
+        dist.isend(tensor, dst).wait(timeout)
+
+
+def _recv(tensor: torch.Tensor, src: int, timeout: Optional[timedelta]) -> None:
+    if timeout is None:
+        dist.recv(tensor, src)
+    else:
+        dist.irecv(tensor, src).wait(timeout)
 
 
 def gather_signatures(signature: StageSignature, stage_id: int, num_stages: int,
@@ -80,8 +95,8 @@ class RebuildResult:
 def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
                    signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int],
                    grad_norm: Optional[float], *, eps: float, norm: str, layers: Sequence[torch.nn.Module] = (),
-                   random_seed: int = 0, on_received: Optional[Callable[[int], None]] = None
-                   ) -> Optional[RebuildResult]:
+                   random_seed: int = 0, on_received: Optional[Callable[[int], None]] = None,
+                   timeout: Optional[timedelta] = None) -> Optional[RebuildResult]:
     """Run this rank's part of rebuilding the ``plans``' targets (a collective over the ranks named by the plans).
 
     Args:
@@ -95,6 +110,7 @@ def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: M
         layers: this stage's layer modules (re-initialised by the ``random`` strategy).
         random_seed: seed of the ``random`` strategy.
         on_received: called on a target with each source stage once its weights have arrived (fault injection).
+        timeout: give up on a peer after this long (default: the process group's timeout).
 
     Returns:
         For a rebuilt stage, what was done; None on other ranks.
@@ -107,19 +123,19 @@ def rebuild_stages(plans: Sequence[RecoveryPlan], stage_id: int, named_params: M
             dst = stage_to_rank(plan.target)
             norm_t = torch.tensor([math.nan if grad_norm is None else grad_norm], dtype=torch.float64,
                                   device=device)
-            dist.send(norm_t, dst)
+            _send(norm_t, dst, timeout)
             for buf in _pack([named_params[src] for _, src in mapping.pairs]):
-                dist.send(buf, dst)
+                _send(buf, dst, timeout)
         elif stage_id == plan.target:
             result = _receive_and_blend(plan, stage_id, named_params, signatures, stage_to_rank, eps, norm, layers,
-                                        random_seed, on_received)
+                                        random_seed, on_received, timeout)
     return result
 
 
 def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[str, torch.nn.Parameter],
                        signatures: Mapping[int, StageSignature], stage_to_rank: Callable[[int], int], eps: float,
                        norm: str, layers: Sequence[torch.nn.Module], random_seed: int,
-                       on_received: Optional[Callable[[int], None]]) -> RebuildResult:
+                       on_received: Optional[Callable[[int], None]], timeout: Optional[timedelta]) -> RebuildResult:
     result = RebuildResult(plan)
     t0 = time.perf_counter()
     if plan.strategy == "random":
@@ -136,7 +152,7 @@ def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[
         specs = _wire_specs(mapping, signatures[src])
         rank = stage_to_rank(src)
         norm_t = torch.empty(1, dtype=torch.float64, device=device)
-        dist.recv(norm_t, rank)
+        _recv(norm_t, rank, timeout)
         value = norm_t.item()
         norms.append(None if math.isnan(value) else value)
         sizes: Dict[torch.dtype, int] = {}
@@ -145,7 +161,7 @@ def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[
         buffers = []
         for dtype, n in sizes.items():
             buf = torch.empty(n, dtype=dtype, device=device)
-            dist.recv(buf, rank)
+            _recv(buf, rank, timeout)
             buffers.append(buf)
             result.bytes_received += buf.numel() * buf.element_size()
         received.append(_unpack(buffers, specs))

@@ -50,6 +50,24 @@ def _is_comm_failure(err: BaseException) -> bool:
     return isinstance(err, (RuntimeError, dist.DistError, ConnectionError, TimeoutError))
 
 
+def install_timed_p2p(timeout: timedelta) -> None:
+    """Make DeepSpeed's pipeline sends and receives give up after ``timeout`` (they otherwise wait for the
+    group's creation-time timeout). The transport is unchanged: a point-to-point op on the world group."""
+    from deepspeed.runtime.pipe import p2p
+
+    def send(tensor, dest_stage, async_op=False):
+        p2p._is_valid_send_recv(p2p._grid.get_stage_id(), dest_stage)
+        work = dist.isend(tensor, p2p._grid.stage_to_global(stage_id=dest_stage))
+        return work if async_op else work.wait(timeout)
+
+    def recv(tensor, src_stage, async_op=False):
+        p2p._is_valid_send_recv(src_stage, p2p._grid.get_stage_id())
+        work = dist.irecv(tensor, p2p._grid.stage_to_global(stage_id=src_stage))
+        return work if async_op else work.wait(timeout)
+
+    p2p.send, p2p.recv = send, recv
+
+
 class ResilientTrainer:
     """Runs ``train_step`` for every step, surviving the loss of any rank's process.
 
@@ -94,17 +112,29 @@ class ResilientTrainer:
     # ---------------------------------------------------------------------------------------------------------
 
     def _form_group(self, membership: Membership, generation: int) -> None:
-        timeout = timedelta(seconds=self.config.detection_timeout_s)
-        # The timeout is fixed when a gloo group is created, and DeepSpeed creates its pipeline, data-parallel and
-        # tied-weight groups with torch's default: make every group of this generation give up on a dead peer
-        # after the detection timeout.
-        c10d.default_pg_timeout = timeout
-        c10d.default_pg_nccl_timeout = timeout
+        # Building the engine runs collectives while a fresh process may still pay first-use costs that the
+        # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
+        # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
+        # with torch's default timeout, so that default is set too.
+        startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
+        c10d.default_pg_timeout = startup
+        c10d.default_pg_nccl_timeout = startup
         dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
-                                world_size=self.world_size, timeout=timeout)
+                                world_size=self.world_size, timeout=startup)
         # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
         # torch.distributed, so it follows the group of each new generation).
         deepspeed.init_distributed(dist_backend=self.backend)
+
+    def _arm_detection(self) -> None:
+        """From now on every wait on a peer gives up after ``detection_timeout_s``: collectives through the groups'
+        timeout, pipeline sends and receives through timed waits (gloo fixes a pair's own timeout when the group is
+        created, so shortening the group's timeout alone would not reach them)."""
+        timeout = timedelta(seconds=self.config.detection_timeout_s)
+        for group in list(c10d._world.pg_map):
+            c10d._set_pg_timeout(timeout, group)
+        install_timed_p2p(timeout)
+        if self.engine is not None:
+            self.engine.p2p_timeout = timeout
 
     def _teardown(self) -> None:
         self.engine = None
@@ -130,7 +160,8 @@ class ResilientTrainer:
         # as soon as they notice the failure.
         generation = membership.last_generation() + 1 if self.incarnation > 0 else 0
         state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
-        detected_at: Optional[float] = None
+        detected_at: Optional[float] = None     # first detection since the last completed step
+        last_success_at: Optional[float] = None  # when this rank last completed a step
         while True:
             info = MemberInfo(self.rank, fresh=state is None,
                               completed_steps=state["global_steps"] if state else 0,
@@ -148,6 +179,7 @@ class ResilientTrainer:
                     raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
                                          "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
                 self.engine = engine
+                self._arm_detection()
                 t_rejoined = time.time()
                 step = self._resume(engine, members, state, generation)
                 engine_holds_state = True
@@ -156,9 +188,10 @@ class ResilientTrainer:
                 while step < num_steps:
                     loss = train_step(engine, step)
                     if first and generation > 0:
-                        self._report_outage(membership, generation, members, detected_at, t_arrived, t_rejoined,
-                                            t_rebuilt, step)
+                        self._report_outage(membership, generation, members, detected_at, last_success_at,
+                                            t_arrived, t_rejoined, t_rebuilt, step)
                     first = False
+                    detected_at, last_success_at = None, time.time()
                     if on_step is not None:
                         on_step(engine, step, loss)
                     step += 1
@@ -166,7 +199,7 @@ class ResilientTrainer:
             except Exception as err:  # noqa: BLE001 - only communication failures are recovered, see below
                 if not _is_comm_failure(err):
                     raise
-                detected_at = time.time()
+                detected_at = detected_at or time.time()
                 self.failures += 1
                 stage = engine.stage_id if engine is not None else None
                 logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step),
@@ -225,26 +258,34 @@ class ResilientTrainer:
         return step
 
     def _report_outage(self, membership: Membership, generation: int, members: Dict[int, MemberInfo],
-                       detected_at: Optional[float], t_arrived: float, t_rejoined: float, t_rebuilt: float,
-                       step: int) -> None:
-        """After the first step of a new generation: gather every rank's phase times; rank 0 writes the outage."""
+                       detected_at: Optional[float], last_success_at: Optional[float], t_arrived: float,
+                       t_rejoined: float, t_rebuilt: float, step: int) -> None:
+        """After the first step of a new generation: gather every rank's phase times; rank 0 writes the outage,
+        measured from the first trainer death (or, when a whole node vanished, the first detection) since the
+        last completed step, through any failed attempts, to this completed step."""
         times = [None] * self.world_size
-        dist.all_gather_object(times, {"detected": detected_at, "arrived": t_arrived, "rejoined": t_rejoined,
-                                       "rebuilt": t_rebuilt, "resumed": time.time()})
+        dist.all_gather_object(times, {"detected": detected_at, "last_success": last_success_at,
+                                       "arrived": t_arrived, "rejoined": t_rejoined, "rebuilt": t_rebuilt,
+                                       "resumed": time.time()})
         if self.rank != 0:
             return
         fresh = sorted(r for r, m in members.items() if m.fresh)
-        deaths = [membership.fact(f"death/{r}/{members[r].incarnation - 1}") for r in fresh]
-        death_times = [d["time"] for d in deaths if d]
+        progress = [t["last_success"] for t in times if t["last_success"] is not None]
+        since = min(progress) if progress else 0.0
+        deaths = [d["time"] for r in fresh for i in range(members[r].incarnation)
+                  if (d := membership.fact(f"death/{r}/{i}")) and d["time"] > since]
         detected = [t["detected"] for t in times if t["detected"] is not None]
-        start = min(death_times) if death_times else min(detected)
+        start = min(deaths + detected)
 
         def phase(key: str) -> float:
             return round(max(t[key] for t in times if t[key] is not None) - start, 4)
 
         record = dict(generation=generation, lost_ranks=fresh,
                       lost_stages=sorted({self.engine.grid._topo.get_coord(r).pipe for r in fresh}),
-                      replayed_step=step, lost_steps=0, start="trainer death" if death_times else "first detection",
+                      replayed_step=step, lost_steps=0,
+                      # The kill itself is not observable: its earliest trace is the supervisor seeing its child
+                      # exit or a neighbour's connection breaking (both within ~20 ms of it).
+                      start="trainer death" if deaths else "first detection (no supervisor saw a death)",
                       detected_s=round(max(detected) - start, 4) if detected else None,
                       rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
                       outage_s=phase("resumed"))

@@ -92,12 +92,8 @@ def main(argv=None) -> None:
                   f"steps={args.steps}", flush=True)
         return engine
 
-    # Rank 0 appends (a replacement of rank 0's trainer continues the file).
-    metrics = open(out / "metrics.csv", "a", newline="") if rank == 0 else None
-    writer = csv.writer(metrics) if metrics else None
-    if writer and metrics.tell() == 0:
-        writer.writerow(["step", "loss", "step_time_s", "lr"])
     clock = {"t": time.perf_counter()}
+    metrics = {}
 
     def train_step(engine, step):
         clock["t"] = time.perf_counter()
@@ -105,10 +101,17 @@ def main(argv=None) -> None:
 
     def on_step(engine, step, loss):
         dt = time.perf_counter() - clock["t"]
-        if writer:
-            writer.writerow([step, f"{loss:.6f}", f"{dt:.4f}", engine.get_lr()[0]])
-            metrics.flush()
-            print(f"step {step:4d} loss {loss:.4f} time {dt * 1000:.0f} ms", flush=True)
+        if rank != 0:
+            return
+        if not metrics:
+            # Opened at the first step, so a warm spare never touches it; a replacement of rank 0 appends.
+            metrics["file"] = open(out / "metrics.csv", "a", newline="")
+            metrics["csv"] = csv.writer(metrics["file"])
+            if metrics["file"].tell() == 0:
+                metrics["csv"].writerow(["step", "loss", "step_time_s", "lr"])
+        metrics["csv"].writerow([step, f"{loss:.6f}", f"{dt:.4f}", engine.get_lr()[0]])
+        metrics["file"].flush()
+        print(f"step {step:4d} loss {loss:.4f} time {dt * 1000:.0f} ms", flush=True)
 
     if resilient.supervised():
         # Started by `-m deepspeed_checkfree.supervisor`: survive the loss of any rank's process.
@@ -120,7 +123,8 @@ def main(argv=None) -> None:
         for step in range(engine.global_steps, args.steps):
             on_step(engine, step, train_step(engine, step))
     if metrics:
-        metrics.close()
+        metrics["file"].close()
+    if rank == 0:
         print(f"done: {args.steps} steps; metrics in {out / 'metrics.csv'}", flush=True)
 
 
