@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234, help="model initialisation and data order seed")
     p.add_argument("--backend", default=None, help="torch.distributed backend (default: the accelerator's)")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint-restart baseline (not under the supervisor): resume "
+                   "from the latest DeepSpeed checkpoint here, and save one every --save-every steps")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (with --ckpt-dir)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(p)
@@ -108,8 +111,8 @@ def main(argv=None) -> None:
             metrics["file"] = open(out / "metrics.csv", "a", newline="")
             metrics["csv"] = csv.writer(metrics["file"])
             if metrics["file"].tell() == 0:
-                metrics["csv"].writerow(["step", "loss", "step_time_s", "lr"])
-        metrics["csv"].writerow([step, f"{loss:.6f}", f"{dt:.4f}", engine.get_lr()[0]])
+                metrics["csv"].writerow(["step", "loss", "step_time_s", "lr", "time"])
+        metrics["csv"].writerow([step, f"{loss:.6f}", f"{dt:.4f}", engine.get_lr()[0], f"{time.time():.3f}"])
         metrics["file"].flush()
         print(f"step {step:4d} loss {loss:.4f} time {dt * 1000:.0f} ms", flush=True)
 
@@ -120,8 +123,12 @@ def main(argv=None) -> None:
     else:
         deepspeed.init_distributed(dist_backend=args.backend)
         engine = build_engine()
+        if args.ckpt_dir and os.path.exists(os.path.join(args.ckpt_dir, "latest")):
+            engine.load_checkpoint(args.ckpt_dir)  # the alternative users have today: roll back and resume
         for step in range(engine.global_steps, args.steps):
             on_step(engine, step, train_step(engine, step))
+            if args.ckpt_dir and args.save_every and (step + 1) % args.save_every == 0:
+                engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}")
     if metrics:
         metrics["file"].close()
     if rank == 0:

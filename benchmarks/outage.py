@@ -1,0 +1,152 @@
+"""Outage and lost work after a real `kill -9` of a middle stage: CheckFree recovery against checkpoint-restart.
+
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu python benchmarks/outage.py --kill-step 25 --save-every 10
+
+Both runs train the same 4-stage model on the same data with the stock `deepspeed` launcher, and the trainer of
+stage 2 is SIGKILLed once rank 0 has completed --kill-step steps:
+- CheckFree: the job runs under `-m deepspeed_checkfree.supervisor`; the survivors keep their state, a spare
+  replaces the dead trainer, the stage is rebuilt from its neighbours and the interrupted step is replayed.
+- Checkpoint-restart (what users do today): the stock engine saves a DeepSpeed checkpoint every --save-every steps;
+  the launcher tears the job down when the rank dies, and it is started again with the same command, which
+  resumes from the latest checkpoint.
+Outage = kill until the first step completes again (timestamps of metrics.csv). Lost steps = completed steps
+that had to be computed again. Prints and writes a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows(out: Path) -> list:
+    path = out / "metrics.csv"
+    return list(csv.DictReader(open(path))) if path.exists() else []
+
+
+def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(rows(out)) < n:
+        if proc.poll() is not None:
+            raise RuntimeError(f"job exited with {proc.returncode} before step {n}; see {out}/job.log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no step {n} after {timeout_s} s")
+        time.sleep(0.02)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", CHECKFREE_JOB_TOKEN="benchmark-token")
+    e.setdefault("DS_ACCELERATOR", "cpu")
+    return e
+
+
+def train_cmd(config: str, out: Path, steps: int, extra: list) -> list:
+    return ["launch/train.py", "--deepspeed_config", config, "--steps", str(steps), "--out", str(out), *extra]
+
+
+def run_checkfree(args, out: Path) -> dict:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "--module",
+           "deepspeed_checkfree.supervisor", "--pid-dir", str(out / "pids"),
+           *train_cmd(args.checkfree_config, out, args.steps, [])]
+    log = open(out / "job.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    wait_rows(out, args.kill_step, proc)
+    os.kill(int((out / "pids" / "rank2.pid").read_text()), signal.SIGKILL)
+    killed = time.time()
+    done_before = len(rows(out))
+    if proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"CheckFree job failed; see {out}/job.log")
+    r = rows(out)
+    resumed = min(float(x["time"]) for x in r[done_before:])
+    outage_events = [json.loads(line) for line in open(out / "events.jsonl") if '"outage"' in line]
+    return {"outage_s": resumed - killed, "outage_event_s": outage_events[0]["outage_s"],
+            "phases_s": {k: outage_events[0][k] for k in ("detected_s", "rejoined_s", "rebuilt_s", "resumed_s")},
+            "steps_completed_before_kill": done_before, "lost_steps": len(r) - args.steps,
+            "step_time_s": statistics.median(float(x["step_time_s"]) for x in r),
+            "final_loss": float(r[-1]["loss"])}
+
+
+def run_checkpoint_restart(args, out: Path) -> dict:
+    ckpt = out / "ckpt"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()),
+           *train_cmd(args.baseline_config, out, args.steps,
+                      ["--ckpt-dir", str(ckpt), "--save-every", str(args.save_every)])]
+    log = open(out / "job.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_rows(out, args.kill_step, proc)
+    victim = subprocess.run(["pgrep", "-f", f"local_rank=2 --deepspeed_config {args.baseline_config} .*{out}"],
+                            capture_output=True, text=True).stdout.split()
+    os.kill(int(victim[0]), signal.SIGKILL)
+    killed = time.time()
+    done_before = len(rows(out))
+    proc.wait(timeout=300)  # the launcher notices the dead rank and tears the whole job down
+    torn_down = time.time()
+    last_ckpt = int((ckpt / "latest").read_text().strip().replace("step", ""))
+    # The operator (here: this script) starts the same command again; it resumes from the latest checkpoint.
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    if proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"restarted job failed; see {out}/job.log")
+    r = rows(out)
+    resumed = min(float(x["time"]) for x in r[done_before:])
+    return {"outage_s": resumed - killed, "teardown_s": torn_down - killed,
+            "steps_completed_before_kill": done_before, "resumed_from_step": last_ckpt,
+            "lost_steps": done_before - last_ckpt,
+            "step_time_s": statistics.median(float(x["step_time_s"]) for x in r),
+            "final_loss": float(r[-1]["loss"]), "checkpoint_bytes": sum(
+                f.stat().st_size for f in (ckpt / f"step{last_ckpt}").rglob("*") if f.is_file())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--kill-step", type=int, default=25, help="kill after rank 0 has completed this many steps")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint interval of the baseline")
+    p.add_argument("--checkfree-config", default="configs/checkfree_no_failure.json")
+    p.add_argument("--baseline-config", default="configs/baseline.json")
+    p.add_argument("--workdir", default="runs/bench_outage")
+    p.add_argument("--out", default="benchmarks/results/outage.json")
+    args = p.parse_args()
+    work = REPO / args.workdir
+    results = {}
+    for name, fn in (("checkfree", run_checkfree), ("checkpoint_restart", run_checkpoint_restart)):
+        out = work / name
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        out.mkdir(parents=True)
+        results[name] = fn(args, out)
+        print(name, json.dumps(results[name]), flush=True)
+    cf, ck = results["checkfree"], results["checkpoint_restart"]
+    step = statistics.median([cf["step_time_s"], ck["step_time_s"]])
+    summary = {
+        "benchmark": "outage after kill -9 of stage 2 (4 stages, CPU): CheckFree vs checkpoint-restart",
+        "kill_after_steps": args.kill_step, "checkpoint_every": args.save_every, **results,
+        "outage_ratio": ck["outage_s"] / cf["outage_s"],
+        "lost_work_s": {"checkfree": cf["outage_s"] + cf["lost_steps"] * step,
+                        "checkpoint_restart": ck["outage_s"] + ck["lost_steps"] * step},
+    }
+    summary["lost_work_ratio"] = summary["lost_work_s"]["checkpoint_restart"] / summary["lost_work_s"]["checkfree"]
+    Path(REPO / args.out).parent.mkdir(parents=True, exist_ok=True)
+    (REPO / args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
