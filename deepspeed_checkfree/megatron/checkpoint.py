@@ -1,0 +1,259 @@
+"""CheckFree around megatron.core checkpoints: each stage's own gradient norm, the sidecar saved with every checkpoint
+(all stages' norms, replicas of the first/last stage's embedding and head on their neighbour), and the rebuild of a
+lost stage's shard before Megatron's loader runs.
+
+Works with any megatron.core training loop (the Megatron-LM hook in :mod:`.training_hook` calls these). Every function
+that communicates is called on every rank; the process groups come from ``megatron.core.parallel_state``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CheckFreeError, RecoveryError
+from ..events import identity
+from ..repair_megatron import (TRACKER, edge_tensors, iteration_dir_name, read_norms, replica_holder,
+                               write_norms, write_replica)
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Megatron's DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def _as_list(model: Any) -> List[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def stage_grad_norm(model: Any, tp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """L2 norm of this pipeline stage's whole gradient (Megatron reports only the global one).
+
+    Call it after the backward pass and gradient finalisation (``finalize_model_grads``: data-parallel average and
+    tied-embedding all-reduce done) and before ``optimizer.step()``, which clips. Reads ``param.main_grad`` (Megatron
+    DDP) or ``param.grad``; parameters duplicated over tensor-parallel ranks count once, and the squares are summed
+    over the tensor-parallel group, so every rank of a stage gets the same value.
+
+    Args:
+        model: the rank's model chunk(s), wrapped or not.
+        tp_group: tensor-parallel group (default: megatron.core's).
+
+    Returns:
+        A 0-dim float32 tensor on the parameters' device.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq: Optional[torch.Tensor] = None
+    device = None
+    for chunk in _as_list(model):
+        for p in chunk.parameters():
+            device = p.device
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                grad = p.grad
+            if grad is None or not param_is_not_tensor_parallel_duplicate(p):
+                continue
+            s = grad.detach().float().pow(2).sum()
+            sq = s if sq is None else sq + s
+    if sq is None:
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sq, group=tp_group)
+    return sq.sqrt()
+
+
+@dataclass
+class CheckFreeState:
+    """What one rank remembers between steps: its stage's last gradient norm and the LR boost of a rebuilt stage."""
+
+    grad_norm: Optional[float] = None
+    lr_scale: float = 1.0
+    rebuilt_stages: List[int] = field(default_factory=list)
+
+
+def _coords() -> Dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    return {"stage": ps.get_pipeline_model_parallel_rank(), "num_stages": ps.get_pipeline_model_parallel_world_size(),
+            "tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(with_context_parallel=True),
+            "pp_group": ps.get_pipeline_model_parallel_group()}
+
+
+def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, iteration: Any,
+                         replicas: bool = True) -> None:
+    """Write the CheckFree sidecar of a checkpoint Megatron just saved into ``iter_dir``. Collective: every rank.
+
+    Gathers every stage's gradient norm over the pipeline group; the (tensor-parallel 0, data-parallel 0) rank of each
+    stage writes them (``checkfree/stage_PPP.json``), so any surviving stage has all of them. Stage 1 keeps a replica
+    of stage 0's embedding and stage P-2 one of stage P-1's final norm and output layer
+    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide.
+    """
+    c = _coords()
+    stage, num_stages = c["stage"], c["num_stages"]
+    norms: List[Optional[float]] = [None] * num_stages
+    dist.all_gather_object(norms, state.grad_norm, group=c["pp_group"])
+    rebuilt: List[Any] = [None] * num_stages
+    dist.all_gather_object(rebuilt, state.rebuilt_stages, group=c["pp_group"])
+    rebuilt_all = sorted({s for r in rebuilt for s in (r or [])})
+    if c["dp"] == 0:
+        if c["tp"] == 0:
+            write_norms(iter_dir, stage, num_stages, iteration, dict(enumerate(norms)), rebuilt_all)
+        if replicas and num_stages > 1:
+            _exchange_replicas(iter_dir, model, c)
+    dist.barrier()
+
+
+def _exchange_replicas(iter_dir: str, model: Any, c: Dict[str, Any]) -> None:
+    """Send stage 0's and stage P-1's edge parameters to the neighbour that keeps them, one transfer after the
+    other in the same order on every rank (a gloo send waits for its receive)."""
+    stage, num_stages, group = c["stage"], c["num_stages"], c["pp_group"]
+    ranks = dist.get_process_group_ranks(group)
+    for owner in dict.fromkeys((0, num_stages - 1)):
+        holder = replica_holder(owner, num_stages)
+        if stage not in (owner, holder):
+            continue
+        if stage == owner:
+            tensors: Dict[str, torch.Tensor] = {}
+            for chunk in _as_list(model):
+                tensors.update(edge_tensors(unwrap(chunk).state_dict_for_save_checkpoint()))
+            device = next(iter(tensors.values())).device if tensors else None
+            obj = [{k: v.detach() for k, v in tensors.items()}]
+            dist.send_object_list(obj, dst=ranks[holder], device=_object_device(group, device))
+        else:
+            obj = [None]
+            dist.recv_object_list(obj, src=ranks[owner], device=_object_device(group, None))
+            write_replica(iter_dir, owner, c["tp"], obj[0])
+
+
+def _object_device(group, device):
+    # Object collectives need tensors on a device the backend supports: the host for gloo, the parameters' device
+    # otherwise (None lets torch pick the current device).
+    return None if dist.get_backend(group) == "gloo" else device
+
+
+def checkpoint_dirs_to_check(load_dirs: Iterable[Optional[str]]) -> List[str]:
+    return [d for d in dict.fromkeys(load_dirs) if d and os.path.exists(os.path.join(d, TRACKER))]
+
+
+def repair_before_load(load_dirs: Sequence[Optional[str]], strategy: str = "gradnorm_average",
+                       events_file: Optional[str] = None) -> List[dict]:
+    """Rebuild a lost or unreadable stage of the checkpoint(s) Megatron is about to load, in place, before its loader
+    runs. Collective: call on every rank.
+
+    Global rank 0 inspects each directory that has a ``latest_checkpointed_iteration.txt`` and, if one stage's shard
+    is missing or corrupt, rebuilds it from its neighbours (:func:`deepspeed_checkfree.repair.repair_checkpoint`);
+    the outcome is broadcast so that every rank either continues or raises the same error.
+
+    Returns:
+        The repair reports (as dicts) of the directories that needed a rebuild.
+
+    Raises:
+        RecoveryError: on every rank, when the checkpoint cannot be repaired.
+    """
+    from ..repair import repair_checkpoint
+
+    outcome: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            reports = []
+            for d in checkpoint_dirs_to_check(load_dirs):
+                report = repair_checkpoint(d, in_place=True, strategy=strategy, events_file=events_file)
+                if report.rebuilds:
+                    reports.append(report.to_json())
+            outcome[0] = {"ok": True, "reports": reports}
+        except CheckFreeError as err:
+            outcome[0] = {"ok": False, "message": f"{type(err).__name__}: {err}"}
+        except Exception as err:  # noqa: BLE001 - every rank must learn about the failure, not only rank 0
+            outcome[0] = {"ok": False, "message": f"unexpected {type(err).__name__} while repairing: {err}"}
+    dist.broadcast_object_list(outcome, src=0)
+    result = outcome[0]
+    if not result["ok"]:
+        raise RecoveryError(f"cannot resume: the checkpoint has a lost stage that CheckFree could not rebuild: "
+                            f"{result['message']}")
+    for report in result["reports"]:
+        for r in report["rebuilds"]:
+            logger.warning("%s rebuilt lost stage %d of %s by %s from stages %s (weights %s) before loading",
+                           identity(stage=r["stage"], rank=dist.get_rank()), r["stage"], report["source"],
+                           r["strategy"], r["sources"], [round(w, 4) for w in r["weights"]])
+    return result["reports"]
+
+
+def state_after_load(load_dir: Optional[str], iteration: Any, reports: Sequence[dict], state: CheckFreeState,
+                     lr_boost: float) -> None:
+    """After Megatron loaded: a rank whose stage was rebuilt now or in an earlier recovery trains with the LR boost
+    (the paper multiplies the rebuilt stage's LR by 1.1-1.2 for the rest of training; a repeat does not compound)."""
+    from megatron.core import parallel_state as ps
+
+    rebuilt = {r["stage"] for report in reports for r in report["rebuilds"]}
+    if load_dir and iteration:
+        iter_dir = os.path.join(load_dir, iteration_dir_name(iteration))
+        rebuilt |= set(_recorded_rebuilt_stages(iter_dir))
+    state.rebuilt_stages = sorted(rebuilt)
+    stage = ps.get_pipeline_model_parallel_rank()
+    if stage in rebuilt:
+        state.lr_scale = lr_boost
+        state.grad_norm = None  # the rebuilt stage has no measured gradient yet
+        logger.warning("%s this stage was rebuilt by CheckFree: its learning rate is multiplied by %.3g from now on",
+                       identity(stage=stage, rank=dist.get_rank()), lr_boost)
+
+
+def _recorded_rebuilt_stages(iter_dir: str) -> List[int]:
+    import json
+
+    folder = os.path.join(iter_dir, "checkfree")
+    if not os.path.isdir(folder):
+        return []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    return list(json.load(f).get("rebuilt_stages", []))
+            except (OSError, ValueError):
+                continue
+    return []
+
+
+def boosted_step(optimizer: Any, step, state: CheckFreeState):
+    """Run ``step()`` with every parameter group's LR multiplied by ``state.lr_scale`` (then restored, so Megatron's
+    scheduler keeps owning the LR)."""
+    if state.lr_scale == 1.0:
+        return step()
+    groups = optimizer.param_groups
+    saved = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = g["lr"] * state.lr_scale
+    try:
+        return step()
+    finally:
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
+
+
+def record_norms_around_step(optimizer: Any, model: Any, state: CheckFreeState) -> None:
+    """Wrap ``optimizer.step`` (once) so that each call first records this stage's gradient norm, then steps with the
+    LR boost of a rebuilt stage."""
+    if getattr(optimizer, "_checkfree_wrapped", False):
+        return
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        state.grad_norm = float(stage_grad_norm(model))
+        return boosted_step(optimizer, lambda: original(*args, **kwargs), state)
+
+    optimizer.step = step
+    optimizer._checkfree_wrapped = True
+
+
+__all__ = ["CheckFreeState", "boosted_step", "record_norms_around_step", "repair_before_load",
+           "save_checkfree_state", "stage_grad_norm", "state_after_load", "unwrap"]

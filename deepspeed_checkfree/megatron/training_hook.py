@@ -1,0 +1,151 @@
+"""The Megatron-LM hook: wraps ``megatron.training.training.{train_step, save_checkpoint, load_checkpoint}`` (the
+names ``pretrain()`` calls them by) so that an unmodified training loop records per-stage gradient norms, saves the
+CheckFree sidecar with every checkpoint, and rebuilds a lost stage's shard before resuming.
+
+Tested with Megatron-LM tag ``core_v0.16.1``; the wrappers only add work before/after the original functions and
+pass every argument through.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import logging
+import os
+from typing import Any, Callable, Optional
+
+from .checkpoint import (CheckFreeState, record_norms_around_step, repair_before_load, save_checkfree_state,
+                         state_after_load)
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("gradnorm_average", "uniform_average", "copy")
+_NON_PERSISTENT_SUBDIR = "non_persistent"  # megatron/training/checkpointing.py _NON_PERSISTENT_CKPT_SUBDIR
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--checkfree-*`` options to Megatron's parser (idempotent); returns the parser, as Megatron's
+    ``extra_args_provider`` contract requires."""
+    if "--checkfree-strategy" in parser._option_string_actions:  # noqa: SLF001 - argparse has no public lookup
+        return parser
+    g = parser.add_argument_group("checkfree", "rebuild a lost pipeline stage from its neighbours (CheckFree)")
+    g.add_argument("--checkfree-repair", choices=("auto", "off"), default="auto",
+                   help="auto: on resume, rebuild a pipeline stage whose checkpoint shard is missing or unreadable "
+                        "from its neighbours before loading; off: load as Megatron would")
+    g.add_argument("--checkfree-strategy", choices=STRATEGIES, default="gradnorm_average",
+                   help="how a middle stage is rebuilt (default: the paper's gradient-norm weighted average)")
+    g.add_argument("--checkfree-lr-boost", type=float, default=1.1,
+                   help="a rebuilt stage trains with this multiple of the scheduled learning rate (paper: 1.1-1.2)")
+    g.add_argument("--checkfree-events-file", default=None,
+                   help="append JSON-lines detection/recovery records to this file")
+    g.add_argument("--checkfree-no-replicas", action="store_true",
+                   help="do not keep replicas of the first/last stage's embedding and head on their neighbour "
+                        "(then a lost first stage needs tied embeddings and legacy format, and a lost last stage "
+                        "cannot be rebuilt)")
+    return parser
+
+
+def extra_args_provider(other: Optional[Callable] = None) -> Callable:
+    """An ``extra_args_provider`` for ``pretrain()`` that adds the CheckFree options after ``other``'s."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if other is not None:
+            parser = other(parser) or parser
+        return add_args(parser)
+
+    return provider
+
+
+def _option(args: Any, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def _load_dirs(args: Any, load_arg: str) -> list:
+    load_dir = getattr(args, load_arg, None)
+    dirs = [load_dir]
+    if load_dir:
+        dirs.append(getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(load_dir,
+                                                                                          _NON_PERSISTENT_SUBDIR))
+    return dirs
+
+
+def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Optional[str]:
+    if non_persistent:
+        kind = getattr(args, "non_persistent_ckpt_type", None)
+        if kind != "global":
+            logger.warning("[checkfree] %s non-persistent checkpoints are not protected (no sidecar written)", kind)
+            return None
+        save_dir = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(args.save,
+                                                                                         _NON_PERSISTENT_SUBDIR)
+    else:
+        save_dir = args.save
+    path = os.path.join(save_dir, f"iter_{iteration:07d}")
+    return path if os.path.isdir(path) else None
+
+
+def install() -> CheckFreeState:
+    """Install the hook into ``megatron.training`` (idempotent). Call before ``pretrain()``.
+
+    Also makes ``megatron.training.pretrain`` add the ``--checkfree-*`` options to whatever ``extra_args_provider``
+    it is given, so a script that imports ``pretrain`` after this call needs no other change.
+
+    Returns:
+        The rank's :class:`CheckFreeState` (last gradient norm, LR boost).
+    """
+    import megatron.training as MT
+    import megatron.training.training as T
+    from megatron.training import get_args
+
+    if getattr(T, "_checkfree_state", None) is not None:
+        return T._checkfree_state
+    state = CheckFreeState()
+    orig_train_step, orig_save, orig_load, orig_pretrain = T.train_step, T.save_checkpoint, T.load_checkpoint, \
+        T.pretrain
+
+    @functools.wraps(orig_train_step)
+    def train_step(forward_step_func, data_iterator, model, optimizer, *args, **kwargs):
+        if optimizer is not None:
+            record_norms_around_step(optimizer, model, state)
+        return orig_train_step(forward_step_func, data_iterator, model, optimizer, *args, **kwargs)
+
+    @functools.wraps(orig_save)
+    def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
+                        *args, **kwargs):
+        result = orig_save(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
+                           *args, **kwargs)
+        margs = get_args()
+        non_persistent = bool(kwargs.get("non_persistent_ckpt", False))
+        iter_dir = _saved_iteration_dir(margs, iteration, non_persistent) if margs.save else None
+        # Every rank takes the same branch (same args, same directory on a shared filesystem).
+        if iter_dir is not None:
+            save_checkfree_state(iter_dir, model, state, iteration,
+                                 replicas=not _option(margs, "checkfree_no_replicas", False))
+        return result
+
+    @functools.wraps(orig_load)
+    def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", *args, **kwargs):
+        margs = get_args()
+        reports = []
+        if _option(margs, "checkfree_repair", "auto") == "auto":
+            reports = repair_before_load(_load_dirs(margs, load_arg),
+                                         strategy=_option(margs, "checkfree_strategy", "gradnorm_average"),
+                                         events_file=_option(margs, "checkfree_events_file", None))
+        result = orig_load(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
+        iteration = result[0] if isinstance(result, tuple) else result
+        state_after_load(getattr(margs, load_arg, None), iteration, reports, state,
+                         float(_option(margs, "checkfree_lr_boost", 1.1)))
+        return result
+
+    signature = inspect.signature(orig_pretrain)
+
+    @functools.wraps(orig_pretrain)
+    def pretrain(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
+        return orig_pretrain(*bound.args, **bound.kwargs)
+
+    T.train_step, T.save_checkpoint, T.load_checkpoint = train_step, save_checkpoint, load_checkpoint
+    T.pretrain = MT.pretrain = pretrain
+    T._checkfree_state = state
+    return state

@@ -1,0 +1,290 @@
+"""Repair of a Megatron ``torch_dist`` checkpoint (megatron.core ``dist_checkpointing``; PyTorch DCP files).
+
+An iteration is ``.metadata`` (pickled DCP ``Metadata``: global shapes, chunks, and where each chunk is stored),
+``__{rank}_{k}.distcp`` files holding serialized chunks, ``common.pt`` (args, iteration, scheduler) and
+``metadata.json``. Per-layer tensors are global, stacked along a leading layer axis, so a lost stage is the set of
+chunks at its layer offsets (plus the embedding or head for the first/last stage). Repair reads only the chunks of
+the neighbouring stages, rewrites the lost stage's files item by item in DCP's own serialization, and updates the
+storage offsets in ``.metadata``; megatron.core's unmodified loader then reads the checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import RecoveryError, UnsupportedSetupError
+from .recovery import LayerSignature, RecoveryPlan, blend, match_layers
+from .repair import HOST, IOLedger, Inspection, copy_iteration, plan_stage, prepare_output_dir, set_aside
+from .repair_megatron import (LAYER_PREFIX, MegatronLayout, read_norms, read_replica, replica_file,
+                              replica_holder, resolve_iteration_dir, write_tracker)
+
+METADATA = ".metadata"
+COMMON = "common.pt"
+OPT_STATE = "optimizer.state."
+_SHARD_SUFFIX = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[\d.]+)_(?P<shape>[\d.]+)$")
+
+
+def _split_opt(fqn: str) -> Tuple[Optional[str], str]:
+    """``optimizer.state.exp_avg.decoder.x`` -> (``exp_avg``, ``decoder.x``); a model key -> (None, key)."""
+    if fqn.startswith(OPT_STATE):
+        state_name, _, param = fqn[len(OPT_STATE):].partition(".")
+        return state_name, param
+    return None, fqn
+
+
+class MegatronDistCheckpoint:
+    """One iteration of a Megatron ``torch_dist`` checkpoint."""
+
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
+        self.iter_dir, self.root, self.iteration = resolve_iteration_dir(path, tag)
+        self.ledger = ledger
+        self.layout: Optional[MegatronLayout] = None
+        self.md = None
+        self._item_stage: Dict[Any, Optional[int]] = {}
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def _read_metadata(self) -> None:
+        path = os.path.join(self.iter_dir, METADATA)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            self.md = pickle.loads(data)
+        except FileNotFoundError as err:
+            raise RecoveryError(f"{path} is missing. It is the global index of a torch_dist checkpoint (written once, "
+                                f"not by one stage), so it cannot be rebuilt from neighbours; restore it from another "
+                                f"copy.") from err
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the index is unusable
+            raise RecoveryError(f"{path} is unreadable ({type(err).__name__}: {err}); it is the global index of the "
+                                f"checkpoint and cannot be rebuilt from neighbours.") from err
+        self.ledger.add_read(len(data), path)
+        for info in self.md.storage_data.values():
+            if getattr(info, "transform_descriptors", None):
+                raise UnsupportedSetupError(f"{info.relative_path} uses DCP storage transforms "
+                                            f"{info.transform_descriptors}; not supported by this version.")
+
+    def _read_args(self) -> Any:
+        path = os.path.join(self.iter_dir, COMMON)
+        if not os.path.exists(path):
+            raise RecoveryError(f"{path} is missing; it holds the checkpoint's args and iteration (written once by "
+                                f"global rank 0) and cannot be rebuilt from neighbours. Restore it from another copy.")
+        common = self.ledger.load(path)
+        return common.get("args") if isinstance(common, dict) else None
+
+    def _read_item(self, index) -> Any:
+        info = self.md.storage_data[index]
+        path = os.path.join(self.iter_dir, info.relative_path)
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        if len(data) != info.length:
+            raise RecoveryError(f"{path} is truncated: item {index.fqn} needs bytes {info.offset}..{info.offset + info.length}")
+        self.ledger.add_read(len(data), path)
+        if index.offset is None:
+            return data
+        return torch.load(io.BytesIO(data), map_location=HOST, weights_only=True)
+
+    # -- which stage owns an item -----------------------------------------------------------------------------
+
+    def stage_of(self, index) -> Optional[int]:
+        """The pipeline stage whose shard holds a storage item, or None if no rule places it."""
+        lay = self.layout
+        fqn = index.fqn
+        if index.offset is None:  # a ShardedObject: "<key>/shard_<offsets>_<global shape>"
+            m = _SHARD_SUFFIX.match(fqn)
+            if m is None:
+                return None
+            key, offsets = m.group("key"), [int(x) for x in m.group("offsets").split(".")]
+            if key.startswith(LAYER_PREFIX):
+                return lay.stage_of_layer(offsets[0])
+            if key == "rng_state":
+                return offsets[0]
+            return None
+        _, param = _split_opt(fqn)
+        if param.startswith(LAYER_PREFIX):
+            return lay.stage_of_layer(int(index.offset[0]))
+        if param.startswith("embedding."):
+            return 0
+        if param.startswith(("decoder.final_layernorm.", "output_layer.")):
+            return lay.num_stages - 1
+        return None
+
+    # -- the handler interface used by repair_checkpoint -----------------------------------------------------
+
+    def inspect(self) -> Inspection:
+        self._read_metadata()
+        self.layout = MegatronLayout.from_args(self._read_args(), os.path.join(self.iter_dir, COMMON))
+        lay = self.layout
+        for required in ("metadata.json",):
+            if not os.path.exists(os.path.join(self.iter_dir, required)):
+                raise RecoveryError(f"{os.path.join(self.iter_dir, required)} is missing (written once, not by one "
+                                    f"stage); restore it from another copy.")
+        by_file: Dict[str, List[Any]] = defaultdict(list)
+        for index, info in self.md.storage_data.items():
+            by_file[info.relative_path].append(index)
+            self._item_stage[index] = self.stage_of(index)
+        damaged: Dict[int, str] = {}
+        stage_files: Dict[int, List[str]] = defaultdict(list)
+        for rel, indices in sorted(by_file.items()):
+            stages = {self._item_stage[i] for i in indices}
+            owners = sorted(s for s in stages if s is not None)
+            path = os.path.join(self.iter_dir, rel)
+            end = max(self.md.storage_data[i].offset + self.md.storage_data[i].length for i in indices)
+            why = None
+            if not os.path.exists(path):
+                why = "missing"
+            elif os.path.getsize(path) < end:
+                why = f"truncated ({os.path.getsize(path)} bytes, its items end at byte {end})"
+            for s in owners:
+                stage_files[s].append(rel)
+            if why is None:
+                continue
+            unplaced = sorted(i.fqn for i in indices if self._item_stage[i] is None)
+            if unplaced or len(owners) != 1:
+                raise RecoveryError(
+                    f"{path} is {why} and holds items that cannot be matched to one pipeline stage (stages "
+                    f"{owners}; unmatched items {unplaced[:5]}{' ...' if len(unplaced) > 5 else ''}). Only the "
+                    f"files of a single stage can be rebuilt from its neighbours.")
+            damaged[owners[0]] = "; ".join(filter(None, [damaged.get(owners[0]), f"{rel} {why}"]))
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.iter_dir) for f in fs)
+        return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"], total)
+
+    def plan(self, stage: int, strategy: str) -> RecoveryPlan:
+        return plan_stage(stage, self.layout.num_stages, strategy)
+
+    def grad_norms(self) -> Dict[int, float]:
+        return read_norms(self.iter_dir, self.ledger)[0]
+
+    def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
+        prepare_output_dir(output)
+        out_iter = os.path.join(output, os.path.basename(self.iter_dir))
+        skip = [f for s in damaged for f in found.stage_files.get(s, [])] + [METADATA]
+        copy_iteration(self.iter_dir, out_iter, skip, self.ledger)
+        write_tracker(output, self.iteration)
+        return out_iter
+
+    def _layer_signatures(self, stage: int) -> Tuple[LayerSignature, ...]:
+        """Signatures of a stage's layers from the metadata alone (it survives even when the stage's files do)."""
+        lay = self.layout
+        off, n = lay.offsets[stage], lay.layer_counts[stage]
+        params: Dict[int, List[Tuple[str, Tuple[int, ...], str]]] = {k: [] for k in range(n)}
+        for index in self.md.storage_data:
+            if index.offset is None or not index.fqn.startswith(LAYER_PREFIX):
+                continue
+            layer = int(index.offset[0])
+            if off <= layer < off + n:
+                size = self._chunk_size(index)
+                name = f"{index.fqn}@{tuple(index.offset[1:])}"
+                params[layer - off].append((name, tuple(size[1:]), ""))
+        return tuple(LayerSignature(str(k), "TransformerLayer", tuple(sorted(params[k]))) for k in range(n))
+
+    def _chunk_size(self, index) -> Tuple[int, ...]:
+        for chunk in self.md.state_dict_metadata[index.fqn].chunks:
+            if tuple(chunk.offsets) == tuple(index.offset):
+                return tuple(chunk.sizes)
+        raise RecoveryError(f"{METADATA} lists no chunk of {index.fqn} at offset {tuple(index.offset)}; the index is "
+                            f"inconsistent.")
+
+    def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        lay = self.layout
+        target = plan.target
+        tgt_sig = self._layer_signatures(target)
+        layer_maps, notes = [], []
+        for s in plan.sources:
+            mapping = match_layers(tgt_sig, self._layer_signatures(s), target, s)
+            layer_maps.append({int(t.split(".", 1)[0]): int(src.split(".", 1)[0]) for t, src in mapping.pairs})
+            if mapping.note:
+                notes.append(mapping.note)
+        replicas: Dict[int, Optional[Dict[str, torch.Tensor]]] = {}
+
+        def source_layer(i: int, global_layer: int) -> int:
+            k = global_layer - lay.offsets[target]
+            return lay.offsets[plan.sources[i]] + layer_maps[i][k]
+
+        def edge_value(index, size) -> torch.Tensor:
+            tp = 0
+            for axis, (o, n) in enumerate(zip(index.offset, size)):
+                if o:
+                    tp = int(o) // int(n)
+            if tp not in replicas:
+                replicas[tp] = read_replica(self.iter_dir, target, tp, self.ledger)
+                if replicas[tp] is not None:
+                    notes.append(f"edge parameters of stage {target} from the replica kept by stage "
+                                 f"{replica_holder(target, lay.num_stages)}")
+            replica = replicas[tp]
+            if replica is None or index.fqn not in replica:
+                raise RecoveryError(
+                    f"{index.fqn} of stage {target} exists only in the lost shard: no CheckFree replica "
+                    f"({replica_file(self.iter_dir, target, tp)}) holds it (torch_dist does not store the tied "
+                    f"output-layer copy). Save checkpoints with the checkfree hook (deepspeed_checkfree.megatron."
+                    f"install()) so the neighbouring stage keeps a replica, or restore the shard from another copy.")
+            value = replica[index.fqn]
+            if value.numel() != torch.Size(size).numel():
+                raise RecoveryError(f"the replica of {index.fqn} has shape {tuple(value.shape)}, the checkpoint expects "
+                                    f"a chunk of {tuple(size)}; the replica is from another model.")
+            return value.reshape(size).clone()
+
+        lost = [i for i, s in self._item_stage.items() if s == target]
+        files: Dict[str, List[Any]] = defaultdict(list)
+        for index in lost:
+            files[self.md.storage_data[index].relative_path].append(index)
+        values: Dict[Any, Any] = {}
+        for index in lost:
+            if index.offset is None:
+                m = _SHARD_SUFFIX.match(index.fqn)
+                key, offsets = m.group("key"), [int(x) for x in m.group("offsets").split(".")]
+                if key.startswith(LAYER_PREFIX):
+                    offsets[0] = source_layer(0, offsets[0])
+                else:  # rng_state: the first source's generator states
+                    offsets[0] = plan.sources[0]
+                src = f"{key}/shard_{'.'.join(map(str, offsets))}_{m.group('shape')}"
+                values[index] = self._read_item(MetadataIndex(src))
+                continue
+            size = self._chunk_size(index)
+            dtype = self.md.state_dict_metadata[index.fqn].properties.dtype
+            state_name, param = _split_opt(index.fqn)
+            if state_name is not None and state_name != "fp32_param":
+                # Fresh optimizer state for the rebuilt stage (the paper resets its Adam moments).
+                values[index] = torch.zeros(size, dtype=dtype)
+                continue
+            if param.startswith(LAYER_PREFIX):
+                tensors = []
+                for i in range(len(plan.sources)):
+                    src_offset = torch.Size([source_layer(i, int(index.offset[0])), *index.offset[1:]])
+                    tensors.append(self._read_item(MetadataIndex(index.fqn, src_offset)))
+                values[index] = blend(tensors, weights).reshape(size).to(dtype).contiguous()
+            else:
+                values[index] = edge_value(MetadataIndex(param, index.offset), size).to(dtype)
+        written = []
+        for rel, indices in files.items():
+            indices.sort(key=lambda i: self.md.storage_data[i].offset)
+            buf = io.BytesIO()
+            for index in indices:
+                start = buf.tell()
+                value = values[index]
+                if isinstance(value, (bytes, bytearray)):
+                    buf.write(value)
+                else:
+                    torch.save(value, buf)  # DCP's own TORCH_SAVE serialization of one item
+                old = self.md.storage_data[index]
+                self.md.storage_data[index] = type(old)(rel, start, buf.tell() - start)
+            out = os.path.join(out_iter_dir, rel)
+            if in_place:
+                set_aside(out)
+            self.ledger.write_bytes(buf.getvalue(), out)
+            written.append(out)
+        md_path = os.path.join(out_iter_dir, METADATA)
+        self.ledger.write_bytes(pickle.dumps(self.md), md_path)
+        written.append(md_path)
+        if lay.num_stages == 2:
+            notes.append("2-stage pipeline: CheckFree's average needs a neighbour on both sides (>= 3 stages), so the "
+                         "stage is a copy of the other one (CheckFree+ style)")
+        return {"files": written, "note": "; ".join(dict.fromkeys(notes)) or None}

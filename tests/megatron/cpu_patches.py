@@ -1,0 +1,42 @@
+"""Test-only monkeypatches that let megatron-core 0.16.1 run pipeline parallelism on CPU with gloo.
+
+These are the five patches of shared/notes/megatron-on-cpu.md §2, each needed (dropping any one fails or hangs).
+They stay in tests: the library itself never fakes CUDA.
+"""
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda..."`` keyword arguments to the CPU (schedules.py allocates scalars on "cuda")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and "cuda" in str(dev):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def apply() -> None:
+    """Install the patches (idempotent). Call before building any megatron-core model."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.Tensor.cuda = lambda self, *a, **k: self                       # 1: tied-embedding init moves to cuda
+    torch.cuda.current_device = lambda: "cpu"                             # 2: p2p buffers on current_device()
+    torch.cuda.synchronize = lambda *a, **k: None                         # 3: hangs after batch_isend_irecv
+    # 4: the TP RNG tracker is backed by the CPU generator.
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _CudaToCpu().__enter__()                                              # 5: device="cuda" literals
