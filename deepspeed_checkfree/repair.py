@@ -72,6 +72,9 @@ class IOLedger:
     def load(self, path: str) -> Any:
         """``torch.load`` a file lazily (memory-mapped); counts its pickle, not its tensors.
 
+        Checkpoints hold pickled objects (Megatron's ``args``, DeepSpeed's engine state), so this unpickles with
+        ``weights_only=False``, as the frameworks' own loaders do: repair only checkpoints you trust.
+
         Raises:
             RecoveryError: the file is not a readable PyTorch checkpoint.
         """
@@ -285,7 +288,8 @@ def _megatron_kind(iter_dir: str) -> str:
     return "megatron_legacy"
 
 
-def _handler(fmt: str, path: str, tag: Optional[str], ledger: IOLedger):
+def open_checkpoint(fmt: str, path: str, tag: Optional[str], ledger: IOLedger):
+    """The format handler for one iteration of a checkpoint (``inspect``, ``plan``, ``grad_norms``, ``rebuild``)."""
     if fmt == "deepspeed":
         from .repair_deepspeed import DeepSpeedCheckpoint
         return DeepSpeedCheckpoint(path, tag, ledger)
@@ -333,8 +337,9 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         raise ConfigError(f"--output {output!r} is the checkpoint itself; use --in-place to rewrite it there.")
     ledger = IOLedger()
     fmt = fmt or detect_format(path)
-    handler = _handler(fmt, path, tag, ledger)
+    handler = open_checkpoint(fmt, path, tag, ledger)
     events = EventLog(events_file)
+    step = int(handler.iteration) if str(handler.iteration).isdigit() else handler.iteration
     found = handler.inspect()
     damaged = dict(found.damaged)
     for s in stages or ():
@@ -344,7 +349,7 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         damaged.setdefault(s, "named with --stage")
     for s, why in sorted(damaged.items()):
         logger.warning("%s detected damaged stage in %s: %s", identity(stage=s), handler.iter_dir, why)
-        events.write("detection", source="repair", format=fmt, checkpoint=handler.iter_dir, step=handler.iteration,
+        events.write("detection", source="repair", format=fmt, checkpoint=handler.iter_dir, step=step,
                      stage=s, cause=why)
     report = RepairReport(fmt, handler.iter_dir, output or (handler.root if in_place else ""), str(handler.iteration),
                           found.num_stages, damaged, [], checkpoint_bytes=found.checkpoint_bytes)
@@ -375,7 +380,7 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         logger.warning("%s rebuilt stage %d by %s from stage(s) %s with weights %s%s -> %s",
                        identity(stage=p.target), p.target, p.strategy, list(p.sources),
                        [round(x, 4) for x in w], f" ({fb})" if fb else "", out_iter_dir)
-        events.write("recovery", source="repair", format=fmt, checkpoint=out_iter_dir, step=handler.iteration,
+        events.write("recovery", source="repair", format=fmt, checkpoint=out_iter_dir, step=step,
                      stage=p.target, strategy=p.strategy, sources=list(p.sources), weights=list(w),
                      norms=list(n), fallback=fb, note=result.get("note"),
                      duration_s=round(time.perf_counter() - t0, 4))
@@ -453,16 +458,18 @@ def _print_report(report: RepairReport) -> None:
     for r in report.rebuilds:
         norms = ", ".join(f"{s}: {'-' if n is None else f'{n:.4g}'}" for s, n in zip(r.sources, r.norms))
         weights = ", ".join(f"{s}: {w:.4f}" for s, w in zip(r.sources, r.weights))
-        print(f"{'would rebuild' if report.dry_run else 'rebuilt'} stage {r.stage} by {r.strategy} from stage(s) {list(r.sources)}; weights {{{weights}}}; "
+        verb = "would rebuild" if report.dry_run else "rebuilt"
+        print(f"{verb} stage {r.stage} by {r.strategy} from stage(s) {list(r.sources)}; weights {{{weights}}}; "
               f"grad norms {{{norms}}}")
         if r.note:
             print(f"  note: {r.note}")
     for w in report.warnings:
         print(f"warning: {w}")
     if report.output:
-        print(f"wrote {report.output}: read {report.bytes_read / 2**20:.1f} MiB of a {report.checkpoint_bytes / 2**20:.1f}"
-              f" MiB checkpoint, wrote {report.bytes_written / 2**20:.1f} MiB, copied {report.bytes_copied / 2**20:.1f} "
-              f"MiB in {report.duration_s:.2f} s")
+        mib = 2 ** 20
+        print(f"wrote {report.output}: read {report.bytes_read / mib:.1f} MiB of a {report.checkpoint_bytes / mib:.1f} "
+              f"MiB checkpoint, wrote {report.bytes_written / mib:.1f} MiB, copied {report.bytes_copied / mib:.1f} MiB "
+              f"in {report.duration_s:.2f} s")
 
 
 def run(args: argparse.Namespace) -> int:

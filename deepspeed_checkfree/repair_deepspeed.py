@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import RecoveryError, UnsupportedSetupError
-from .recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers
-from .repair import IOLedger, Inspection, copy_iteration, file_problem, plan_stage, prepare_output_dir, set_aside
+from .recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
+from .repair import IOLedger, Inspection, copy_iteration, file_problem, prepare_output_dir, set_aside
 
 _LAYER = re.compile(r"layer_(\d+)-model_states\.pt$")
 _LAYER_TP = re.compile(r"layer_(\d+)-model_\d+-model_states\.pt$")
@@ -128,8 +128,8 @@ class DeepSpeedCheckpoint:
                                 f"of >= 2 stages to rebuild one from its neighbour.")
         strays = [s for s in mps if s >= self.num_stages]
         if strays:
-            raise RecoveryError(f"mp_rank files {strays} lie outside the recorded {self.num_stages}-stage pipeline; the "
-                                f"checkpoint is inconsistent.")
+            raise RecoveryError(f"mp_rank files {strays} lie outside the recorded {self.num_stages}-stage pipeline; "
+                                f"the checkpoint is inconsistent.")
         self.mode = ((first.get("ds_config") or {}).get("checkfree") or {}).get("mode", "checkfree")
         damaged: Dict[int, str] = {}
         for s in range(self.num_stages):
@@ -218,12 +218,15 @@ class DeepSpeedCheckpoint:
         self.stage_layers[d] = list(range(pos, end + 1))
 
     def plan(self, stage: int, strategy: str) -> RecoveryPlan:
+        # The checkpoint's own mode decides: under CheckFree+ stages 0/1 and P-2/P-1 are trained to be
+        # interchangeable and hold each other's (de)embedding replica, so each pair rebuilds by copy.
         try:
-            return plan_stage(stage, self.num_stages, strategy, mode=self.mode)
+            (plan,) = plan_recovery([stage], self.num_stages, mode=self.mode, strategy=strategy)
+            return plan
         except RecoveryError as err:
             raise RecoveryError(f"{err} (the checkpoint's ds_config has checkfree.mode={self.mode!r}: under plain "
-                                f"CheckFree only stage 0 holds the embedding and stage {self.num_stages - 1} the head, so "
-                                f"no neighbour can provide them)") from err
+                                f"CheckFree only stage 0 holds the embedding and stage {self.num_stages - 1} the head, "
+                                f"so no neighbour can provide them)") from err
 
     def grad_norms(self) -> Dict[int, float]:
         norms = {s: float(st[NORM_KEY]) for s, st in self.mp.items() if st.get(NORM_KEY) is not None}

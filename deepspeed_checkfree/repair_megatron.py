@@ -229,6 +229,31 @@ def read_norms(iter_dir: str, ledger: Optional[IOLedger] = None) -> Tuple[Dict[i
     return {}, None
 
 
+def record_rebuilt(iter_dir: str, stages: Sequence[int]) -> None:
+    """Add rebuilt stages to the sidecar JSONs (creating the rebuilt stage's own from a survivor's), so a resumed
+    job keeps the rebuilt stage's LR boost even if it stops before its next checkpoint."""
+    folder = os.path.join(iter_dir, SIDECAR_DIR)
+    if not os.path.isdir(folder):
+        return
+    records = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("stage_") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    records[name] = json.load(f)
+            except (OSError, ValueError):
+                continue
+    if not records:
+        return
+    template = next(iter(records.values()))
+    for s in stages:
+        records.setdefault(os.path.basename(norms_file(iter_dir, s)), {**template, "stage": s})
+    for name, record in records.items():
+        norms = {int(k): v for k, v in record.get("grad_norms", {}).items()}
+        rebuilt = set(record.get("rebuilt_stages", [])) | set(stages)
+        write_norms(iter_dir, int(record["stage"]), int(record["num_stages"]), record.get("iteration"), norms, rebuilt)
+
+
 def write_replica(iter_dir: str, stage: int, tp_rank: int, tensors: Mapping[str, torch.Tensor]) -> str:
     path = replica_file(iter_dir, stage, tp_rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -538,6 +563,7 @@ class MegatronLegacyCheckpoint:
             files.append(out)
             if note:
                 notes.append(note)
+        record_rebuilt(out_iter_dir, [plan.target])
         if lay.num_stages == 2:
             notes.append("2-stage pipeline: CheckFree's average needs a neighbour on both sides (>= 3 stages), so the "
                          "stage is a copy of the other one (CheckFree+ style)")

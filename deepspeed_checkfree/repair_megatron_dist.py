@@ -21,7 +21,7 @@ import torch
 from .errors import RecoveryError, UnsupportedSetupError
 from .recovery import LayerSignature, RecoveryPlan, blend, match_layers
 from .repair import HOST, IOLedger, Inspection, copy_iteration, plan_stage, prepare_output_dir, set_aside
-from .repair_megatron import (LAYER_PREFIX, MegatronLayout, read_norms, read_replica, replica_file,
+from .repair_megatron import (LAYER_PREFIX, MegatronLayout, read_norms, read_replica, record_rebuilt, replica_file,
                               replica_holder, resolve_iteration_dir, write_tracker)
 
 METADATA = ".metadata"
@@ -84,7 +84,8 @@ class MegatronDistCheckpoint:
             f.seek(info.offset)
             data = f.read(info.length)
         if len(data) != info.length:
-            raise RecoveryError(f"{path} is truncated: item {index.fqn} needs bytes {info.offset}..{info.offset + info.length}")
+            raise RecoveryError(f"{path} is truncated: item {index.fqn} needs bytes "
+                                f"{info.offset}..{info.offset + info.length}")
         self.ledger.add_read(len(data), path)
         if index.offset is None:
             return data
@@ -228,8 +229,8 @@ class MegatronDistCheckpoint:
                     f"install()) so the neighbouring stage keeps a replica, or restore the shard from another copy.")
             value = replica[index.fqn]
             if value.numel() != torch.Size(size).numel():
-                raise RecoveryError(f"the replica of {index.fqn} has shape {tuple(value.shape)}, the checkpoint expects "
-                                    f"a chunk of {tuple(size)}; the replica is from another model.")
+                raise RecoveryError(f"the replica of {index.fqn} has shape {tuple(value.shape)}, the checkpoint "
+                                    f"expects a chunk of {tuple(size)}; the replica is from another model.")
             return value.reshape(size).clone()
 
         lost = [i for i, s in self._item_stage.items() if s == target]
@@ -266,24 +267,27 @@ class MegatronDistCheckpoint:
         written = []
         for rel, indices in files.items():
             indices.sort(key=lambda i: self.md.storage_data[i].offset)
-            buf = io.BytesIO()
-            for index in indices:
-                start = buf.tell()
-                value = values[index]
-                if isinstance(value, (bytes, bytearray)):
-                    buf.write(value)
-                else:
-                    torch.save(value, buf)  # DCP's own TORCH_SAVE serialization of one item
-                old = self.md.storage_data[index]
-                self.md.storage_data[index] = type(old)(rel, start, buf.tell() - start)
             out = os.path.join(out_iter_dir, rel)
             if in_place:
                 set_aside(out)
-            self.ledger.write_bytes(buf.getvalue(), out)
+            tmp = out + ".checkfree-tmp"
+            with open(tmp, "wb") as f:  # items written straight to the file, in DCP's own serialization
+                for index in indices:
+                    start = f.tell()
+                    value = values.pop(index)
+                    if isinstance(value, (bytes, bytearray)):
+                        f.write(value)
+                    else:
+                        torch.save(value, f)
+                    old = self.md.storage_data[index]
+                    self.md.storage_data[index] = type(old)(rel, start, f.tell() - start)
+            os.replace(tmp, out)
+            self.ledger.bytes_written += os.path.getsize(out)
             written.append(out)
         md_path = os.path.join(out_iter_dir, METADATA)
         self.ledger.write_bytes(pickle.dumps(self.md), md_path)
         written.append(md_path)
+        record_rebuilt(out_iter_dir, [target])
         if lay.num_stages == 2:
             notes.append("2-stage pipeline: CheckFree's average needs a neighbour on both sides (>= 3 stages), so the "
                          "stage is a copy of the other one (CheckFree+ style)")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..errors import CheckFreeError, RecoveryError
 from ..events import identity
-from ..repair_megatron import (TRACKER, edge_tensors, iteration_dir_name, read_norms, replica_holder,
+from ..repair_megatron import (TRACKER, edge_tensors, iteration_dir_name, replica_holder,
                                write_norms, write_replica)
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def repair_before_load(load_dirs: Sequence[Optional[str]], strategy: str = "grad
     if not result["ok"]:
         raise RecoveryError(f"cannot resume: the checkpoint has a lost stage that CheckFree could not rebuild: "
                             f"{result['message']}")
-    for report in result["reports"]:
+    for report in result["reports"] if dist.get_rank() == 0 else ():
         for r in report["rebuilds"]:
             logger.warning("%s rebuilt lost stage %d of %s by %s from stages %s (weights %s) before loading",
                            identity(stage=r["stage"], rank=dist.get_rank()), r["stage"], report["source"],

@@ -80,8 +80,8 @@ def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Opt
                                                                                          _NON_PERSISTENT_SUBDIR)
     else:
         save_dir = args.save
-    path = os.path.join(save_dir, f"iter_{iteration:07d}")
-    return path if os.path.isdir(path) else None
+    # No filesystem test here: every rank must take the same branch (the sidecar write is collective).
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
 
 
 def install() -> CheckFreeState:

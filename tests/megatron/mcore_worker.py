@@ -133,6 +133,8 @@ def main() -> None:
     state = CheckFreeState()
     steps = spec["steps"]
     train(ddp, opt, sched, state, 0, steps)
+    # The recorded stage norm, recomputed here from the gradients the last step used (Megatron DDP's main_grad).
+    own_norm = float(sum(p.main_grad.float().pow(2).sum() for p in ddp.parameters()) ** 0.5)
     saved = {k: v.detach().clone() for k, v in model.state_dict_for_save_checkpoint().items()
              if isinstance(v, torch.Tensor)}
     saved_opt = {i: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
@@ -238,7 +240,7 @@ def main() -> None:
                if isinstance(v, torch.Tensor)}
         result = {"name": sc["name"], "rank": rank, "stage": stage, "lost": lost, "iteration": iteration,
                   "keys_equal": sorted(now) == sorted(saved) if stage != lost else None, "norms": norms,
-                  "setup_s": setup_s}
+                  "setup_s": setup_s, "own_norm": own_norm}
         if stage == lost:
             # The expected rebuild, computed here from the neighbours' pre-failure weights and recorded norms.
             if 0 < lost < num_stages - 1:

@@ -128,7 +128,8 @@ def test_middle_stage_is_the_gradnorm_weighted_average_of_its_neighbours(mega, t
     # Fresh optimizer state with the groups (and sizes) a middle stage has; the rest of the shard carried over.
     original_groups = _groups(models[1])
     assert rebuilt["optimizer"]["state"] == {}
-    assert [len(g["params"]) for g in rebuilt["optimizer"]["param_groups"]] == [len(g["params"]) for g in original_groups]
+    sizes = [len(g["params"]) for g in rebuilt["optimizer"]["param_groups"]]
+    assert sizes == [len(g["params"]) for g in original_groups]
     assert rebuilt["iteration"] == IT and rebuilt["opt_param_scheduler"] == {"num_steps": 40}
     # The other stages are copied untouched, and the output is a loadable save directory.
     for s in (0, 1, 3):
@@ -171,7 +172,8 @@ def test_last_stage_gets_its_final_norm_and_head_from_the_replica(mega, tmp_path
     assert set(rebuilt) == set(models[3])
     for key in ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight"):
         assert torch.equal(rebuilt[key], models[3][key])
-    assert torch.equal(rebuilt["decoder.layers.1.mlp.linear_fc1.weight"], models[2]["decoder.layers.1.mlp.linear_fc1.weight"])
+    key = "decoder.layers.1.mlp.linear_fc1.weight"
+    assert torch.equal(rebuilt[key], models[2][key])
 
 
 def test_first_stage_without_replica_takes_the_tied_output_layer(tmp_path):
@@ -214,7 +216,8 @@ def test_two_stage_pipeline_copies_the_other_stage_and_says_why(tmp_path):
     assert (r.strategy, r.sources) == ("copy", (0,))
     assert "2-stage pipeline" in r.note and ">= 3 stages" in r.note
     rebuilt = torch.load(shard(str(tmp_path / "out"), 1), weights_only=False)["model"]
-    assert torch.equal(rebuilt["decoder.layers.0.mlp.linear_fc1.weight"], models[0]["decoder.layers.0.mlp.linear_fc1.weight"])
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert torch.equal(rebuilt[key], models[0][key])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -449,3 +452,15 @@ def test_deepspeed_first_stage_under_plain_checkfree_is_refused(tmp_path):
     lose_ds(root, 0, [0, 1, 2])
     with pytest.raises(RecoveryError, match="checkfree_plus.*mode='checkfree'"):
         repair_checkpoint(root, output=str(tmp_path / "out"))
+
+
+def test_deepspeed_stage_1_under_checkfree_plus_is_a_copy_of_stage_0_with_the_embedding_replica(tmp_path):
+    root = str(tmp_path / "ds")
+    layers = make_deepspeed(root, record=False)
+    lose_ds(root, 1, [3, 4, 5])
+    out = str(tmp_path / "out")
+    (r,) = repair_checkpoint(root, output=out).rebuilds
+    assert (r.strategy, r.sources) == ("copy", (0,))
+    for tgt, src in ((3, 0), (4, 1), (5, 2)):
+        rebuilt = torch.load(os.path.join(out, "t3", f"layer_{tgt:02d}-model_states.pt"))
+        assert rebuilt.keys() == layers[src].keys() and all(torch.equal(rebuilt[k], layers[src][k]) for k in rebuilt)
