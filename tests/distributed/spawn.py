@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,9 +14,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, and the one after it (the CheckFree store uses port + 1).
+
+    Ports the kernel hands out to outgoing connections (gloo opens many) come from the ephemeral range, so a port
+    picked there could be taken between this check and the rank binding it.
+    """
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(10000, max(10002, low - 2))
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair found below the ephemeral range")
 
 
 def cpu_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -49,17 +64,18 @@ def run_ranks(script: Path, world_size: int, args: Sequence[str] = (), timeout_s
                                       stderr=subprocess.STDOUT, cwd=str(REPO)))
     deadline = time.monotonic() + timeout_s
     timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    # Poll every rank: when one fails, the others would only wait for it until their own timeouts.
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        if time.monotonic() > deadline:
             timed_out = True
             break
-    if timed_out:
-        for p in procs:
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
             p.kill()
-        for p in procs:
-            p.wait()
+        p.wait()
     outputs = []
     for log in logs:
         log.seek(0)
