@@ -27,6 +27,7 @@ from .exchange import RebuildResult, gather_signatures, rebuild_stages
 from .failures import FailurePlan, recoverable_stages
 from .plus import CheckFreePlusPipelineModule
 from .recovery import StageSignature, layer_signature, match_layers, plan_recovery
+from .repair_deepspeed import checkpoint_client_state
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +353,14 @@ class CheckFreeEngine(PipelineEngine):
         if not self._plus or self.stage_id not in (1, self.num_stages - 2):
             return 0
         return sum(p.numel() * p.element_size() for m in self.module.tied_modules.values() for p in m.parameters())
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, **kwargs):
+        """DeepSpeed's checkpoint, plus this stage's gradient norm and layer range in the client state, so that
+        ``checkfree repair`` can rebuild a lost stage of the checkpoint with the paper's weights."""
+        state = dict(client_state or {})
+        if self.checkfree.enabled:
+            state.update(checkpoint_client_state(self))
+        return super().save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Keeping a survivor's state across a re-formed process group (no file involved)
