@@ -333,6 +333,19 @@ class CheckFreeEngine(PipelineEngine):
             loss /= self.dp_world_size
         return loss
 
+    def _exec_reduce_tied_grads(self):
+        if self._plus:
+            # DeepSpeed all-reduces a tied weight's gradient only where it is not None, and a rank that skips the
+            # collective hangs the others. Under CheckFree+ a copy may leave some of its weights unused in a step
+            # (tied input/output embeddings: the position embedding only on the embedding stages, the final norm
+            # only on the head stages), so give every tied weight a (zero) gradient first.
+            for weight, _ in self.module.get_tied_weights_and_groups():
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+        PipelineEngine._exec_reduce_tied_grads(self)
+
+    _INSTRUCTION_MAP = {**_INSTRUCTION_MAP, schedule.ReduceTiedGrads: _exec_reduce_tied_grads}
+
     def _sync_tied_copies(self) -> None:
         """After an edge stage was rebuilt, its (de)embedding copy has a fresh optimizer and a boosted LR while
         the surviving copy has neither; broadcasting the survivor's values after every step keeps the copies

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
 
@@ -77,6 +77,20 @@ class Head(nn.Module):
         return self.lm(self.ln(x))
 
 
+class TiedEmbedding(Embedding):
+    """Embedding whose token matrix is also the LM head (tied input/output embeddings, as in GPT-2); it carries
+    the final norm so that the head can run from the same module."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__(cfg)
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+
+def tied_head(module: TiedEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """The head of a :class:`TiedEmbedding`: final norm, then the transposed token embedding."""
+    return F.linear(module.ln(x), module.tok.weight)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
@@ -105,10 +119,17 @@ def pipeline_module(cfg: GPTConfig, num_stages: int, **kwargs) -> PipelineModule
     return PipelineModule(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=lm_loss, **kwargs)
 
 
-def plus_pipeline_module(cfg: GPTConfig, num_stages: int, **kwargs) -> CheckFreePlusPipelineModule:
+def plus_pipeline_module(cfg: GPTConfig, num_stages: int, tie_embeddings: bool = False,
+                         **kwargs) -> CheckFreePlusPipelineModule:
     """The model for CheckFree+: the same layers, with the embedding replicated on stage 1 and the head on stage
-    P-2 (see :func:`deepspeed_checkfree.checkfree_plus_module`)."""
+    P-2 (see :func:`deepspeed_checkfree.checkfree_plus_module`). ``tie_embeddings`` makes the head reuse the token
+    embedding (one tied module on stages 0, 1, P-2 and P-1)."""
     kwargs.setdefault("seed_layers", True)
     kwargs.setdefault("seed_fn", seed_layer)
-    return checkfree_plus_module(LayerSpec(Embedding, cfg), [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)],
-                                 LayerSpec(Head, cfg), num_stages, loss_fn=lm_loss, **kwargs)
+    if tie_embeddings:
+        embedding = TiedLayerSpec("embed", TiedEmbedding, cfg)
+        head = TiedLayerSpec("embed", TiedEmbedding, cfg, forward_fn=tied_head)
+    else:
+        embedding, head = LayerSpec(Embedding, cfg), LayerSpec(Head, cfg)
+    return checkfree_plus_module(embedding, [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)], head, num_stages,
+                                 loss_fn=lm_loss, **kwargs)

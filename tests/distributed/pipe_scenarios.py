@@ -71,8 +71,8 @@ def build_model(sc: dict):
                  LayerSpec(gpt.Head, MODEL)]
         return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=gpt.lm_loss,
                               partition_method="type:Block")
-    if sc.get("model") == "plus":
-        return gpt.plus_pipeline_module(MODEL, num_stages=num_stages)
+    if sc.get("model") in ("plus", "plus_tied"):
+        return gpt.plus_pipeline_module(MODEL, num_stages=num_stages, tie_embeddings=sc["model"] == "plus_tied")
     return gpt.pipeline_module(MODEL, num_stages=num_stages)
 
 

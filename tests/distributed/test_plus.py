@@ -38,6 +38,7 @@ SCENARIOS_4 = [
     {"name": "lose0", "model": "plus", "steps": 10, "checkfree": _lose(0, 3)},
     {"name": "lose3", "model": "plus", "steps": 10, "checkfree": _lose(3, 3)},
     {"name": "ckpt4", "model": "plus", "steps": 3, "checkpoint": True, "checkfree": _plus()},
+    {"name": "tied4", "model": "plus_tied", "steps": 8, "checkfree": _lose(3, 4)},
     {"name": "plus_needs_plus_module", "steps": 1, "checkfree": _plus(), "expect_error": True},
     {"name": "plus_needs_two_micro_batches", "model": "plus", "gas": 1, "steps": 1, "checkfree": _plus(),
      "expect_error": True},
@@ -237,3 +238,19 @@ def test_bad_checkfree_plus_setups_fail_before_training(four, name, error, patte
     for r in range(4):
         assert recs[name][r]["error"] == error
         assert re.search(pattern, recs[name][r]["message"]), recs[name][r]["message"]
+
+
+def test_tied_input_output_embeddings_keep_working_and_stay_identical_on_all_four_holders(four):
+    _, recs = four
+    rec = recs["tied4"]
+    copies = [{n: p for n, p in rec[r]["final_params"].items() if n.startswith("tied_modules.embed.")}
+              for r in range(4)]
+    assert copies[0] and all(c.keys() == copies[0].keys() for c in copies)
+    for c in copies[1:]:
+        for n, p in c.items():
+            assert torch.equal(p, copies[0][n]), f"tied copy {n} diverged"
+    after = rec[3]["rebuilds"][0]["after"]["params"]
+    before = rec[2]["rebuilds"][0]["before"]["params"]
+    assert all(torch.equal(after[n], before[n]) for n in after if n.startswith("tied_modules."))
+    losses = rec[0]["losses"]
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]

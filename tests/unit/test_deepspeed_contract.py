@@ -40,8 +40,11 @@ def test_schedule_dispatch_goes_through_the_instruction_map():
     assert "self._INSTRUCTION_MAP[type(cmd)]" in src
     assert PipelineEngine._INSTRUCTION_MAP[schedule.OptimizerStep] is PipelineEngine._exec_optimizer_step
     assert CheckFreeEngine._INSTRUCTION_MAP[schedule.OptimizerStep] is CheckFreeEngine._exec_optimizer_step
-    other = {k: v for k, v in CheckFreeEngine._INSTRUCTION_MAP.items() if k is not schedule.OptimizerStep}
-    assert other == {k: v for k, v in PipelineEngine._INSTRUCTION_MAP.items() if k is not schedule.OptimizerStep}
+    assert CheckFreeEngine._INSTRUCTION_MAP[schedule.ReduceTiedGrads] is CheckFreeEngine._exec_reduce_tied_grads
+    ours = (schedule.OptimizerStep, schedule.ReduceTiedGrads)
+    other = {k: v for k, v in CheckFreeEngine._INSTRUCTION_MAP.items() if k not in ours}
+    assert other == {k: v for k, v in PipelineEngine._INSTRUCTION_MAP.items() if k not in ours}
+    assert "get_tied_weights_and_groups" in inspect.getsource(PipelineEngine._exec_reduce_tied_grads)
 
 
 def test_optimizer_step_then_scheduler_step_in_take_model_step():
