@@ -37,6 +37,9 @@ INCARNATION_ENV = "CHECKFREE_INCARNATION"
 SPARE_ENV = "CHECKFREE_SPARE"
 STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
 DUMP_ENV = "CHECKFREE_DUMP_DIR"  # debugging and verification aid: dump states around each rebuild
+# A trainer that exits with this code has stopped on purpose (unrecoverable failure, by policy or by nature):
+# its supervisor does not start a replacement.
+STOPPED_EXIT_CODE = 78
 
 
 def supervised() -> bool:
@@ -154,6 +157,17 @@ class ResilientTrainer:
         Returns:
             The engine of the last generation.
         """
+        try:
+            return self._train(num_steps, train_step, on_step)
+        except CheckFreeError as err:
+            # Nothing to rebuild from, adjacent stages lost under on_adjacent_failure='stop', nobody joined in
+            # time...: stop the whole job with the reason instead of restarting the trainer over and over.
+            logger.error("%s stopping: %s", identity(rank=self.rank), err)
+            self.events.write("stopped", rank=self.rank, generation=self.generation, reason=str(err))
+            raise SystemExit(STOPPED_EXIT_CODE) from err
+
+    def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
+               on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
         # A replacement joins the generation after the last one its rank took part in; the survivors move there

@@ -23,6 +23,7 @@ import time
 from typing import List, Optional
 
 from .events import EventLog, identity
+from .resilient import STOPPED_EXIT_CODE
 from .membership import (STORE_PORT_ENV, STORE_PORT_OFFSET, JoinRefused, Membership, connect_store, host_store,
                          job_token, request_join, review_join_requests)
 
@@ -152,6 +153,11 @@ class Supervisor:
                 rc = child.returncode
                 if rc == 0:
                     break
+                if rc == STOPPED_EXIT_CODE:
+                    logger.error("%s trainer stopped the job on purpose (see its log); not restarting it",
+                                 self._prefix())
+                    self.events.write("job_stopped", rank=self.rank, incarnation=incarnation)
+                    return rc
                 died = time.time()
                 self.membership.record(f"death/{self.rank}/{incarnation}", {"time": died, "returncode": rc})
                 restarts += 1

@@ -301,3 +301,16 @@ def test_two_adjacent_stages_lost_at_once_are_interpolated(job_factory):
     # stage 1 lies at distance 1 from stage 0 and 2 from stage 3 (and the other way round for stage 2)
     check_blend(job, g, 1, [0, 3], gradnorm_weights(job, g, [0, 3], distances=(1, 2)))
     check_blend(job, g, 2, [0, 3], gradnorm_weights(job, g, [0, 3], distances=(2, 1)))
+
+
+def test_two_adjacent_stages_lost_stop_the_job_cleanly_when_the_config_says_stop(job_factory):
+    job = job_factory("checkfree_no_failure.json", {"on_adjacent_failure": "stop"})
+    job.wait_for_step(4)
+    job.kill_trainer(1)
+    job.kill_trainer(2)
+    job.procs[0].wait(timeout=240)
+    assert job.procs[0].returncode != 0, "the job stops instead of training on"
+    log = job.tail(10**6)
+    assert "on_adjacent_failure='stop'" in log and "not restarting it" in log
+    stopped = [e for e in job.events() if e["event"] == "stopped"]
+    assert stopped and "adjacent stages [1, 2]" in stopped[0]["reason"]
