@@ -157,7 +157,8 @@ class CheckFreeConfig(_Section):
         return parse_section(section, source=f"{SECTION!r} section of the DeepSpeed config")
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, root: str = SECTION) -> str:
+    """One ``root.key: message (got value)`` clause per pydantic error, joined by ``; ``."""
     lines = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item.get("loc", ()))
@@ -165,8 +166,8 @@ def _format_validation_error(err: ValidationError) -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         value = item.get("input")
-        shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
-        lines.append(f"checkfree{'.' + loc if loc else ''}: {msg}{shown}")
+        shown = "" if isinstance(value, (Mapping, list)) else f" (got {value!r})"
+        lines.append(f"{root}{'.' + loc if loc else ''}: {msg}{shown}")
     return "; ".join(lines)
 
 
@@ -182,7 +183,27 @@ def parse_section(section: Any, source: str = "checkfree section") -> CheckFreeC
     try:
         return CheckFreeConfig(**section)
     except ValidationError as err:
-        raise ConfigError(f"invalid {source}: {_format_validation_error(err)}") from None
+        raise ConfigError(f"invalid {source}: {format_validation_error(err)}") from None
+
+
+def read_config_file(path: Union[str, os.PathLike], what: str) -> Any:
+    """Read and parse a ``.json`` file as JSON, anything else as YAML (a superset of JSON).
+
+    Raises:
+        ConfigError: the file cannot be read (naming ``what`` and the path) or parsed.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what} {str(p)!r}: {err.strerror or err}. Check the path.") from None
+    try:
+        if p.suffix == ".json":
+            return json.loads(text)
+        import yaml
+        return yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"cannot parse {str(p)!r}: {err}") from None
 
 
 def load_config(path: Union[str, os.PathLike]) -> CheckFreeConfig:
@@ -194,19 +215,7 @@ def load_config(path: Union[str, os.PathLike]) -> CheckFreeConfig:
         ConfigError: the file cannot be read or parsed, or its content is invalid.
     """
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read the CheckFree config file {str(p)!r}: {err.strerror or err}. "
-                          f"Check the path.") from None
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        raise ConfigError(f"cannot parse {str(p)!r}: {err}") from None
+    data = read_config_file(p, "CheckFree config file")
     if isinstance(data, Mapping) and SECTION in data:
         data = data[SECTION]
     return parse_section(data, source=f"CheckFree config {str(p)!r}")

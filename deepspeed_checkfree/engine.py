@@ -383,15 +383,15 @@ class CheckFreeEngine(PipelineEngine):
         """Everything this rank's stage needs to continue, as in-memory objects (tensors are not copied).
 
         A survivor of a lost process calls this before its engine and process group are torn down, and
-        :meth:`import_state` on the engine it builds next; nothing is written to disk.
+        :meth:`import_state` on the engine it builds next; nothing is written to disk. Under bf16 or ZeRO-1 the
+        wrapping optimizer's state is kept whole, fp32 master weights included, so a survivor continues
+        bit-identically rather than from masters re-derived from its bf16 weights.
         """
-        if self.using_bf16_optimizer or self.zero_optimization():
-            raise UnsupportedSetupError(
-                "surviving process loss keeps a torch optimizer's state in memory; bf16 and ZeRO optimizers are not "
-                "supported for that yet. Use fp32 (injected failures work with bf16 and ZeRO-1).")
+        wrapped = self._optimizer_is_wrapped()
         return {
             "module": self.module.state_dict(),
-            "optimizer": self.basic_optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if wrapped else self.basic_optimizer.state_dict(),
+            "optimizer_wrapped": wrapped,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "global_steps": self.global_steps, "global_samples": self.global_samples,
             "skipped_steps": self.skipped_steps, "stage_grad_norm": self._stage_grad_norm,
@@ -404,8 +404,16 @@ class CheckFreeEngine(PipelineEngine):
         if state["stage_id"] != self.stage_id:
             raise RecoveryError(f"state exported by stage {state['stage_id']} cannot be imported by stage "
                                 f"{self.stage_id}; the rank-to-stage mapping changed between generations")
+        if state["optimizer_wrapped"] != self._optimizer_is_wrapped():
+            raise RecoveryError("the optimizer kind changed between generations (bf16/ZeRO wrapper on one side "
+                                "only); build every generation's engine from the same DeepSpeed config")
         self.module.load_state_dict(state["module"])
-        self.basic_optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer_wrapped"]:
+            # One data-parallel rank's state (DP = 1 under the supervisor); the fp32 masters are restored as saved.
+            self.optimizer.load_state_dict([state["optimizer"]], load_optimizer_states=True,
+                                           load_from_fp32_weights=True)
+        else:
+            self.basic_optimizer.load_state_dict(state["optimizer"])
         if state["lr_scheduler"] is not None and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_steps, self.global_samples = state["global_steps"], state["global_samples"]
@@ -413,6 +421,18 @@ class CheckFreeEngine(PipelineEngine):
         self._stage_grad_norm = state["stage_grad_norm"]
         self._scheduled_lrs, self._lr_scale = state["scheduled_lrs"], state["lr_scale"]
         self._tied_authority = dict(state["tied_authority"])
+
+    def _optimizer_is_wrapped(self) -> bool:
+        """bf16 and ZeRO wrap the torch optimizer and keep fp32 master weights of their own."""
+        return bool(self.using_bf16_optimizer or self.zero_optimization())
+
+    def fp32_master_partitions(self) -> List[torch.Tensor]:
+        """The wrapping optimizer's flat fp32 master weights of this rank (empty without a wrapper)."""
+        if self.using_bf16_optimizer:
+            return list(self.optimizer.fp32_groups_flat_partition)
+        if self.zero_optimization():
+            return list(self.optimizer.single_partition_of_fp32_groups)
+        return []
 
     def replay_from(self, step: int) -> None:
         """Prepare to re-run ``step`` (the one a failure interrupted): a rank that already applied it skips its

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch.distributed as dist
 

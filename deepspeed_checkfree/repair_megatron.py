@@ -447,14 +447,38 @@ def order_stage_state(target: int, layers: Mapping[str, Any], edge: Mapping[str,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class MegatronLegacyCheckpoint:
-    """One iteration of a legacy Megatron checkpoint: ``mp_rank_TT_PPP/model_optim_rng.pt`` per (tensor, pipeline)
-    rank; a lost stage is every ``mp_rank_*_PPP`` file of that pipeline rank."""
+class MegatronIteration:
+    """What the legacy and torch_dist readers share: one iteration directory, its layout, norms and output copy."""
 
     def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
         self.iter_dir, self.root, self.iteration = resolve_iteration_dir(path, tag)
         self.ledger = ledger
         self.layout: Optional[MegatronLayout] = None
+
+    def plan(self, stage: int, strategy: str) -> RecoveryPlan:
+        return plan_stage(stage, self.layout.num_stages, strategy)
+
+    def grad_norms(self) -> Dict[int, float]:
+        return read_norms(self.iter_dir, self.ledger)[0]
+
+    def _rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
+        """Files the rebuild writes anew, so the output copy leaves them out."""
+        return [f for s in damaged for f in found.stage_files.get(s, [])]
+
+    def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
+        prepare_output_dir(output)
+        out_iter = os.path.join(output, os.path.basename(self.iter_dir))
+        copy_iteration(self.iter_dir, out_iter, self._rewritten_files(found, damaged), self.ledger)
+        write_tracker(output, self.iteration)
+        return out_iter
+
+
+class MegatronLegacyCheckpoint(MegatronIteration):
+    """One iteration of a legacy Megatron checkpoint: ``mp_rank_TT_PPP/model_optim_rng.pt`` per (tensor, pipeline)
+    rank; a lost stage is every ``mp_rank_*_PPP`` file of that pipeline rank."""
+
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
+        super().__init__(path, tag, ledger)
         self._loaded: Dict[Tuple[int, int], Dict[str, Any]] = {}
 
     def shard_rel(self, tp: int, pp: int) -> str:
@@ -519,19 +543,6 @@ class MegatronLegacyCheckpoint:
                 damaged[pp] = "; ".join(problems)
         total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.iter_dir) for f in fs)
         return Inspection(lay.num_stages, damaged, stage_files, [], total)
-
-    def plan(self, stage: int, strategy: str) -> RecoveryPlan:
-        return plan_stage(stage, self.layout.num_stages, strategy)
-
-    def grad_norms(self) -> Dict[int, float]:
-        return read_norms(self.iter_dir, self.ledger)[0]
-
-    def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
-        prepare_output_dir(output)
-        out_iter = os.path.join(output, os.path.basename(self.iter_dir))
-        copy_iteration(self.iter_dir, out_iter, [f for s in damaged for f in found.stage_files[s]], self.ledger)
-        write_tracker(output, self.iteration)
-        return out_iter
 
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         lay = self.layout

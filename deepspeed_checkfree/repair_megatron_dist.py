@@ -20,9 +20,9 @@ import torch
 
 from .errors import RecoveryError, UnsupportedSetupError
 from .recovery import LayerSignature, RecoveryPlan, blend, match_layers
-from .repair import HOST, IOLedger, Inspection, copy_iteration, plan_stage, prepare_output_dir, set_aside
-from .repair_megatron import (LAYER_PREFIX, MegatronLayout, read_norms, read_replica, record_rebuilt, replica_file,
-                              replica_holder, resolve_iteration_dir, write_tracker)
+from .repair import HOST, IOLedger, Inspection, set_aside
+from .repair_megatron import (LAYER_PREFIX, MegatronIteration, MegatronLayout, read_replica, record_rebuilt,
+                              replica_file, replica_holder)
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -38,13 +38,11 @@ def _split_opt(fqn: str) -> Tuple[Optional[str], str]:
     return None, fqn
 
 
-class MegatronDistCheckpoint:
+class MegatronDistCheckpoint(MegatronIteration):
     """One iteration of a Megatron ``torch_dist`` checkpoint."""
 
     def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
-        self.iter_dir, self.root, self.iteration = resolve_iteration_dir(path, tag)
-        self.ledger = ledger
-        self.layout: Optional[MegatronLayout] = None
+        super().__init__(path, tag, ledger)
         self.md = None
         self._item_stage: Dict[Any, Optional[int]] = {}
 
@@ -156,19 +154,9 @@ class MegatronDistCheckpoint:
         total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.iter_dir) for f in fs)
         return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"], total)
 
-    def plan(self, stage: int, strategy: str) -> RecoveryPlan:
-        return plan_stage(stage, self.layout.num_stages, strategy)
-
-    def grad_norms(self) -> Dict[int, float]:
-        return read_norms(self.iter_dir, self.ledger)[0]
-
-    def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
-        prepare_output_dir(output)
-        out_iter = os.path.join(output, os.path.basename(self.iter_dir))
-        skip = [f for s in damaged for f in found.stage_files.get(s, [])] + [METADATA]
-        copy_iteration(self.iter_dir, out_iter, skip, self.ledger)
-        write_tracker(output, self.iteration)
-        return out_iter
+    def _rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
+        # The rebuild rewrites the storage offsets of the lost stage's items in the global index too.
+        return super()._rewritten_files(found, damaged) + [METADATA]
 
     def _layer_signatures(self, stage: int) -> Tuple[LayerSignature, ...]:
         """Signatures of a stage's layers from the metadata alone (it survives even when the stage's files do)."""

@@ -314,5 +314,6 @@ class ResilientTrainer:
         torch.save({"stage": engine.stage_id, "step": engine.global_steps, "norm": engine.stage_grad_norm,
                     "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
                     "opt_state": engine.basic_optimizer.state_dict()["state"],
+                    "fp32_masters": [t.detach().clone() for t in engine.fp32_master_partitions()],
                     "lrs": [g["lr"] for g in engine.basic_optimizer.param_groups]},
                    os.path.join(directory, f"g{generation}-{when}-rank{self.rank}.pt"))

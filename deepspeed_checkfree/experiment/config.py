@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import AdjacentPolicy, Mode, NormKind, Strategy, _Section
+from ..config import (AdjacentPolicy, Mode, NormKind, Strategy, _Section, format_validation_error,
+                      read_config_file)
 from ..errors import ConfigError
 from ..failures import FailurePlan, hourly_rate_to_probability
 from ..llama import LlamaConfig
@@ -341,19 +342,6 @@ def expand_strategy(value: Any) -> Any:
     return value
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for item in err.errors():
-        loc = ".".join(str(p) for p in item.get("loc", ()))
-        msg = item.get("msg", "")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        value = item.get("input")
-        shown = "" if isinstance(value, (Mapping, list)) else f" (got {value!r})"
-        lines.append(f"{SECTION}{'.' + loc if loc else ''}: {msg}{shown}")
-    return "; ".join(lines)
-
-
 def parse_experiment(data: Any, source: str = "experiment") -> ExperimentConfig:
     """Validate the mapping under ``experiment:``.
 
@@ -365,7 +353,7 @@ def parse_experiment(data: Any, source: str = "experiment") -> ExperimentConfig:
     try:
         cfg = ExperimentConfig(**data)
     except ValidationError as err:
-        raise ConfigError(f"invalid {source}: {_format_validation_error(err)}") from None
+        raise ConfigError(f"invalid {source}: {format_validation_error(err, root=SECTION)}") from None
     cfg.check()
     return cfg
 
@@ -377,16 +365,7 @@ def load_experiment(path: Union[str, os.PathLike]) -> ExperimentConfig:
         ConfigError: the file cannot be read or parsed, lacks the key, or its content is invalid.
     """
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read the experiment file {str(p)!r}: {err.strerror or err}. Check the "
-                          f"path.") from None
-    try:
-        import yaml
-        data = yaml.safe_load(text)
-    except Exception as err:  # yaml.YAMLError
-        raise ConfigError(f"cannot parse {str(p)!r}: {err}") from None
+    data = read_config_file(p, "experiment file")
     if not isinstance(data, Mapping) or SECTION not in data:
         keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
         raise ConfigError(f"{str(p)!r} has no top-level '{SECTION}:' key (found {keys}). An experiment file "

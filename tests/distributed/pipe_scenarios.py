@@ -73,7 +73,8 @@ def build_model(sc: dict):
                               partition_method="type:Block")
     if sc.get("model") in ("plus", "plus_tied"):
         return gpt.plus_pipeline_module(MODEL, num_stages=num_stages, tie_embeddings=sc["model"] == "plus_tied")
-    return gpt.pipeline_module(MODEL, num_stages=num_stages)
+    return gpt.pipeline_module(dataclasses.replace(MODEL, n_layers=sc.get("n_layers", MODEL.n_layers)),
+                               num_stages=num_stages)
 
 
 def run(sc: dict, tokens, out: Path, rank: int) -> None:
@@ -87,7 +88,8 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
             raise
         torch.save({"error": type(err).__name__, "message": str(err)}, out / f"{sc['name']}-rank{rank}.pt")
         return
-    record = {"engine": type(engine).__name__, "stage": engine.stage_id, "losses": [], "lrs": [], "norms": [],
+    record = {"engine": type(engine).__name__, "stage": engine.stage_id, "dp_id": engine.grid.data_parallel_id,
+              "losses": [], "lrs": [], "norms": [],
               "rebuilds": [], "replica_bytes": getattr(engine, "replica_bytes", 0),
               "initial_params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
     if hasattr(engine, "lose_and_rebuild"):
@@ -102,7 +104,8 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
             return result
 
         engine.lose_and_rebuild = spy
-    batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=2, micro_batches=engine.micro_batches)
+    batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=2, micro_batches=engine.micro_batches,
+                          dp_rank=engine.grid.data_parallel_id, dp_size=engine.dp_world_size)
     for step in range(sc["steps"]):
         loss = engine.train_batch(batches.iterator(step))
         record["losses"].append(float(loss))

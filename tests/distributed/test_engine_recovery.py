@@ -15,12 +15,12 @@ import torch
 
 from deepspeed_checkfree.events import read_events
 
+from .checks import check_rebuild_exact, check_survivors_untouched, check_training_continues
 from .spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("pipe_scenarios.py")
-EPS = 1e-4
 
 
 def _cf(**kw):
@@ -63,74 +63,6 @@ def results(tmp_path_factory):
     return out, recs
 
 
-def _blocks(params: dict) -> list:
-    """Layer prefixes of the transformer blocks in a stage's parameters, in layer order."""
-    return sorted({int(n.split(".")[0]) for n in params if n.endswith(".qkv.weight")})
-
-
-def _expected_blend(target_params, sources, weights, dtype):
-    """The paper's rule computed here, independently of the library: per block, element-wise."""
-    expected = {}
-    tgt_blocks = _blocks(target_params)
-    src_blocks = [_blocks(s) for s in sources]
-    for k, layer in enumerate(tgt_blocks):
-        for name in target_params:
-            if not name.startswith(f"{layer}."):
-                continue
-            suffix = name[len(str(layer)):]
-            vals = [s[f"{b[k]}{suffix}"].float() for s, b in zip(sources, src_blocks)]
-            if len(vals) == 2:
-                blended = (weights[0] * vals[0] + weights[1] * vals[1]) / (weights[0] + weights[1])
-            else:
-                blended = vals[0] * weights[0] / weights[0]
-            expected[name] = blended.to(dtype)
-    return expected
-
-
-def _rebuild(recs, stage, index=0):
-    return recs[stage]["rebuilds"][index]
-
-
-def _check_rebuild_exact(recs, target, strategy="gradnorm_average", norm="plain"):
-    sources = {"copy": [target - 1]}.get(strategy, [target - 1, target + 1])
-    before = [_rebuild(recs, s)["before"] for s in sources]
-    if strategy == "gradnorm_average":
-        mags = [b["norm"] ** 2 if norm == "squared" else b["norm"] for b in before]
-        weights = [m + EPS for m in mags]
-    else:
-        weights = [1.0] * len(sources)
-    after = _rebuild(recs, target)["after"]["params"]
-    dtype = next(iter(after.values())).dtype
-    expected = _expected_blend(after, [b["params"] for b in before], weights, dtype)
-    assert set(expected) == set(after), "every parameter of the rebuilt stage comes from the neighbours"
-    for name, value in expected.items():
-        assert torch.equal(after[name], value), f"{name} differs from the independently computed blend"
-    return weights
-
-
-def _check_survivors_untouched(recs, target):
-    for stage in range(4):
-        if stage == target:
-            continue
-        rb = _rebuild(recs, stage)
-        for name, p in rb["before"]["params"].items():
-            assert torch.equal(p, rb["after"]["params"][name]), f"stage {stage} {name} changed"
-        before_opt, after_opt = rb["before"]["opt_state"], rb["after"]["opt_state"]
-        assert before_opt.keys() == after_opt.keys()
-        for k in before_opt:
-            for field, v in before_opt[k].items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(after_opt[k][field])), \
-                    f"stage {stage} optimizer state {k}.{field} changed"
-
-
-def _check_training_continues(recs, fail_step):
-    losses = recs[0]["losses"]
-    assert all(math.isfinite(l) for l in losses), losses
-    after = losses[fail_step:]
-    assert len(after) >= 4
-    assert sum(after[-2:]) / 2 < sum(after[:2]) / 2, f"loss does not keep falling after the rebuild: {after}"
-
-
 def test_engine_selection_follows_the_config(results):
     _, recs = results
     assert recs["stock"][0]["engine"] == "PipelineEngine"
@@ -157,8 +89,8 @@ def test_every_stage_records_its_own_gradient_norm(results):
 
 def test_middle_stage_2_is_rebuilt_as_the_gradnorm_blend_of_stages_1_and_3(results):
     out, recs = results
-    weights = _check_rebuild_exact(recs["fp32_lose2"], 2)
-    _check_survivors_untouched(recs["fp32_lose2"], 2)
+    weights = check_rebuild_exact(recs["fp32_lose2"], 2)
+    check_survivors_untouched(recs["fp32_lose2"], 2)
     events = read_events(str(out / "fp32_lose2.events.jsonl"))
     assert [e["event"] for e in events] == ["stage_lost", "recovery"]
     rec = events[1]
@@ -181,37 +113,37 @@ def test_rebuilt_stage_has_fresh_optimizer_state_and_boosted_lr(results):
 
 def test_training_continues_with_falling_loss_after_the_rebuild(results):
     _, recs = results
-    _check_training_continues(recs["fp32_lose2"], 4)
+    check_training_continues(recs["fp32_lose2"], 4)
 
 
 def test_stage_1_rebuild_with_squared_norms_and_lr_boost_1_2(results):
     _, recs = results
     rec = recs["fp32_lose1_boost12"]
-    _check_rebuild_exact(rec, 1, norm="squared")
-    _check_survivors_untouched(rec, 1)
+    check_rebuild_exact(rec, 1, norm="squared")
+    check_survivors_untouched(rec, 1)
     assert rec[1]["lrs"][-1][0] == pytest.approx(1.2 * rec[2]["lrs"][-1][0], rel=1e-12)
-    _check_training_continues(rec, 4)
+    check_training_continues(rec, 4)
 
 
 def test_bf16_rebuild_is_exact_and_refreshes_fp32_master_weights(results):
     _, recs = results
     rec = recs["bf16_lose2"]
-    _check_rebuild_exact(rec, 2)
-    _check_survivors_untouched(rec, 2)
+    check_rebuild_exact(rec, 2)
+    check_survivors_untouched(rec, 2)
     assert next(iter(rec[2]["final_params"].values())).dtype == torch.bfloat16
     # Had the stale (NaN-wiped) fp32 masters survived, the next step would have written NaN into the weights.
     assert all(torch.isfinite(p.float()).all() for p in rec[2]["final_params"].values())
-    _check_training_continues(rec, 4)
+    check_training_continues(rec, 4)
 
 
 def test_zero1_rebuild_is_exact(results):
     _, recs = results
     rec = recs["zero1_lose1"]
-    _check_rebuild_exact(rec, 1)
-    _check_survivors_untouched(rec, 1)
+    check_rebuild_exact(rec, 1)
+    check_survivors_untouched(rec, 1)
     assert all(torch.isfinite(p).all() for p in rec[1]["final_params"].values())
     assert all(n is not None and n > 0 for n in rec[0]["norms"])
-    _check_training_continues(rec, 3)
+    check_training_continues(rec, 3)
 
 
 def test_second_failure_of_the_same_stage_does_not_compound_the_boost(results):
@@ -223,7 +155,7 @@ def test_second_failure_of_the_same_stage_does_not_compound_the_boost(results):
 
 def test_failure_before_any_step_falls_back_to_uniform_and_says_so(results):
     out, recs = results
-    _check_rebuild_exact(recs["lose_at_step0"], 2, strategy="uniform_average")
+    check_rebuild_exact(recs["lose_at_step0"], 2, strategy="uniform_average")
     rec = read_events(str(out / "lose_at_step0.events.jsonl"))[-1]
     assert rec["event"] == "recovery" and rec["weights"] == [0.5, 0.5]
     assert "not measured yet" in rec["fallback"] and "uniform_average" in rec["fallback"]
@@ -233,8 +165,8 @@ def test_failure_before_any_step_falls_back_to_uniform_and_says_so(results):
                                                   ("copy_lose2", 2, "copy")])
 def test_ablation_strategies_rebuild_exactly(results, name, target, strategy):
     _, recs = results
-    _check_rebuild_exact(recs[name], target, strategy=strategy)
-    _check_survivors_untouched(recs[name], target)
+    check_rebuild_exact(recs[name], target, strategy=strategy)
+    check_survivors_untouched(recs[name], target)
 
 
 def test_random_strategy_reinitialises_without_neighbour_weights(results):

@@ -38,9 +38,9 @@ class Job:
     """A running training job and what it wrote."""
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
-                 token: str = "e2e-token-1234", steps: int = STEPS) -> None:
+                 token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None) -> None:
         self.steps = steps
-        cfg = json.loads((REPO / "configs" / config).read_text())
+        cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
         # Several ranks share 2 cores here: a timeout well above a step's longest wait keeps false alarms away.
         cfg["checkfree"]["detection_timeout_s"] = DETECTION_TIMEOUT_S
         cfg["checkfree"].update(checkfree or {})
@@ -166,6 +166,10 @@ def check_survivors(job: Job, generation: int, lost_ranks: List[int]) -> None:
             for field, v in st.items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["opt_state"][key][field]))
         assert before["opt_state"], f"survivor rank {rank} kept its Adam moments"
+        # Under bf16/ZeRO the fp32 master weights come through as they were, not re-derived from the bf16 ones.
+        assert len(before["fp32_masters"]) == len(after["fp32_masters"])
+        for b, a in zip(before["fp32_masters"], after["fp32_masters"]):
+            assert torch.equal(b, a), f"survivor rank {rank}: fp32 master weights changed"
 
 
 def check_blend(job: Job, generation: int, target: int, sources: List[int], weights: List[float]) -> None:
@@ -179,12 +183,13 @@ def check_blend(job: Job, generation: int, target: int, sources: List[int], weig
             if not name.startswith(f"{layer}."):
                 continue
             suffix = name[len(str(layer)):]
-            vals = [p[f"{b[k]}{suffix}"] for p, b in zip(src, sb)]
+            vals = [p[f"{b[k]}{suffix}"].float() for p, b in zip(src, sb)]  # bf16 blends in fp32, as documented
             if len(vals) == 2:
                 want = (weights[0] * vals[0] + weights[1] * vals[1]) / (weights[0] + weights[1])
             else:
                 want = vals[0]
-            assert torch.equal(after[name], want), f"rank {target} {name} is not the blend of {sources}"
+            assert torch.equal(after[name], want.to(after[name].dtype)), \
+                f"rank {target} {name} is not the blend of {sources}"
             checked += 1
     assert checked > 0
     assert job.dump(generation, "after", target)["opt_state"] == {}, "rebuilt stage starts with a fresh optimizer"
@@ -232,6 +237,30 @@ def test_sigkill_of_a_middle_stage_under_the_deepspeed_launcher_and_a_refused_jo
     assert "refused a join for rank 2" in log and "Traceback" not in log
     assert all(e["lost_stages"] in ([2], []) for e in events if e["event"] == "outage"), \
         "the refused join did not disturb the job"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "zero1"])
+def test_sigkill_of_a_middle_stage_under_bf16_and_zero1_keeps_the_fp32_masters(job_factory, precision):
+    ds = {"bf16": {"bf16": {"enabled": True}}, "zero1": {"zero_optimization": {"stage": 1}}}[precision]
+    job = job_factory("checkfree_no_failure.json", deepspeed=ds)
+    job.wait_for_step(6)
+    job.kill_trainer(1)
+    job.wait()
+    check_completed(job)
+    g = outage(job, [1])["generation"]
+    before = job.dump(g, "before", 0)
+    assert before["fp32_masters"], "the wrapping optimizer's fp32 masters are dumped"
+    want_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert next(iter(before["params"].values())).dtype == want_dtype
+    check_survivors(job, g, [1])
+    check_blend(job, g, 1, [0, 2], gradnorm_weights(job, g, [0, 2]))
+    # The rebuilt stage's masters were refreshed from its new weights, so the next step cannot undo the rebuild.
+    after = job.dump(g, "after", 1)
+    # (Compared as sorted values: the flat masters order parameters by optimizer group and may end in padding.)
+    flat = torch.cat([p.detach().float().flatten() for p in after["params"].values()])
+    masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
+    flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
+    assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
 
 
 def test_first_then_last_stage_killed_under_checkfree_plus(job_factory):

@@ -40,7 +40,6 @@ def _layer(g: torch.Generator, k: int) -> dict:
 def _groups(model: dict) -> list:
     names = [(k, v) for k, v in model.items() if isinstance(v, torch.Tensor)]
     decay = [k for k, v in names if not (k.endswith(".bias") or v.dim() == 1)]
-    no_decay = [k for k, v in names if k.endswith(".bias") or v.dim() == 1]
     base = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "lr_mult": 1.0, "is_expert_parallel": False,
             "is_decoupled_lr": False, "default_config": True}
     return [{**base, "wd_mult": 1.0, "weight_decay": 0.01, "params": list(range(len(decay)))},
