@@ -23,7 +23,7 @@ from . import schedule as cf_schedule
 from .config import CheckFreeConfig
 from .errors import ConfigError, RecoveryError, UnsupportedSetupError
 from .events import EventLog, identity
-from .exchange import RebuildResult, gather_signatures, rebuild_stages
+from .exchange import RebuildResult, broadcast_tensors, gather_signatures, rebuild_stages
 from .failures import FailurePlan, recoverable_stages
 from .plus import CheckFreePlusPipelineModule
 from .recovery import StageSignature, layer_signature, match_layers, plan_recovery
@@ -92,6 +92,17 @@ def _allow_route_hops() -> None:
 
     is_valid_send_recv.checkfree_route_hops = True
     p2p._is_valid_send_recv = is_valid_send_recv
+
+
+def _to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU, to send as an object."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 class CheckFreeEngine(PipelineEngine):
@@ -445,6 +456,75 @@ class CheckFreeEngine(PipelineEngine):
     # ------------------------------------------------------------------------------------------------------
     # Losing and rebuilding a stage
     # ------------------------------------------------------------------------------------------------------
+
+    def restore_from_replica(self, src: int, restored: Sequence[int], cause: str) -> Optional[dict]:
+        """Give the ranks ``restored`` of this stage the state of its surviving data-parallel replica ``src``
+        (global ranks); a collective over this stage's data-parallel group.
+
+        The weights arrive exactly, so there is no LR boost (an earlier rebuild's boost is carried over). A torch
+        optimizer's state, the LR schedule and the step counters are copied too, and the restored rank goes on
+        exactly as its replica. Under bf16 or ZeRO
+        every data-parallel rank holds only its own partition of the optimizer state: a restored rank's partition
+        starts fresh, its fp32 masters taken from the copied weights.
+
+        Returns:
+            The event record on a restored rank; None elsewhere.
+        """
+        step = self.global_steps
+        me = self.global_rank in restored
+        prefix = identity(self.stage_id, self.global_rank, step)
+        group = self.grid.get_data_parallel_group()
+        wrapped = self._optimizer_is_wrapped()
+        t0 = time.perf_counter()
+        if me:
+            logger.warning("%s state lost (%s); copying it from its data-parallel replica on rank %d", prefix,
+                           cause, src)
+            self.events.write("stage_lost", step=step, stage=self.stage_id, rank=self.global_rank, cause=cause,
+                              lost_stages=[self.stage_id], replica_rank=src)
+            self._wipe_stage()
+        nbytes = broadcast_tensors(list(self.module.parameters()), src, group, receive=me)
+        extra: List[Optional[dict]] = [None]
+        if self.global_rank == src:
+            topo = self.grid._topo
+            # Everything the replica's progress consists of, so the restored rank is its clone: also when the
+            # replica had already applied the interrupted step and replays it without applying it again.
+            extra = [{"optimizer": None if wrapped else _to_cpu(self.basic_optimizer.state_dict()),
+                      "stage_grad_norm": self.stage_grad_norm, "lr_scale": self._lr_scale,
+                      "scheduled_lrs": self._scheduled_lrs, "lrs": [g["lr"] for g in self.basic_optimizer.param_groups],
+                      "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                      "global_steps": self.global_steps, "global_samples": self.global_samples,
+                      "replayed_steps": self._replayed_steps,
+                      # Tied-copy authorities name global ranks of src's column: sent as stages.
+                      "tied_authority": {k: topo.get_coord(r).pipe for k, r in self._tied_authority.items()}}]
+        dist.broadcast_object_list(extra, src=src, group=group)
+        if not me:
+            return None
+        state = extra[0]
+        if wrapped:
+            self._reset_optimizer_state()
+        else:
+            self.basic_optimizer.load_state_dict(state["optimizer"])
+        norm = state["stage_grad_norm"]
+        self._stage_grad_norm = None if norm is None else torch.tensor(norm, device=self.device)
+        self._tied_authority = {k: self.grid.stage_to_global(s) for k, s in state["tied_authority"].items()}
+        if state["lr_scheduler"] is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._scheduled_lrs, self._lr_scale = state["scheduled_lrs"], state["lr_scale"]
+        for g, lr in zip(self.basic_optimizer.param_groups, state["lrs"]):
+            g["lr"] = lr
+        self.global_steps, self.global_samples = state["global_steps"], state["global_samples"]
+        self._replayed_steps = state["replayed_steps"]
+        self.module.zero_grad(set_to_none=True)
+        record = dict(step=step, stage=self.stage_id, rank=self.global_rank, mode=self.checkfree.mode,
+                      strategy="data_parallel_replica", sources=[self.stage_id], source_rank=src,
+                      optimizer="fresh partition" if wrapped else "copied",
+                      lr_after=[g["lr"] for g in self.basic_optimizer.param_groups], bytes_received=nbytes,
+                      duration_s=round(time.perf_counter() - t0, 6), cause=cause)
+        self.recoveries.append(record)
+        logger.warning("%s restored from its data-parallel replica on rank %d in %.3f s (optimizer state %s)",
+                       prefix, src, record["duration_s"], record["optimizer"])
+        self.events.write("recovery", **record)
+        return record
 
     def train_batch(self, data_iter=None):
         if self.checkfree.enabled:

@@ -69,6 +69,23 @@ def _unpack(buffers: Sequence[torch.Tensor], specs: Sequence[Tuple[Tuple[int, ..
     return out
 
 
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional[dist.ProcessGroup],
+                      receive: bool) -> int:
+    """Broadcast ``tensors`` from global rank ``src`` over ``group`` (one message per dtype).
+
+    Only a rank with ``receive`` set overwrites its tensors with what arrived; the others take part without
+    touching theirs. Returns the bytes moved.
+    """
+    buffers = _pack(tensors)
+    for buf in buffers:
+        dist.broadcast(buf, src=src, group=group)
+    if receive:
+        with torch.no_grad():
+            for t, value in zip(tensors, _unpack(buffers, [(tuple(t.shape), t.dtype) for t in tensors])):
+                t.copy_(value)
+    return sum(b.numel() * b.element_size() for b in buffers)
+
+
 def _wire_specs(mapping: ParamMapping, source_sig: StageSignature) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
     params = {f"{l.name}.{n}": (shape, _dtype(dt)) for l in source_sig for n, shape, dt in l.params}
     return [params[src] for _, src in mapping.pairs]

@@ -261,12 +261,23 @@ class ResilientTrainer:
             for g, lr in zip(engine.basic_optimizer.param_groups, sched["lrs"]):
                 g["lr"] = lr
             engine.global_steps, engine.global_samples = step, sched["global_samples"]
-        lost_stages = sorted({engine.grid._topo.get_coord(r).pipe for r in fresh})
+        stage_of = {r: engine.grid._topo.get_coord(r).pipe for r in range(self.world_size)}
+        hit_stages = sorted({stage_of[r] for r in fresh})
+        # A stage that kept a data-parallel replica is restored from it exactly; only a stage that lost every
+        # replica is rebuilt from its neighbours (after the restores, so a restored rank can be a source).
+        replicated = [s for s in hit_stages if any(stage_of[r] == s for r in survivors)]
+        lost_stages = [s for s in hit_stages if s not in replicated]
+        cause = f"process lost (ranks {fresh}, generation {generation})"
         dump = os.environ.get(DUMP_ENV)
         if dump:
             self._dump(dump, generation, "before", engine)
         engine.replay_from(step)
-        engine.lose_and_rebuild(lost_stages, cause=f"process lost (ranks {fresh}, generation {generation})")
+        if engine.stage_id in replicated:
+            column = engine.grid.get_data_parallel_group_ranks()
+            engine.restore_from_replica(min(r for r in column if r in survivors),
+                                        [r for r in column if r in fresh], cause)
+        if lost_stages:
+            engine.lose_and_rebuild(lost_stages, cause=cause)
         if dump:
             self._dump(dump, generation, "after", engine)
         return step

@@ -38,8 +38,9 @@ class Job:
     """A running training job and what it wrote."""
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
-                 token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None) -> None:
-        self.steps = steps
+                 token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
+                 world: int = 4, train_args: List[str] = ()) -> None:
+        self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
         # Several ranks share 2 cores here: a timeout well above a step's longest wait keeps false alarms away.
         cfg["checkfree"]["detection_timeout_s"] = DETECTION_TIMEOUT_S
@@ -51,15 +52,15 @@ class Job:
         self.token = token
         self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, "CHECKFREE_DUMP_DIR": str(self.out / "dumps")})
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
-                           "--out", str(self.out)]
+                           "--out", str(self.out), *train_args]
         self.log = open(tmp / "job.log", "w+")
         self.procs: List[subprocess.Popen] = []
         if launcher == "deepspeed":
-            cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(self.port), "--module",
+            cmd = [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(self.port), "--module",
                    "deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *self.train_args]
             self.procs.append(self._popen(cmd))
         elif launcher == "torchrun":
-            cmd = [str(BIN / "torchrun"), "--nproc_per_node", "4", "--master_port", str(self.port), "-m",
+            cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(self.port), "-m",
                    "deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *self.train_args]
             self.procs.append(self._popen(cmd))
         elif launcher == "nodes":
@@ -156,7 +157,7 @@ def check_completed(job: Job) -> List[float]:
 
 
 def check_survivors(job: Job, generation: int, lost_ranks: List[int]) -> None:
-    for rank in range(4):
+    for rank in range(job.world):
         if rank in lost_ranks:
             continue
         before, after = job.dump(generation, "before", rank), job.dump(generation, "after", rank)
@@ -261,6 +262,42 @@ def test_sigkill_of_a_middle_stage_under_bf16_and_zero1_keeps_the_fp32_masters(j
     masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
     flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
     assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
+
+
+def test_data_parallel_replica_restores_a_lost_rank_exactly_and_a_stage_without_replicas_is_rebuilt(job_factory):
+    # 3 stages x 2 data-parallel replicas: rank = 2 * stage + replica.
+    job = job_factory("checkfree_no_failure.json", world=6, train_args=["--stages", "3", "--layers", "9"],
+                      steps=18)
+    job.wait_for_step(4)
+    job.kill_trainer(3)  # stage 1, replica 1; its replica on rank 2 survives
+    job.wait_for_step(11)
+    job.kill_trainer(2)  # now both replicas of stage 1
+    job.kill_trainer(3)
+    job.wait()
+    check_completed(job)
+    first, second = sorted((e for e in job.events() if e["event"] == "outage"), key=lambda e: e["generation"])
+    assert first["lost_ranks"] == [3] and second["lost_ranks"] == [2, 3]
+    assert first["lost_steps"] == second["lost_steps"] == 0
+
+    g = first["generation"]
+    check_survivors(job, g, [3])
+    replica, restored = job.dump(g, "before", 2), job.dump(g, "after", 3)
+    for name, p in replica["params"].items():
+        assert torch.equal(restored["params"][name], p), f"restored rank 3: {name} is not its replica's"
+    assert restored["opt_state"].keys() == replica["opt_state"].keys() and restored["opt_state"]
+    for key, st in replica["opt_state"].items():
+        for field, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(restored["opt_state"][key][field]))
+    assert restored["lrs"] == replica["lrs"], "no LR boost: nothing was approximated"
+    rec = next(e for e in job.events() if e["event"] == "recovery" and e["rank"] == 3)
+    assert rec["strategy"] == "data_parallel_replica" and rec["source_rank"] == 2 and rec["optimizer"] == "copied"
+
+    g = second["generation"]
+    check_survivors(job, g, [2, 3])
+    check_blend(job, g, 2, [0, 4], gradnorm_weights(job, g, [0, 4]))
+    check_blend(job, g, 3, [1, 5], gradnorm_weights(job, g, [1, 5]))
+    a, b = job.dump(g, "after", 2)["params"], job.dump(g, "after", 3)["params"]
+    assert all(torch.equal(a[n], b[n]) for n in a), "both replicas are rebuilt alike"
 
 
 def test_first_then_last_stage_killed_under_checkfree_plus(job_factory):
