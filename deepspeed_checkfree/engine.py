@@ -18,6 +18,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe import p2p, schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from . import schedule as cf_schedule
 from .config import CheckFreeConfig
@@ -53,7 +54,7 @@ def stage_signature(module: PipelineModule) -> StageSignature:
 
 
 def _check_plus_setup(model, config_class) -> None:
-    """CheckFree+ needs its module layout, swapped micro-batches in every step, and (for now) fp32."""
+    """CheckFree+ needs its module layout, swapped micro-batches in every step, and fp32 or bf16."""
     if not isinstance(model, CheckFreePlusPipelineModule):
         raise UnsupportedSetupError(
             f"checkfree.mode='checkfree_plus' needs the (de)embedding replicas and role-gated edge layers, but the "
@@ -64,12 +65,10 @@ def _check_plus_setup(model, config_class) -> None:
         raise ConfigError(
             f"CheckFree+ runs every other micro-batch out of order, so it needs gradient_accumulation_steps >= 2; "
             f"the config has {gas}. Raise gradient_accumulation_steps (and lower the micro-batch size).")
-    if config_class.bfloat16_config.enabled or config_class.float16_config.enabled or config_class.zero_enabled:
+    if config_class.float16_config.enabled:
         raise UnsupportedSetupError(
-            "checkfree.mode='checkfree_plus' supports fp32 with a torch optimizer (no bf16/fp16, no ZeRO) in this "
-            "version: after an edge stage is rebuilt the (de)embedding copies are re-synchronised every step, "
-            "which would discard the fp32 master weights of a mixed-precision optimizer. Use fp32, or "
-            "mode='checkfree' for bf16/ZeRO-1.")
+            "checkfree.mode='checkfree_plus' runs in fp32 or bf16 (with or without ZeRO-1), not fp16: its dynamic "
+            "loss scaling has not been made to work with the swapped micro-batches. Use bf16 or fp32.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,15 +359,23 @@ class CheckFreeEngine(PipelineEngine):
     def _sync_tied_copies(self) -> None:
         """After an edge stage was rebuilt, its (de)embedding copy has a fresh optimizer and a boosted LR while
         the surviving copy has neither; broadcasting the survivor's values after every step keeps the copies
-        bit-identical (one broadcast per replicated tensor, like DeepSpeed's own tied-gradient all-reduce)."""
+        bit-identical (one broadcast per replicated tensor, like DeepSpeed's own tied-gradient all-reduce).
+        Under bf16 or ZeRO the optimizer's fp32 master copy of the weight is broadcast too, or the next step
+        would start from the copy's own masters again."""
+        wrapped = self._optimizer_is_wrapped()
         with torch.no_grad():
             for key, comm in self.module.tied_comms.items():
                 src = self._tied_authority.get(key)
                 if src is None:
                     continue
                 for attr in comm["weight_attr"]:
-                    dist.broadcast(self.module._recursive_getattr(comm["module"], attr).data, src=src,
-                                   group=comm["group"])
+                    weight = self.module._recursive_getattr(comm["module"], attr)
+                    dist.broadcast(weight.data, src=src, group=comm["group"])
+                    if wrapped:
+                        # The full fp32 master (gathered over the data-parallel group when partitioned).
+                        master = safe_get_full_fp32_param(weight)
+                        dist.broadcast(master, src=src, group=comm["group"])
+                        safe_set_full_fp32_param(weight, master)
 
     @property
     def replica_bytes(self) -> int:

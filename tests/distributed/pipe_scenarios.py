@@ -23,6 +23,7 @@ ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
 from deepspeed_checkfree import gpt  # noqa: E402
@@ -45,6 +46,8 @@ def ds_config(sc: dict) -> dict:
         del cfg["scheduler"]
     if sc.get("precision") == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if sc.get("precision") == "fp16":
+        cfg["fp16"] = {"enabled": True}
     if sc.get("zero"):
         cfg["zero_optimization"] = {"stage": sc["zero"]}
     if sc.get("checkfree") is not None:
@@ -112,6 +115,10 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    if engine.using_bf16_optimizer or engine.zero_optimization():
+        # The optimizer's fp32 master of every parameter (same order on every rank: a collective per parameter).
+        record["final_masters"] = {n: safe_get_full_fp32_param(p).clone()
+                                   for n, p in engine.module.named_parameters()}
     if sc.get("checkpoint"):
         # Save with DeepSpeed's own checkpointing, load into a freshly built engine, and record what came back.
         ckpt = out / f"ckpt-{sc['name']}"

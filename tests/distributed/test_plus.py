@@ -39,8 +39,12 @@ SCENARIOS_4 = [
     {"name": "lose3", "model": "plus", "steps": 10, "checkfree": _lose(3, 3)},
     {"name": "ckpt4", "model": "plus", "steps": 3, "checkpoint": True, "checkfree": _plus()},
     {"name": "tied4", "model": "plus_tied", "steps": 8, "checkfree": _lose(3, 4)},
+    {"name": "lose0_bf16", "model": "plus", "precision": "bf16", "steps": 8, "checkfree": _lose(0, 3)},
+    {"name": "lose3_zero1", "model": "plus", "zero": 1, "steps": 8, "checkfree": _lose(3, 3)},
     {"name": "plus_needs_plus_module", "steps": 1, "checkfree": _plus(), "expect_error": True},
     {"name": "plus_needs_two_micro_batches", "model": "plus", "gas": 1, "steps": 1, "checkfree": _plus(),
+     "expect_error": True},
+    {"name": "plus_refuses_fp16", "model": "plus", "precision": "fp16", "steps": 1, "checkfree": _plus(),
      "expect_error": True},
 ]
 SCENARIOS_6 = [{"name": "ref6", "num_stages": 6, **REFERENCE},
@@ -231,6 +235,7 @@ def test_deepspeed_checkpoint_saves_and_loads_embedding_and_head(four):
 @pytest.mark.parametrize("name,error,pattern", [
     ("plus_needs_plus_module", "UnsupportedSetupError", r"checkfree_plus_module"),
     ("plus_needs_two_micro_batches", "ConfigError", r"gradient_accumulation_steps >= 2; the config has 1"),
+    ("plus_refuses_fp16", "UnsupportedSetupError", r"not fp16.*Use bf16 or fp32"),
 ])
 def test_bad_checkfree_plus_setups_fail_before_training(four, name, error, pattern):
     import re
@@ -254,3 +259,19 @@ def test_tied_input_output_embeddings_keep_working_and_stay_identical_on_all_fou
     assert all(torch.equal(after[n], before[n]) for n in after if n.startswith("tied_modules."))
     losses = rec[0]["losses"]
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name,target,source,dtype", [("lose0_bf16", 0, 1, torch.bfloat16),
+                                                      ("lose3_zero1", 3, 2, torch.float32)])
+def test_edge_rebuild_under_bf16_and_zero1_keeps_weights_and_fp32_masters_of_the_copies_identical(
+        four, name, target, source, dtype):
+    _, recs = four
+    rec = recs[name]
+    assert next(iter(rec[0]["final_params"].values())).dtype == dtype
+    _check_copy_rebuild(rec, target, source, 4, 3)
+    _assert_replicas_identical(rec, 4)
+    # The optimizer's fp32 masters of the copies agree too: the rebuilt copy's fresh optimizer and boosted LR
+    # are overridden by the surviving copy after every step, masters included.
+    _assert_replicas_identical(rec, 4, which="final_masters")
+    masters = rec[target]["final_masters"]
+    assert all(torch.isfinite(m).all() for m in masters.values())

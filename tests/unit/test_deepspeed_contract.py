@@ -73,3 +73,16 @@ def test_zero_keeps_reduced_gradients_in_averaged_gradients():
 
 def test_bf16_gradients_live_in_hp_grad():
     assert "_hp_grad" in inspect.getsource(PipelineEngine._exec_reduce_tied_grads)
+
+
+def test_mixed_precision_state_hand_over_and_master_access():
+    # Surviving process loss keeps the wrapping optimizer's state (fp32 masters included) and reloads it in place.
+    assert "fp32_groups_flat_partition" in inspect.getsource(BF16_Optimizer.state_dict)
+    assert "single_partition_of_fp32_groups" in inspect.getsource(DeepSpeedZeroOptimizer.__init__)
+    for cls in (BF16_Optimizer, DeepSpeedZeroOptimizer):
+        params = inspect.signature(cls.load_state_dict).parameters
+        assert {"state_dict_list", "load_optimizer_states", "load_from_fp32_weights"} <= set(params), cls
+    # CheckFree+ re-synchronises a rebuilt tied copy's fp32 master through DeepSpeed's public fragment API.
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    assert "_hp_mapping" in inspect.getsource(safe_set_full_fp32_param)
+    assert "_hp_mapping" in inspect.getsource(safe_get_full_fp32_param)
