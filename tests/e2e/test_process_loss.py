@@ -316,6 +316,27 @@ def test_first_then_last_stage_killed_under_checkfree_plus(job_factory):
     check_blend(job, g3, 3, [2], [1.0])
 
 
+def test_first_stage_killed_under_checkfree_plus_and_bf16_copies_weights_and_refreshes_fp32_masters(job_factory):
+    job = job_factory("checkfree_plus_no_failure.json", deepspeed={"bf16": {"enabled": True}}, steps=14)
+    job.wait_for_step(5)
+    job.kill_trainer(0)
+    job.wait()
+    check_completed(job)
+    g = outage(job, [0])["generation"]
+    assert next(iter(job.dump(g, "before", 1)["params"].values())).dtype == torch.bfloat16
+    check_survivors(job, g, [0])
+    check_blend(job, g, 0, [1], [1.0])
+    after, replica = job.dump(g, "after", 0)["params"], job.dump(g, "before", 1)["params"]
+    embedding = [n for n in after if n.startswith("tied_modules.")]
+    assert embedding and all(torch.equal(after[n], replica[n]) for n in embedding), "embedding = stage 1's replica"
+    # The copied stage's fp32 masters are its new weights (not the dead process's, nor fresh initialisation).
+    after = job.dump(g, "after", 0)
+    flat = torch.cat([p.detach().float().flatten() for p in after["params"].values()])
+    masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
+    flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
+    assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
+
+
 def test_node_loss_and_join_of_a_replacement_machine(job_factory):
     job = job_factory("checkfree_no_failure.json", launcher="nodes")
     job.wait_for_step(6)
