@@ -193,7 +193,22 @@ def check_blend(job: Job, generation: int, target: int, sources: List[int], weig
                 f"rank {target} {name} is not the blend of {sources}"
             checked += 1
     assert checked > 0
+    if len(sources) == 1:
+        # A CheckFree+ copy also takes the neighbour's (de)embedding replica: tied modules have the same names.
+        for name in (n for n in after if n.startswith("tied_modules.")):
+            assert torch.equal(after[name], src[0][name]), f"rank {target} {name} is not rank {sources[0]}'s copy"
     assert job.dump(generation, "after", target)["opt_state"] == {}, "rebuilt stage starts with a fresh optimizer"
+
+
+def check_masters_refreshed(job: Job, generation: int, target: int) -> None:
+    """The rebuilt stage's fp32 masters are its new weights (not the dead process's, nor fresh initialisation),
+    so the next optimizer step cannot undo the rebuild."""
+    after = job.dump(generation, "after", target)
+    # (Compared as sorted values: the flat masters order parameters by optimizer group and may end in padding.)
+    flat = torch.cat([p.detach().float().flatten() for p in after["params"].values()])
+    masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
+    flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
+    assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
 
 
 def gradnorm_weights(job: Job, generation: int, sources: List[int], distances=(1, 1)) -> List[float]:
@@ -255,13 +270,7 @@ def test_sigkill_of_a_middle_stage_under_bf16_and_zero1_keeps_the_fp32_masters(j
     assert next(iter(before["params"].values())).dtype == want_dtype
     check_survivors(job, g, [1])
     check_blend(job, g, 1, [0, 2], gradnorm_weights(job, g, [0, 2]))
-    # The rebuilt stage's masters were refreshed from its new weights, so the next step cannot undo the rebuild.
-    after = job.dump(g, "after", 1)
-    # (Compared as sorted values: the flat masters order parameters by optimizer group and may end in padding.)
-    flat = torch.cat([p.detach().float().flatten() for p in after["params"].values()])
-    masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
-    flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
-    assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
+    check_masters_refreshed(job, g, 1)
 
 
 def test_data_parallel_replica_restores_a_lost_rank_exactly_and_a_stage_without_replicas_is_rebuilt(job_factory):
@@ -325,16 +334,9 @@ def test_first_stage_killed_under_checkfree_plus_and_bf16_copies_weights_and_ref
     g = outage(job, [0])["generation"]
     assert next(iter(job.dump(g, "before", 1)["params"].values())).dtype == torch.bfloat16
     check_survivors(job, g, [0])
-    check_blend(job, g, 0, [1], [1.0])
-    after, replica = job.dump(g, "after", 0)["params"], job.dump(g, "before", 1)["params"]
-    embedding = [n for n in after if n.startswith("tied_modules.")]
-    assert embedding and all(torch.equal(after[n], replica[n]) for n in embedding), "embedding = stage 1's replica"
-    # The copied stage's fp32 masters are its new weights (not the dead process's, nor fresh initialisation).
-    after = job.dump(g, "after", 0)
-    flat = torch.cat([p.detach().float().flatten() for p in after["params"].values()])
-    masters = torch.cat([m.flatten() for m in after["fp32_masters"]])
-    flat = torch.cat([flat, flat.new_zeros(masters.numel() - flat.numel())])
-    assert torch.equal(torch.sort(masters).values, torch.sort(flat).values)
+    check_blend(job, g, 0, [1], [1.0])  # blocks and the embedding copied from stage 1
+    assert any(n.startswith("tied_modules.") for n in job.dump(g, "after", 0)["params"]), "stage 0 has its embedding"
+    check_masters_refreshed(job, g, 0)
 
 
 def test_node_loss_and_join_of_a_replacement_machine(job_factory):
