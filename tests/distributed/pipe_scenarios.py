@@ -115,7 +115,7 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    if engine._optimizer_is_wrapped():
+    if engine.using_bf16_optimizer or engine.zero_optimization():  # also the stock engine
         # The optimizer's fp32 master of every parameter (same order on every rank: a collective per parameter).
         record["final_masters"] = {n: safe_get_full_fp32_param(p).clone()
                                    for n, p in engine.module.named_parameters()}
