@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["deepspeed_checkfree*"]),
+    # The demo corpus ships inside the package, so a non-editable install finds it.
+    package_data={"deepspeed_checkfree.models": ["sotu.txt.xz"]},
     # The engine subclasses private DeepSpeed internals: pin the version the contract test checks.
     install_requires=["deepspeed==0.19.8", "torch>=2.6", "pyyaml", "numpy"],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],

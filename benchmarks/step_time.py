@@ -27,8 +27,8 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed_checkfree  # noqa: E402,F401
-from deepspeed_checkfree import gpt  # noqa: E402
-from deepspeed_checkfree.data import StepBatches, load_corpus  # noqa: E402
+from deepspeed_checkfree.models import gpt  # noqa: E402
+from deepspeed_checkfree.models.corpus import StepBatches, load_corpus  # noqa: E402
 
 
 def ds_config(checkfree: dict | None, precision: str) -> dict:

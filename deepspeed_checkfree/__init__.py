@@ -3,18 +3,20 @@
 ``import deepspeed_checkfree`` registers the CheckFree engine with DeepSpeed: ``deepspeed.initialize`` then returns
 a :class:`CheckFreeEngine` for a ``PipelineModule`` whose config has ``"checkfree": {"enabled": true}``, and the
 stock ``PipelineEngine`` otherwise.
+
+The root stays light: it does not import DeepSpeed itself, so ``checkfree repair``, ``checkfree --help`` and the
+Megatron hook (:mod:`deepspeed_checkfree.megatron`) never load it. The registration happens as soon as DeepSpeed is
+imported, before or after this package, and the public names below load their modules on first use.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import sys
 from typing import Any
 
-import deepspeed
-from deepspeed.runtime.pipe.engine import PipelineEngine as _StockPipelineEngine
-
-from .config import CheckFreeConfig, load_config
-from .engine import CheckFreeEngine
+from . import _moved
 from .errors import CheckFreeError, ConfigError, RecoveryError, StageFailure, UnsupportedSetupError
-from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
 
 __all__ = [
     "CheckFreeConfig", "CheckFreeEngine", "CheckFreeError", "CheckFreePlusPipelineModule", "ConfigError",
@@ -23,48 +25,59 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def _checkfree_enabled(kwargs: dict) -> bool:
-    config_class = kwargs.get("config_class")
-    ds_config = getattr(config_class, "_param_dict", None) or {}
-    section = ds_config.get("checkfree")
-    # A malformed section is reported by CheckFreeEngine's validation, not silently ignored.
-    if section is None:
-        return False
-    if isinstance(section, dict):
-        return bool(section.get("enabled", False))
-    return CheckFreeConfig.from_ds_config(ds_config).enabled
-
-
-class _SelectorMeta(type(_StockPipelineEngine)):
-    """Makes ``deepspeed.PipelineEngine(...)`` build the CheckFree engine only when the config enables it, while
-    ``isinstance(engine, deepspeed.PipelineEngine)`` keeps meaning "is a pipeline engine"."""
-
-    def __call__(cls, *args: Any, **kwargs: Any):
-        engine_cls = CheckFreeEngine if _checkfree_enabled(kwargs) else _StockPipelineEngine
-        return engine_cls(*args, **kwargs)
-
-    def __instancecheck__(cls, instance: Any) -> bool:
-        return isinstance(instance, _StockPipelineEngine)
-
-    def __subclasscheck__(cls, subclass: type) -> bool:
-        return issubclass(subclass, _StockPipelineEngine)
+# Public name -> the module that defines it (imported on first access, PEP 562).
+_LAZY = {
+    "CheckFreeConfig": "deepspeed_checkfree.core.config",
+    "load_config": "deepspeed_checkfree.core.config",
+    "CheckFreeEngine": "deepspeed_checkfree.pipe.engine",
+    "CheckFreePlusPipelineModule": "deepspeed_checkfree.pipe.plus_module",
+    "checkfree_plus_module": "deepspeed_checkfree.pipe.plus_module",
+    "initialize": "deepspeed_checkfree.pipe.selector",
+    "register": "deepspeed_checkfree.pipe.selector",
+}
 
 
-class PipelineEngineSelector(_StockPipelineEngine, metaclass=_SelectorMeta):
-    """Stands in for ``deepspeed.PipelineEngine``, the name ``deepspeed.initialize`` builds pipeline engines by."""
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-def register() -> None:
-    """Install the engine selector in DeepSpeed (idempotent; done on import)."""
-    if deepspeed.PipelineEngine is not PipelineEngineSelector:
-        deepspeed.PipelineEngine = PipelineEngineSelector
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))
 
 
-def initialize(*args: Any, **kwargs: Any):
-    """``deepspeed.initialize`` with the CheckFree engine registered: same arguments, same return value."""
-    register()
-    return deepspeed.initialize(*args, **kwargs)
+def _register_with_deepspeed() -> None:
+    importlib.import_module("deepspeed_checkfree.pipe.selector").register()
 
 
-register()
+class _RegisterWhenDeepSpeedLoads(importlib.abc.MetaPathFinder):
+    """Registers the engine selector right after ``import deepspeed`` finishes (a post-import hook), so that a
+    script that imports this package first still gets the CheckFree engine from ``deepspeed.initialize``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "deepspeed":
+            return None
+        sys.meta_path.remove(self)  # one shot; the other finders locate the real package (also an editable one)
+        spec = next((s for f in sys.meta_path if hasattr(f, "find_spec")
+                     and (s := f.find_spec(fullname, path, target)) is not None), None)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_deepspeed = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            exec_deepspeed(module)
+            _register_with_deepspeed()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_moved.install()
+if "deepspeed" in sys.modules:
+    _register_with_deepspeed()
+elif not any(isinstance(f, _RegisterWhenDeepSpeedLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenDeepSpeedLoads())

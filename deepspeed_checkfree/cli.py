@@ -8,7 +8,7 @@ from typing import List, Optional
 
 # Modules that provide ``add_subcommand(subparsers)``; imported lazily so `checkfree --help` stays fast.
 SUBCOMMAND_MODULES = (
-    "deepspeed_checkfree.events_cli",
+    "deepspeed_checkfree.events",
     "deepspeed_checkfree.experiment",
     "deepspeed_checkfree.repair",
 )

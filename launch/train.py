@@ -34,9 +34,10 @@ import deepspeed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine with deepspeed.initialize)
-from deepspeed_checkfree import gpt, resilient  # noqa: E402
-from deepspeed_checkfree.config import CheckFreeConfig  # noqa: E402
-from deepspeed_checkfree.data import StepBatches, load_corpus, split_corpus  # noqa: E402
+from deepspeed_checkfree.models import gpt  # noqa: E402
+from deepspeed_checkfree.resilience import trainer as resilient  # noqa: E402
+from deepspeed_checkfree.core.config import CheckFreeConfig  # noqa: E402
+from deepspeed_checkfree.models.corpus import StepBatches, load_corpus, split_corpus  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

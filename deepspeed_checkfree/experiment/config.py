@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import (AdjacentPolicy, Mode, NormKind, Strategy, _Section, format_validation_error,
+from ..core.config import (AdjacentPolicy, Mode, NormKind, Strategy, _Section, format_validation_error,
                       read_config_file)
 from ..errors import ConfigError
-from ..failures import FailurePlan, hourly_rate_to_probability
-from ..llama import LlamaConfig
+from ..core.failures import FailurePlan, hourly_rate_to_probability
+from ..models.llama import LlamaConfig
 
 SECTION = "experiment"
 Kind = Literal["no_failure", "checkfree", "checkpoint", "redundant"]

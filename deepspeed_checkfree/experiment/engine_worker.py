@@ -30,9 +30,9 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine)
-from .. import llama  # noqa: E402
-from ..engine import stage_layers  # noqa: E402
-from ..plus import EdgeReplica  # noqa: E402
+from ..models import llama  # noqa: E402
+from ..pipe.engine import stage_layers  # noqa: E402
+from ..pipe.plus_module import EdgeReplica  # noqa: E402
 from .config import ExperimentConfig, StrategySpec, from_dict  # noqa: E402
 from .simulated import data_streams, stage_layout  # noqa: E402
 from .strategies import needs_mode, run_strategy  # noqa: E402

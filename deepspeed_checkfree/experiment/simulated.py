@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import llama
-from ..data import StepBatches, load_corpus, split_corpus
-from ..plus import EMBED_KEY, HEAD_KEY
-from ..recovery import (RecoveryPlan, StageSignature, blend_state, layer_signature, match_layers, plan_recovery,
+from ..models import llama
+from ..models.corpus import StepBatches, load_corpus, split_corpus
+from ..pipe.plus_module import EMBED_KEY, HEAD_KEY
+from ..core.recovery import (RecoveryPlan, StageSignature, blend_state, layer_signature, match_layers, plan_recovery,
                         reinitialize, source_weights)
-from ..schedule import route
+from ..core.schedule import route
 from .config import ExperimentConfig
 
 

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import RecoveryError
-from ..failures import FailurePlan
-from ..recovery import plan_recovery
+from ..core.failures import FailurePlan
+from ..core.recovery import plan_recovery
 from .config import ExperimentConfig, StrategySpec
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..errors import CheckFreeError, RecoveryError
 from ..events import identity
-from ..repair_megatron import (TRACKER, edge_tensors, iteration_dir_name, replica_holder,
+from ..repair.megatron_legacy import (TRACKER, edge_tensors, iteration_dir_name, replica_holder,
                                write_norms, write_replica)
 
 logger = logging.getLogger(__name__)

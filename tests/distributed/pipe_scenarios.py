@@ -26,8 +26,8 @@ from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
-from deepspeed_checkfree import gpt  # noqa: E402
-from deepspeed_checkfree.data import StepBatches, load_corpus  # noqa: E402
+from deepspeed_checkfree.models import gpt  # noqa: E402
+from deepspeed_checkfree.models.corpus import StepBatches, load_corpus  # noqa: E402
 
 MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)
 

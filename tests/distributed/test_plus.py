@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspeed_checkfree import gpt
-from deepspeed_checkfree.data import StepBatches, load_corpus
+from deepspeed_checkfree.models import gpt
+from deepspeed_checkfree.models.corpus import StepBatches, load_corpus
 from deepspeed_checkfree.events import read_events
-from deepspeed_checkfree.plus import EMBED_KEY, HEAD_KEY
-from deepspeed_checkfree.schedule import route
+from deepspeed_checkfree.pipe.plus_module import EMBED_KEY, HEAD_KEY
+from deepspeed_checkfree.core.schedule import route
 
 from .spawn import run_ranks
 

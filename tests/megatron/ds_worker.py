@@ -24,10 +24,10 @@ import deepspeed  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
-from deepspeed_checkfree import gpt  # noqa: E402
-from deepspeed_checkfree.data import StepBatches, load_corpus  # noqa: E402
+from deepspeed_checkfree.models import gpt  # noqa: E402
+from deepspeed_checkfree.models.corpus import StepBatches, load_corpus  # noqa: E402
 from deepspeed_checkfree.repair import repair_checkpoint  # noqa: E402
-from deepspeed_checkfree.repair_deepspeed import checkpoint_client_state  # noqa: E402
+from deepspeed_checkfree.repair.deepspeed_format import checkpoint_client_state  # noqa: E402
 
 MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)
 STEPS = 3

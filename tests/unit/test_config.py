@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deepspeed_checkfree.config import CheckFreeConfig, load_config, parse_section
+from deepspeed_checkfree.core.config import CheckFreeConfig, load_config, parse_section
 from deepspeed_checkfree.errors import ConfigError
 
 

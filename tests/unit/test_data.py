@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepspeed_checkfree import data
-from deepspeed_checkfree.data import VOCAB_SIZE, StepBatches, load_corpus, split_corpus
+from deepspeed_checkfree.models import corpus as data
+from deepspeed_checkfree.models.corpus import VOCAB_SIZE, StepBatches, load_corpus, split_corpus
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_missing_corpus_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_default_corpus_is_found_relative_to_the_repository():
-    assert data.DEFAULT_CORPUS.parts[-2:] == ("data", "sotu.txt.xz")
+    assert data.DEFAULT_CORPUS.parts[-2:] == ("models", "sotu.txt.xz")
     assert data.DEFAULT_CORPUS.parent.parent == Path(data.__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 import deepspeed_checkfree
-from deepspeed_checkfree.engine import CheckFreeEngine
+from deepspeed_checkfree.pipe.engine import CheckFreeEngine
 
 
 def test_deepspeed_is_the_pinned_version():
@@ -30,7 +30,8 @@ def test_initialize_builds_pipeline_engines_through_the_module_global():
 
 
 def test_import_registers_the_selector():
-    assert deepspeed.PipelineEngine is deepspeed_checkfree.PipelineEngineSelector
+    from deepspeed_checkfree.pipe.selector import PipelineEngineSelector
+    assert deepspeed.PipelineEngine is PipelineEngineSelector
     assert issubclass(CheckFreeEngine, deepspeed.PipelineEngine)
     assert issubclass(PipelineEngine, deepspeed.PipelineEngine)
 

@@ -11,7 +11,7 @@ from deepspeed_checkfree.errors import ConfigError
 from deepspeed_checkfree.experiment.clock import GIB, ClockModel, pipelined_iteration, timeline
 from deepspeed_checkfree.experiment.config import (DEFAULT_STRATEGIES, load_experiment, parse_experiment,
                                                    select_strategies)
-from deepspeed_checkfree.failures import hourly_rate_to_probability
+from deepspeed_checkfree.core.failures import hourly_rate_to_probability
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))

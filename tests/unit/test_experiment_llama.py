@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepspeed_checkfree.llama import LlamaBlock, LlamaConfig, LlamaEmbedding, LlamaHead, layer_specs, rotary_tables
-from deepspeed_checkfree.recovery import reinitialize
+from deepspeed_checkfree.models.llama import LlamaBlock, LlamaConfig, LlamaEmbedding, LlamaHead, layer_specs, rotary_tables
+from deepspeed_checkfree.core.recovery import reinitialize
 
 CFG = LlamaConfig(vocab_size=256, seq_len=16, d_model=32, n_heads=4, n_layers=2)
 
@@ -36,7 +36,7 @@ def test_attention_is_causal():
 
 def test_rotary_scores_depend_only_on_relative_position():
     cos, sin = rotary_tables(16, 8)
-    from deepspeed_checkfree.llama import _rotate
+    from deepspeed_checkfree.models.llama import _rotate
     q, k = torch.randn(8), torch.randn(8)
 
     def score(i, j):

@@ -11,9 +11,9 @@ import torch
 from deepspeed_checkfree.experiment.config import parse_experiment
 from deepspeed_checkfree.experiment.simulated import SimulatedPipeline
 from deepspeed_checkfree.experiment.strategies import needs_mode, run_strategy
-from deepspeed_checkfree.plus import EMBED_KEY
-from deepspeed_checkfree.recovery import blend, plan_recovery, source_weights
-from deepspeed_checkfree.schedule import route
+from deepspeed_checkfree.pipe.plus_module import EMBED_KEY
+from deepspeed_checkfree.core.recovery import blend, plan_recovery, source_weights
+from deepspeed_checkfree.core.schedule import route
 
 TINY = {"model": {"num_stages": 4, "d_model": 16, "n_heads": 2, "seq_len": 16},
         "training": {"iterations": 12, "micro_batch_size": 2, "micro_batches": 2, "eval_every": 4,

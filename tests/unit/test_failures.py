@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepspeed_checkfree.config import parse_section
-from deepspeed_checkfree.failures import FailurePlan, hourly_rate_to_probability, recoverable_stages
+from deepspeed_checkfree.core.config import parse_section
+from deepspeed_checkfree.core.failures import FailurePlan, hourly_rate_to_probability, recoverable_stages
 
 
 def test_explicit_failures_are_returned_at_their_step():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepspeed_checkfree.errors import RecoveryError
-from deepspeed_checkfree.recovery import (RecoveryPlan, blend, blend_state, layer_signature,
+from deepspeed_checkfree.core.recovery import (RecoveryPlan, blend, blend_state, layer_signature,
                                           match_layers, plan_recovery, reinitialize, source_weights)
 
 

@@ -16,7 +16,7 @@ from deepspeed_checkfree import cli
 from deepspeed_checkfree.errors import ConfigError, RecoveryError
 from deepspeed_checkfree.events import read_events
 from deepspeed_checkfree.repair import detect_format, repair_checkpoint
-from deepspeed_checkfree.repair_megatron import stage_layer_counts, write_norms, write_replica
+from deepspeed_checkfree.repair.megatron_legacy import stage_layer_counts, write_norms, write_replica
 
 H, V, IT = 8, 16, 5
 EPS = 1e-4

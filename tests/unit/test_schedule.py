@@ -7,7 +7,7 @@ import pytest
 from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicroBatch, OptimizerStep, RecvActivation,
                                              RecvGrad, SendActivation, SendGrad)
 
-from deepspeed_checkfree.schedule import CheckFreePlusTrainSchedule, data_stages, role, route, route_hops
+from deepspeed_checkfree.core.schedule import CheckFreePlusTrainSchedule, data_stages, role, route, route_hops
 
 
 def test_routes_swap_the_edge_pairs_on_odd_micro_batches():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deepspeed_checkfree.config import CheckFreeConfig, load_config
+from deepspeed_checkfree.core.config import CheckFreeConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
 # configs/experiments/ holds `checkfree experiment` files, loaded by the experiment tests.

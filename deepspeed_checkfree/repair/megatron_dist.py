@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import RecoveryError, UnsupportedSetupError
-from .recovery import LayerSignature, RecoveryPlan, blend, match_layers
-from .repair import HOST, IOLedger, Inspection, set_aside
-from .repair_megatron import (LAYER_PREFIX, MegatronIteration, MegatronLayout, read_replica, record_rebuilt,
+from ..errors import RecoveryError, UnsupportedSetupError
+from ..core.recovery import LayerSignature, RecoveryPlan, blend, match_layers
+from . import HOST, IOLedger, Inspection, set_aside
+from .megatron_legacy import (LAYER_PREFIX, MegatronIteration, MegatronLayout, read_replica, record_rebuilt,
                               replica_file, replica_holder)
 
 METADATA = ".metadata"

@@ -18,7 +18,7 @@ from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from .gpt import lm_loss, seed_layer
-from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
+from ..pipe.plus_module import CheckFreePlusPipelineModule, checkfree_plus_module
 
 __all__ = ["LlamaConfig", "LlamaEmbedding", "LlamaBlock", "LlamaHead", "lm_loss", "layer_specs", "pipeline_module",
            "plus_pipeline_module", "rotary_tables"]

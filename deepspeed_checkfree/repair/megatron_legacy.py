@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import RecoveryError, UnsupportedSetupError
-from .recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers
-from .repair import (IOLedger, Inspection, copy_iteration, file_problem, plan_stage,
+from ..errors import RecoveryError, UnsupportedSetupError
+from ..core.recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers
+from . import (IOLedger, Inspection, copy_iteration, file_problem, plan_stage,
                      prepare_output_dir, set_aside)
 
 TRACKER = "latest_checkpointed_iteration.txt"

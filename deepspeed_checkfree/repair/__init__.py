@@ -23,9 +23,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import CheckFreeError, ConfigError, RecoveryError
-from .events import EventLog, identity
-from .recovery import RecoveryPlan, plan_recovery, source_weights
+from ..errors import CheckFreeError, ConfigError, RecoveryError
+from ..events import EventLog, identity
+from ..core.recovery import RecoveryPlan, plan_recovery, source_weights
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def detect_format(path: str) -> str:
                             f"iteration directory of either.")
     names = set(os.listdir(path))
     if "latest_checkpointed_iteration.txt" in names:
-        from .repair_megatron import resolve_iteration_dir
+        from .megatron_legacy import resolve_iteration_dir
         return _megatron_kind(resolve_iteration_dir(path)[0])
     if any(n.startswith("mp_rank_") and os.path.isdir(os.path.join(path, n)) for n in names) or \
             {".metadata", "metadata.json"} & names:
@@ -291,13 +291,13 @@ def _megatron_kind(iter_dir: str) -> str:
 def open_checkpoint(fmt: str, path: str, tag: Optional[str], ledger: IOLedger):
     """The format handler for one iteration of a checkpoint (``inspect``, ``plan``, ``grad_norms``, ``rebuild``)."""
     if fmt == "deepspeed":
-        from .repair_deepspeed import DeepSpeedCheckpoint
+        from .deepspeed_format import DeepSpeedCheckpoint
         return DeepSpeedCheckpoint(path, tag, ledger)
     if fmt == "megatron_legacy":
-        from .repair_megatron import MegatronLegacyCheckpoint
+        from .megatron_legacy import MegatronLegacyCheckpoint
         return MegatronLegacyCheckpoint(path, tag, ledger)
     if fmt == "megatron_torch_dist":
-        from .repair_megatron_dist import MegatronDistCheckpoint
+        from .megatron_dist import MegatronDistCheckpoint
         return MegatronDistCheckpoint(path, tag, ledger)
     raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
 

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import RecoveryError
+from ..errors import RecoveryError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Which sources rebuild which stage

@@ -20,15 +20,15 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-from . import schedule as cf_schedule
-from .config import CheckFreeConfig
-from .errors import ConfigError, RecoveryError, UnsupportedSetupError
-from .events import EventLog, identity
+from ..core import schedule as cf_schedule
+from ..core.config import CheckFreeConfig
+from ..errors import ConfigError, RecoveryError, UnsupportedSetupError
+from ..events import EventLog, identity
 from .exchange import RebuildResult, broadcast_tensors, gather_signatures, rebuild_stages
-from .failures import FailurePlan, recoverable_stages
-from .plus import CheckFreePlusPipelineModule
-from .recovery import StageSignature, layer_signature, match_layers, plan_recovery
-from .repair_deepspeed import checkpoint_client_state
+from ..core.failures import FailurePlan, recoverable_stages
+from .plus_module import CheckFreePlusPipelineModule
+from ..core.recovery import StageSignature, layer_signature, match_layers, plan_recovery
+from ..repair.deepspeed_format import checkpoint_client_state
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 import torch.distributed as dist
 
-from .errors import CheckFreeError
+from ..errors import CheckFreeError
 
 TOKEN_ENV = "CHECKFREE_JOB_TOKEN"
 STORE_PORT_ENV = "CHECKFREE_STORE_PORT"

@@ -14,7 +14,7 @@ from torch import nn
 
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from .plus import CheckFreePlusPipelineModule, checkfree_plus_module
+from ..pipe.plus_module import CheckFreePlusPipelineModule, checkfree_plus_module
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 VOCAB_SIZE = 256
 #: The corpus shipped in the repository (see data/README.md), found relative to this file so it works from any
 #: working directory of a clone or an editable install.
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "sotu.txt.xz"
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "sotu.txt.xz"  # package data (setup.py package_data)
 
 
 def load_corpus(path: str | os.PathLike[str] | None = None) -> np.ndarray:
@@ -26,7 +26,7 @@ def load_corpus(path: str | os.PathLike[str] | None = None) -> np.ndarray:
 
     Args:
         path: The text file; ``.xz`` files are decompressed. None means the corpus shipped in the repository,
-            ``data/sotu.txt.xz`` (233 State of the Union addresses, about 10.8 M bytes).
+            ``deepspeed_checkfree/models/sotu.txt.xz``, shipped in the wheel (233 State of the Union addresses, about 10.8 M bytes).
 
     Returns:
         The bytes of the file as a writable 1-D ``uint8`` array (token ids below ``VOCAB_SIZE``).

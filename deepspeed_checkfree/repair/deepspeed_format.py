@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import RecoveryError, UnsupportedSetupError
-from .recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
-from .repair import IOLedger, Inspection, copy_iteration, file_problem, prepare_output_dir, set_aside
+from ..errors import RecoveryError, UnsupportedSetupError
+from ..core.recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
+from . import IOLedger, Inspection, copy_iteration, file_problem, prepare_output_dir, set_aside
 
 _LAYER = re.compile(r"layer_(\d+)-model_states\.pt$")
 _LAYER_TP = re.compile(r"layer_(\d+)-model_\d+-model_states\.pt$")

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from .config import CheckFreeConfig
-from .engine import CheckFreeEngine
-from .errors import CheckFreeError, RecoveryError
-from .events import EventLog, identity
+from ..core.config import CheckFreeConfig
+from ..pipe.engine import CheckFreeEngine
+from ..errors import CheckFreeError, RecoveryError
+from ..events import EventLog, identity
 from .membership import MemberInfo, Membership, connect_store, job_token
 
 logger = logging.getLogger(__name__)

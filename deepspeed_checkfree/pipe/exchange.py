@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .recovery import (ParamMapping, RecoveryPlan, StageSignature, blend, match_layers, reinitialize,
+from ..core.recovery import (ParamMapping, RecoveryPlan, StageSignature, blend, match_layers, reinitialize,
                        source_weights)
 
 

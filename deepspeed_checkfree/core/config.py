@@ -14,7 +14,7 @@ from typing import Any, List, Literal, Mapping, Optional, Union
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SECTION = "checkfree"
 
