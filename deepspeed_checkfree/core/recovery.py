@@ -308,3 +308,32 @@ def reinitialize(modules: Iterable[torch.nn.Module], seed: int) -> None:
             for m in module.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules of training around a rebuild (shared by the engine and the experiment's simulated pipeline)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor (at most 1) that scales a stage's gradient of L2 norm ``norm`` to at most ``max_norm``.
+
+    ``per_stage_clip``: the reference code clips every stage's gradient to norm 1.0 before its optimizer step and
+    records the clipped norm, which is what the next rebuild weighs by.
+    """
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def random_rebuild_seed(seed: int, step: int, stage: int) -> int:
+    """The seed of the ``random`` strategy's fresh initialisation of ``stage`` at ``step``: the same on every rank
+    (no communication), different for every step and stage."""
+    return seed + 7919 * step + stage
+
+
+def boosted_lrs(scheduled_lrs: Sequence[float], lr_scale: float) -> List[float]:
+    """The learning rates a stage trains with: the scheduler's, times the stage's scale.
+
+    A rebuilt stage's scale is ``lr_boost`` for the rest of training (paper: 1.1 for 124M/1.5B, 1.2 for 500M); a
+    second rebuild sets it again rather than compounding it, and every other stage's scale is 1.
+    """
+    return [lr * lr_scale for lr in scheduled_lrs]
