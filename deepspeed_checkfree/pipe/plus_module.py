@@ -15,6 +15,8 @@ from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
 
+from . import ds_internals
+
 EMBED_KEY = "checkfree_embed"
 HEAD_KEY = "checkfree_head"
 
@@ -89,7 +91,7 @@ class CheckFreePlusPipelineModule(PipelineModule):
         if method != "checkfree_plus":
             return super()._partition_layers(method)
         self.parts = list(self._checkfree_parts)
-        stage_id = self._topo.get_coord(self.global_rank).pipe
+        stage_id = ds_internals.module_stage_id(self)
         self.checkfree_role.first = stage_id == 0
         self.checkfree_role.last = stage_id == self.num_stages - 1
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])

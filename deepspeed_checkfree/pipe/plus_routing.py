@@ -1,0 +1,203 @@
+"""CheckFree+ inside the engine: every other micro-batch takes the route with the first two and the last two stages
+swapped, so the loss lives on two ranks and the (de)embedding has two copies that must stay identical.
+
+:class:`PlusRouting` is mixed into :class:`~deepspeed_checkfree.pipe.engine.CheckFreeEngine`: it runs the
+CheckFree+ schedule with each micro-batch's route, aggregates the loss over both loss ranks, gives every tied weight
+a gradient, and keeps a rebuilt edge copy in step with the copy it was rebuilt from. The schedule itself is pure
+(:mod:`deepspeed_checkfree.core.schedule`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+from ..core import schedule as cf_schedule
+from ..errors import ConfigError, UnsupportedSetupError
+from . import ds_internals
+from .plus_module import CheckFreePlusPipelineModule
+
+
+def check_plus_setup(model, config_class) -> None:
+    """CheckFree+ needs its module layout, swapped micro-batches in every step, and fp32 or bf16."""
+    if not isinstance(model, CheckFreePlusPipelineModule):
+        raise UnsupportedSetupError(
+            f"checkfree.mode='checkfree_plus' needs the (de)embedding replicas and role-gated edge layers, but the "
+            f"model is a plain {type(model).__name__}. Build it with deepspeed_checkfree.checkfree_plus_module("
+            f"embedding, blocks, head, num_stages, loss_fn=...) or use mode='checkfree'.")
+    gas = config_class.gradient_accumulation_steps
+    if gas < 2:
+        raise ConfigError(
+            f"CheckFree+ runs every other micro-batch out of order, so it needs gradient_accumulation_steps >= 2; "
+            f"the config has {gas}. Raise gradient_accumulation_steps (and lower the micro-batch size).")
+    if config_class.float16_config.enabled:
+        raise UnsupportedSetupError(
+            "checkfree.mode='checkfree_plus' runs in fp32 or bf16 (with or without ZeRO-1), not fp16: its dynamic "
+            "loss scaling has not been made to work with the swapped micro-batches. Use bf16 or fp32.")
+
+
+@functools.lru_cache(maxsize=None)
+def _route_hops(num_stages: int) -> frozenset:
+    # CheckFree+ routes also link stages 0->2 and P-3->P-1 (and back, for gradients).
+    return cf_schedule.route_hops(num_stages) if num_stages >= 4 else frozenset()
+
+
+def allow_route_hops() -> None:
+    """Let DeepSpeed's point-to-point helpers send along both CheckFree+ routes."""
+    ds_internals.allow_extra_hops(_route_hops)
+
+
+class PlusRouting:
+    """The CheckFree+ part of the engine (a mixin over ``PipelineEngine``; inert when ``_plus`` is False).
+
+    Its state: the route of the micro-batch being executed (``_role``), per-peer activation metadata and receive
+    buffers (a rank has two peers per side), the losses kept between a micro-batch's forward and backward, and
+    ``_tied_authority`` (tied key -> the stage whose copy a rebuilt copy follows).
+    """
+
+    def _init_plus_routing(self, plus: bool) -> None:
+        self._plus = plus
+        self._role: Optional[cf_schedule.Role] = None
+        self._mb_losses: Dict[int, torch.Tensor] = {}
+        self._meta_sent_to: set = set()
+        self._recv_bufs: Dict[int, object] = {}
+        self._tied_authority: Dict[str, int] = {}
+
+    def is_first_stage(self):
+        role = getattr(self, "_role", None)
+        return self.stage_id == 0 if role is None else role.is_first
+
+    def is_last_stage(self):
+        role = getattr(self, "_role", None)
+        return self.stage_id == self.num_stages - 1 if role is None else role.is_last
+
+    def _train_schedule(self):
+        if self._plus:
+            return cf_schedule.CheckFreePlusTrainSchedule(self.micro_batches, self.num_stages, self.stage_id)
+        return PipelineEngine._train_schedule(self)
+
+    def _reads_data(self) -> bool:
+        # Under CheckFree+ stages 1 and P-2 also read inputs or labels (on the swapped micro-batches).
+        return self._plus and self.stage_id in cf_schedule.data_stages(self.num_stages)
+
+    def set_dataloader(self, loader):
+        if self._reads_data():
+            self.training_dataloader = loader
+            self.data_iterator = iter(self.training_dataloader)
+        else:
+            PipelineEngine.set_dataloader(self, loader)
+
+    def set_dataiterator(self, iterator):
+        if self._reads_data():
+            self.training_dataloader = None
+            self.data_iterator = iterator
+        else:
+            PipelineEngine.set_dataiterator(self, iterator)
+
+    def _enter_role(self, role: Optional[cf_schedule.Role]) -> None:
+        """Make the base handlers see this micro-batch's route: neighbours, first/last, and the edge layers' gate."""
+        self._role = role
+        self.prev_stage = self.stage_id - 1 if role is None or role.prev_stage is None else role.prev_stage
+        self.next_stage = self.stage_id + 1 if role is None or role.next_stage is None else role.next_stage
+        gate = self.module.checkfree_role
+        gate.first, gate.last = self.is_first_stage(), self.is_last_stage()
+
+    def _exec_schedule(self, pipe_schedule):
+        if not isinstance(pipe_schedule, cf_schedule.CheckFreePlusTrainSchedule):
+            return PipelineEngine._exec_schedule(self, pipe_schedule)
+        ds_internals.reserve_pipe_buffers(self, pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        self._mb_losses = {}
+        try:
+            for step_cmds in pipe_schedule:
+                for cmd in step_cmds:
+                    mb = cmd.kwargs.get("buffer_id")
+                    if mb is not None:
+                        self._enter_role(cf_schedule.role(self.stage_id, mb, self.num_stages))
+                    self._exec_routed(cmd, mb)
+        finally:
+            self._enter_role(None)
+
+    def _exec_routed(self, cmd, mb: Optional[int]) -> None:
+        kind = type(cmd)
+        # Tensor metadata goes once per (sender, receiver) pair; with two routes a rank has two peers per side.
+        if kind is schedule.SendActivation:
+            ds_internals.set_meta_pending(self, self.next_stage not in self._meta_sent_to)
+        elif kind is schedule.RecvActivation:
+            ds_internals.set_recv_buffer(self, self._recv_bufs.get(self.prev_stage))
+        elif kind is schedule.BackwardPass and self._role.is_last:
+            # All forwards run before the backwards, so each micro-batch's loss is kept until its backward.
+            self.loss = self._mb_losses.pop(mb)
+        ds_internals.run_instruction(self, cmd)
+        if kind is schedule.SendActivation:
+            self._meta_sent_to.add(self.next_stage)
+        elif kind is schedule.RecvActivation:
+            self._recv_bufs[self.prev_stage] = ds_internals.recv_buffer(self)
+        elif kind is schedule.ForwardPass and self._role.is_last:
+            self._mb_losses[mb] = self.loss
+
+    def _aggregate_total_loss(self):
+        if not self._plus:
+            return PipelineEngine._aggregate_total_loss(self)
+        # The loss is computed on two ranks (P-1 on even micro-batches, P-2 on odd): sum their partial totals
+        # over the pipeline, then scale by the accumulation steps exactly as the base engine does.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.total_loss is not None:
+            total += self.total_loss.detach().float()
+        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        loss = ds_internals.scale_loss_by_gas(self, total)
+        self.dp_group_loss = loss.clone()
+        if self.is_data_parallel:
+            dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
+            loss /= self.dp_world_size
+        return loss
+
+    def _exec_reduce_tied_grads(self):
+        if self._plus:
+            # DeepSpeed all-reduces a tied weight's gradient only where it is not None, and a rank that skips the
+            # collective hangs the others. Under CheckFree+ a copy may leave some of its weights unused in a step
+            # (tied input/output embeddings: the position embedding only on the embedding stages, the final norm
+            # only on the head stages), so give every tied weight a (zero) gradient first.
+            for weight, _ in self.module.get_tied_weights_and_groups():
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+        PipelineEngine._exec_reduce_tied_grads(self)
+
+    def follow_tied_copy(self, tied_key: str, stage: int) -> None:
+        """From now on, the copies of ``tied_key`` follow the copy on ``stage`` after every step."""
+        self._tied_authority[tied_key] = stage
+
+    def _sync_tied_copies(self) -> None:
+        """After an edge stage was rebuilt, its (de)embedding copy has a fresh optimizer and a boosted LR while
+        the surviving copy has neither; broadcasting the survivor's values after every step keeps the copies
+        bit-identical (one broadcast per replicated tensor, like DeepSpeed's own tied-gradient all-reduce).
+        Under bf16 or ZeRO the optimizer's fp32 master copy of the weight is broadcast too, or the next step
+        would start from the copy's own masters again."""
+        wrapped = self.optimizer_is_wrapped()
+        with torch.no_grad():
+            for key, comm in self.module.tied_comms.items():
+                stage = self._tied_authority.get(key)
+                if stage is None:
+                    continue
+                src = self.grid.stage_to_global(stage)
+                for attr in comm["weight_attr"]:
+                    weight = ds_internals.tied_weight(self.module, comm["module"], attr)
+                    dist.broadcast(weight.data, src=src, group=comm["group"])
+                    if wrapped:
+                        # The full fp32 master (gathered over the data-parallel group when partitioned).
+                        master = safe_get_full_fp32_param(weight)
+                        dist.broadcast(master, src=src, group=comm["group"])
+                        safe_set_full_fp32_param(weight, master)
+
+    @property
+    def replica_bytes(self) -> int:
+        """Bytes of (de)embedding replicas this rank holds beyond the originals: stage 1's embedding copy and stage
+        P-2's head copy (0 on every other stage, and without CheckFree+)."""
+        if not self._plus or self.stage_id not in (1, self.num_stages - 2):
+            return 0
+        return sum(p.numel() * p.element_size() for m in self.module.tied_modules.values() for p in m.parameters())
