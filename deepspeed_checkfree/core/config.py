@@ -24,8 +24,9 @@ NormKind = Literal["plain", "squared"]
 AdjacentPolicy = Literal["interpolate", "stop"]
 
 
-class _Section(DeepSpeedConfigModel):
-    """A config section that rejects unknown keys with a did-you-mean hint."""
+class ConfigSection(DeepSpeedConfigModel):
+    """A config section that rejects unknown keys with a did-you-mean hint (the base of every section here and of
+    the experiment file's)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True,
                               populate_by_name=True, arbitrary_types_allowed=False)
@@ -45,7 +46,7 @@ class _Section(DeepSpeedConfigModel):
 
 
 
-class FailureAt(_Section):
+class FailureAt(ConfigSection):
     """One planned failure: ``stage`` is lost before the forward pass of the step that starts at ``step``."""
 
 
@@ -54,7 +55,7 @@ class FailureAt(_Section):
                       "step's first micro-batch, as in the paper's failure generator).")
 
 
-class FailureInjectionConfig(_Section):
+class FailureInjectionConfig(ConfigSection):
     """A seeded failure plan that every rank evaluates identically without communicating."""
 
 
@@ -69,7 +70,7 @@ class FailureInjectionConfig(_Section):
                                                "first neighbour's weights, to exercise a death during a rebuild.")
 
 
-class CheckFreeConfig(_Section):
+class CheckFreeConfig(ConfigSection):
     """The ``"checkfree"`` section of a DeepSpeed config (or a YAML file with the same keys)."""
 
     enabled: bool = Field(False, description="Turn CheckFree on. Off (or no section) leaves DeepSpeed untouched.")

@@ -337,3 +337,48 @@ def boosted_lrs(scheduled_lrs: Sequence[float], lr_scale: float) -> List[float]:
     second rebuild sets it again rather than compounding it, and every other stage's scale is 1.
     """
     return [lr * lr_scale for lr in scheduled_lrs]
+
+
+def clip_stage_grads_(grads: Sequence[torch.Tensor], norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale a stage's gradients in place by :func:`clip_coefficient` and return the clipped norm.
+
+    ``per_stage_clip`` as the reference code does it: the norm recorded for the next rebuild's weights is the norm
+    after clipping, ``norm * coefficient``, not the measured one.
+
+    Args:
+        grads: the tensors holding the stage's gradient (modified in place).
+        norm: their L2 norm, as measured (a 0-dim tensor).
+        max_norm: the ``per_stage_clip`` value.
+
+    Returns:
+        The gradient's norm after clipping (``norm`` itself when there are no gradients).
+    """
+    if not grads:
+        return norm
+    coef = clip_coefficient(norm, max_norm)
+    torch._foreach_mul_(list(grads), coef.to(grads[0].dtype))
+    return norm * coef
+
+
+def tied_authorities(plans: Iterable[RecoveryPlan], signatures: Mapping[int, StageSignature]) -> Dict[str, int]:
+    """Which copy of a replicated layer the other copies follow after ``plans`` ran: tied key -> source stage.
+
+    Under CheckFree+ an edge stage is rebuilt as a copy of its partner, and with it its (de)embedding replica. The
+    rebuilt copy then has a fresh optimizer state and a boosted LR while the surviving copy has neither, so from
+    then on the copy it was rebuilt from is authoritative: after every optimizer step the other copies take its
+    values, which keeps the replicas bit-identical as DeepSpeed's tied layers are.
+
+    Args:
+        plans: the rebuild plans (from :func:`plan_recovery`).
+        signatures: every stage's signature (a layer's ``tied_key`` marks a replica).
+
+    Returns:
+        The tied keys whose authority changes, each with the stage its copies follow.
+    """
+    authority: Dict[str, int] = {}
+    for plan in plans:
+        if plan.strategy == "copy":
+            for layer in signatures[plan.target]:
+                if layer.tied_key is not None:
+                    authority[layer.tied_key] = plan.sources[0]
+    return authority

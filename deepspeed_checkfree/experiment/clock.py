@@ -68,11 +68,15 @@ class ClockModel:
             return self.iteration_s * self.plus_slowdown
         return self.iteration_s
 
+    def checkpoint_write_seconds(self) -> float:
+        """Writing one checkpoint to storage, whether or not training waits for it."""
+        return self.checkpoint_stages * self.stage_state_bytes / self.checkpoint_bytes_s
+
     def checkpoint_seconds(self) -> float:
-        """Writing one checkpoint (0 when it does not block training)."""
+        """What writing one checkpoint costs training (0 when it does not block training)."""
         if not self.checkpoint_blocking:
             return 0.0
-        return self.checkpoint_stages * self.stage_state_bytes / self.checkpoint_bytes_s
+        return self.checkpoint_write_seconds()
 
     def recovery_seconds(self, kind: str, weight_copies: int = 0) -> float:
         """One failure event.

@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..core.config import (AdjacentPolicy, Mode, NormKind, Strategy, _Section, format_validation_error,
-                      read_config_file)
+from ..core.config import (AdjacentPolicy, ConfigSection, Mode, NormKind, Strategy, format_validation_error,
+                           read_config_file)
+from ..core.failures import FailurePlan, hourly_rate_to_probability, recoverable_stages
 from ..errors import ConfigError
-from ..core.failures import FailurePlan, hourly_rate_to_probability
 from ..models.llama import LlamaConfig
 
 SECTION = "experiment"
@@ -38,7 +38,7 @@ DEFAULT_STRATEGIES = ["no_failure", "gradnorm_average", "checkfree_plus", "unifo
                       "checkpoint_50", "redundant"]
 
 
-class ModelSection(_Section):
+class ModelSection(ConfigSection):
     """The LLaMA-style model and its pipeline layout."""
 
     num_stages: int = Field(4, ge=3, description="Pipeline stages (>= 3; CheckFree+ needs >= 4).")
@@ -57,7 +57,7 @@ class ModelSection(_Section):
                            ffn_hidden=self.ffn_hidden, rope_theta=self.rope_theta)
 
 
-class DataSection(_Section):
+class DataSection(ConfigSection):
     """The corpus and the data order (identical for every strategy)."""
 
     corpus: Optional[str] = Field(None, description="A .txt or .txt.xz file; default: the shipped State of the "
@@ -67,7 +67,7 @@ class DataSection(_Section):
     seed: int = Field(0, description="Data-order seed: batch (step, micro-batch) is the same in every strategy.")
 
 
-class TrainingSection(_Section):
+class TrainingSection(ConfigSection):
     """Optimisation, shared by every strategy (the paper: Adam, constant LR for LLaMA, per-stage clip 1.0)."""
 
     iterations: int = Field(1000, ge=1, description="Executed iterations per strategy (the x-axis: a rolled-back "
@@ -93,14 +93,14 @@ class TrainingSection(_Section):
     device: str = Field("cpu", description="Device of the simulated backend: cpu, cuda, cuda:N.")
 
 
-class FailureAt(_Section):
+class FailureAt(ConfigSection):
     """One planned failure: ``stage`` is lost before the forward pass of executed iteration ``iteration``."""
 
     stage: int = Field(ge=0)
     iteration: int = Field(ge=0)
 
 
-class FailuresSection(_Section):
+class FailuresSection(ConfigSection):
     """The failure plan (paper section 4): each listed stage fails independently per iteration, seeded."""
 
     probability: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Per-stage, per-iteration failure "
@@ -124,7 +124,7 @@ class FailuresSection(_Section):
         return self
 
 
-class StrategySpec(_Section):
+class StrategySpec(ConfigSection):
     """One recovery strategy. In YAML a short name (``gradnorm_average``, ``checkpoint_100``, ...) or a mapping."""
 
     name: str = Field(description="Label in the CSV, the table and the plots (unique).")
@@ -144,7 +144,7 @@ class StrategySpec(_Section):
         return {"no_failure": "no failures", "redundant": "redundant computation"}[self.kind]
 
 
-class WallClockSection(_Section):
+class WallClockSection(ConfigSection):
     """Parameters of the wall-clock model (see :mod:`.clock`); defaults from the paper's cost model."""
 
     iteration_time_s: Union[float, Literal["measure"]] = Field(
@@ -179,7 +179,7 @@ class WallClockSection(_Section):
                                  "is small; the real engine measured 1.03 on CPU).")
 
 
-class ReportSection(_Section):
+class ReportSection(ConfigSection):
     """How results are summarised."""
 
     target_loss: Optional[float] = Field(None, gt=0.0, description="Validation loss for 'time to target'; "
@@ -187,7 +187,7 @@ class ReportSection(_Section):
     target_fraction: float = Field(0.6, gt=0.0, le=1.0, description="See target_loss.")
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(ConfigSection):
     """An ``experiment:`` file."""
 
     name: str = Field("experiment", description="Title of the plots and tables.")
@@ -220,7 +220,7 @@ class ExperimentConfig(_Section):
         p = self.model.num_stages
         stages = self.failures.stages
         if stages is None or stages == "middle":
-            return tuple(range(1, p - 1))
+            return recoverable_stages(p, "checkfree")
         if stages == "all":
             return tuple(range(p))
         return tuple(sorted(set(stages)))
@@ -299,7 +299,8 @@ class ExperimentConfig(_Section):
             if a.iteration >= t.iterations:
                 raise ConfigError(f"experiment.failures.at[{i}] is at iteration {a.iteration}, but the run has "
                                   f"training.iterations={t.iterations}; it would never happen.")
-        edges = sorted({s for s in (*self.failure_stages(), *(a.stage for a in f.at)) if s in (0, p - 1)})
+        middle = recoverable_stages(p, "checkfree")
+        edges = sorted({s for s in (*self.failure_stages(), *(a.stage for a in f.at)) if s not in middle})
         if (self.failure_probability() > 0 or f.at) and edges:
             plain = [s.name for s in self.strategies if s.kind == "checkfree" and s.mode == "checkfree"]
             if plain:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .clock import ClockModel, timeline
 from .config import ExperimentConfig, StrategySpec
@@ -28,6 +28,13 @@ def wall_clock(cfg: ExperimentConfig, results: Mapping[str, StrategyResult], clo
 
 def _evals(res: StrategyResult) -> List[Tuple[int, float]]:
     return [(r.iteration, r.val_loss) for r in res.records if r.val_loss is not None]
+
+
+def _ran(cfg: ExperimentConfig, results: Mapping[str, StrategyResult]) -> Iterator[Tuple[StrategySpec, StrategyResult]]:
+    """The strategies that have results, in the config's order (a --report-only run may lack some)."""
+    for spec in cfg.strategies:
+        if spec.name in results:
+            yield spec, results[spec.name]
 
 
 def target_loss(cfg: ExperimentConfig, results: Mapping[str, StrategyResult],
@@ -73,10 +80,7 @@ def summarize(cfg: ExperimentConfig, results: Mapping[str, StrategyResult], cloc
     """
     target, how = target_loss(cfg, results)
     rows: Dict[str, Dict[str, Any]] = {}
-    for spec in cfg.strategies:
-        if spec.name not in results:
-            continue
-        res = results[spec.name]
+    for spec, res in _ran(cfg, results):
         evals = _evals(res)
         reached = _first_reaching(res, times[spec.name], target)
         rows[spec.name] = {
@@ -140,10 +144,8 @@ def write_csv(path: Path, cfg: ExperimentConfig, results: Mapping[str, StrategyR
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for spec in cfg.strategies:
-            if spec.name not in results:
-                continue
-            for r, t in zip(results[spec.name].records, times[spec.name]):
+        for spec, res in _ran(cfg, results):
+            for r, t in zip(res.records, times[spec.name]):
                 w.writerow([spec.name, r.iteration, r.step, f"{r.train_loss:.6f}",
                             "" if r.val_loss is None else f"{r.val_loss:.6f}", f"{t:.3f}", r.failures,
                             " ".join(map(str, r.lost))])
@@ -185,7 +187,7 @@ def write_summary(out: Path, summary: Mapping[str, Any]) -> None:
     """``summary.json`` (everything) and ``summary.md`` (the table and how to read it)."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     c = summary["clock"]
-    save_s = c["checkpoint_stages"] * c["stage_bytes"] * (1 + c["optimizer_state_factor"]) / c["checkpoint_bytes_s"]
+    save_s = ClockModel(**c).checkpoint_write_seconds()
     md = [f"# {summary['name']}", "",
           f"{summary['iterations']} executed iterations per strategy, backend `{summary['backend']}`. Failure "
           f"plan: each of stages {summary['failure_stages']} fails with p = {summary['failure_probability']:.5f} per "
@@ -253,11 +255,8 @@ def plot(out: Path, cfg: ExperimentConfig, results: Mapping[str, StrategyResult]
     target = summary["target_loss"]
     unit, scale = _time_unit(summary)
     curves = []
-    for spec in cfg.strategies:
-        if spec.name not in results:
-            continue
-        res = results[spec.name]
-        ev = [(r.iteration, r.val_loss) for r in res.records if r.val_loss is not None]
+    for spec, res in _ran(cfg, results):
+        ev = _evals(res)
         if not ev:
             continue
         its = [i + 1 for i, _ in ev]

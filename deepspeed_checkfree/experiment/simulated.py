@@ -1,8 +1,9 @@
 """The pipeline simulated in one process, as the paper's experiments do: per-stage layers and optimizers, losing a
 stage, and rebuilding it with the same decisions and math as the real engine.
 
-Everything that decides (which sources, which weights, which layers match) comes from :mod:`..recovery`, and
-CheckFree+ routes from :func:`..schedule.route`. What the engine does across ranks happens here on one device and
+Every rule the engine also follows comes from :mod:`..core.recovery` (which sources, which weights, which layers
+match, the blend, the per-stage clip, the random-rebuild seed, the LR boost, which replica is authoritative), and
+CheckFree+ routes from :func:`..core.schedule.route`. What the engine does across ranks happens here on one device and
 in the same order: per-micro-batch loss scaled by the accumulation steps, (de)embedding replicas whose gradients
 are summed, each stage's gradient norm measured (and clipped) before its optimizer step, and a rebuilt edge copy
 that follows the surviving copy afterwards. The distributed test checks both paths agree.
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.recovery import (RecoveryPlan, StageSignature, blend_state, boosted_lrs, clip_stage_grads_,
+                             layer_signature, match_layers, plan_recovery, random_rebuild_seed, reinitialize,
+                             source_weights, tied_authorities)
+from ..core.schedule import route
 from ..models import llama
 from ..models.corpus import StepBatches, load_corpus, split_corpus
 from ..pipe.plus_module import EMBED_KEY, HEAD_KEY
-from ..core.recovery import (RecoveryPlan, StageSignature, blend_state, layer_signature, match_layers, plan_recovery,
-                        reinitialize, source_weights)
-from ..core.schedule import route
 from .config import ExperimentConfig
 
 
@@ -114,9 +116,15 @@ class SimulatedPipeline:
                                              weight_decay=t.weight_decay) for s in range(p)]
         self.lr_scale = [1.0] * p
         self.grad_norms: List[Optional[float]] = [None] * p
-        # Tied key -> stage whose copy is authoritative after an edge rebuild (the engine's _tied_authority).
+        # Tied key -> stage whose copy is authoritative after an edge rebuild (see recovery.tied_authorities).
         self.tied_authority: Dict[str, int] = {}
         self.signatures: Dict[int, StageSignature] = {s: self._signature(s) for s in range(p)}
+        # Tied key -> the stages holding a copy (CheckFree+: the embedding on 0 and 1, the head on P-2 and P-1).
+        self.tied_groups: Dict[str, List[int]] = {}
+        for s, layers in enumerate(self.stages):
+            for layer in layers:
+                if layer.tied_key is not None:
+                    self.tied_groups.setdefault(layer.tied_key, []).append(s)
         self._checkpoint: Optional[dict] = None
         self._replica: Optional[dict] = None
 
@@ -136,20 +144,16 @@ class SimulatedPipeline:
     def _layer(self, stage: int, name: str) -> nn.Module:
         return next(l.module for l in self.stages[stage] if l.name == name)
 
-    def _blocks(self, stage: int) -> List[nn.Module]:
+    def blocks(self, stage: int) -> List[nn.Module]:
+        """The transformer blocks of ``stage``, in order."""
         return [l.module for l in self.stages[stage] if l.name.startswith("block")]
 
     def stage_bytes(self) -> int:
         """Bytes of the largest stage's weights."""
         return max(sum(p.numel() * p.element_size() for p in self.stage_params(s)) for s in range(self.num_stages))
 
-    def _tied_groups(self) -> Dict[str, List[int]]:
-        if not self.plus:
-            return {}
-        return {EMBED_KEY: [0, 1], HEAD_KEY: [self.num_stages - 2, self.num_stages - 1]}
-
     def _tied_module(self, key: str, stage: int) -> nn.Module:
-        return self._layer(stage, "embed" if key == EMBED_KEY else "head")
+        return next(l.module for l in self.stages[stage] if l.tied_key == key)
 
     # ------------------------------------------------------------------------------------------------------
     # Training and evaluation
@@ -159,7 +163,7 @@ class SimulatedPipeline:
         """Run ``x`` through the stages in ``order``: the first embeds, the last applies the head."""
         h = self._layer(order[0], "embed")(x)
         for s in order:
-            for block in self._blocks(s):
+            for block in self.blocks(s):
                 h = block(h)
         return self._layer(order[-1], "head")(h)
 
@@ -180,7 +184,7 @@ class SimulatedPipeline:
             total += loss.detach()
         with torch.no_grad():
             # DeepSpeed's ReduceTiedGrads: every copy of a replicated layer gets the sum of the copies' gradients.
-            for key, members in self._tied_groups().items():
+            for key, members in self.tied_groups.items():
                 mods = [self._tied_module(key, s) for s in members]
                 for params in zip(*(mod.parameters() for mod in mods)):
                     grads = [q.grad for q in params if q.grad is not None]
@@ -195,11 +199,8 @@ class SimulatedPipeline:
             for s in range(p):
                 grads = [q.grad for q in self.stage_params(s) if q.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
-                if clip is not None and grads:
-                    # The engine's per_stage_clip (the reference clips every stage to 1.0, then measures).
-                    coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
-                    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-                    norm = norm * coef
+                if clip is not None:
+                    norm = clip_stage_grads_(grads, norm, clip)
                 self.grad_norms[s] = float(norm)
             for opt in self.optimizers:
                 opt.step()
@@ -210,7 +211,7 @@ class SimulatedPipeline:
         """After an edge rebuild the surviving copy is authoritative: the other copy takes its values each step."""
         for key, src in self.tied_authority.items():
             authority = self._tied_module(key, src)
-            for s in self._tied_groups()[key]:
+            for s in self.tied_groups[key]:
                 if s != src:
                     for q, a in zip(self._tied_module(key, s).parameters(), authority.parameters()):
                         q.copy_(a)
@@ -227,8 +228,10 @@ class SimulatedPipeline:
     # ------------------------------------------------------------------------------------------------------
 
     def _set_lr(self, stage: int) -> None:
-        for g in self.optimizers[stage].param_groups:
-            g["lr"] = self.cfg.training.lr * self.lr_scale[stage]
+        groups = self.optimizers[stage].param_groups
+        # The LR is constant, so the scheduled LRs are training.lr.
+        for g, lr in zip(groups, boosted_lrs([self.cfg.training.lr] * len(groups), self.lr_scale[stage])):
+            g["lr"] = lr
 
     def wipe(self, lost: Sequence[int]) -> None:
         """What losing a stage loses: its weights (NaN, so a leak shows), optimizer state and gradient norm."""
@@ -255,7 +258,7 @@ class SimulatedPipeline:
             for plan in sorted(plans, key=lambda pl: pl.target):
                 target = plan.target
                 if plan.strategy == "random":
-                    reinitialize([l.module for l in self.stages[target]], t.seed + 7919 * step + target)
+                    reinitialize([l.module for l in self.stages[target]], random_rebuild_seed(t.seed, step, target))
                 else:
                     mappings = [match_layers(self.signatures[target], self.signatures[src], target, src)
                                 for src in plan.sources]
@@ -265,13 +268,10 @@ class SimulatedPipeline:
                     params = self.named_stage_params(target)
                     for name, value in values.items():
                         params[name].copy_(value)
-                if plan.strategy == "copy":
-                    for layer in self.stages[target]:
-                        if layer.tied_key is not None:
-                            self.tied_authority[layer.tied_key] = plan.sources[0]
                 # A second rebuild of the same stage sets boost x base LR again; it does not compound.
                 self.lr_scale[target] = t.lr_boost
                 self._set_lr(target)
+        self.tied_authority.update(tied_authorities(plans, self.signatures))
         return plans
 
     def _state(self) -> dict:

@@ -153,6 +153,8 @@ def test_recovery_and_checkpoint_costs():
     c = _clock()  # one stage = 1 s over either link; weights + Adam moments = 3 s
     assert c.checkpoint_seconds() == pytest.approx(3.0)
     assert _clock(checkpoint_blocking=False).checkpoint_seconds() == 0.0
+    # A checkpoint that does not block still takes its write time (what the summary reports).
+    assert _clock(checkpoint_blocking=False).checkpoint_write_seconds() == pytest.approx(3.0)
     assert c.recovery_seconds("checkpoint") == pytest.approx(5.0 + 3.0)
     assert c.recovery_seconds("redundant") == pytest.approx(5.0 + 3.0)
     assert c.recovery_seconds("checkfree", 2) == pytest.approx(5.0 + 2.0)  # two neighbours' weights

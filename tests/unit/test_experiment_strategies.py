@@ -90,6 +90,33 @@ def test_copy_and_random_ablations():
     assert not all(torch.equal(v, w) for v, w in zip(values, fresh.named_stage_params(2).values()))
 
 
+def test_per_stage_clip_scales_each_stage_and_records_the_clipped_norm():
+    free = SimulatedPipeline(_cfg(per_stage_clip=None))
+    free.train_step(0)
+    norms = list(free.grad_norms)
+    clip = sorted(norms)[1]  # some stages above it, some below: each stage is clipped on its own
+    clipped = SimulatedPipeline(_cfg(per_stage_clip=clip))
+    clipped.train_step(0)
+    assert any(n > clip for n in norms) and any(n < clip for n in norms)
+    for s, n in enumerate(norms):
+        scale = min(1.0, clip / (n + 1e-6))
+        assert clipped.grad_norms[s] == pytest.approx(n * scale, rel=1e-5), s
+        for a, b in zip(free.stage_params(s), clipped.stage_params(s)):
+            assert torch.allclose(b.grad, a.grad * scale, rtol=1e-5, atol=1e-9), s
+
+
+def test_random_rebuild_is_the_same_everywhere_for_a_step_and_differs_between_steps():
+    cfg = _cfg()
+    rebuilt = []
+    for step in (1, 1, 2):
+        pipe = SimulatedPipeline(cfg, strategy="random")
+        pipe.train_step(0)
+        pipe.lose_and_rebuild([2], step=step)
+        rebuilt.append([v.detach().clone() for v in pipe.named_stage_params(2).values()])
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt[0], rebuilt[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(rebuilt[0], rebuilt[2]))
+
+
 def test_checkfree_plus_rebuilds_the_first_stage_as_a_copy_and_keeps_the_embedding():
     cfg = _cfg(failures={"stages": "all"}, strategies=["no_failure", "checkfree_plus"])
     pipe = SimulatedPipeline(cfg, "checkfree_plus")
@@ -110,7 +137,7 @@ def test_checkfree_plus_routes_follow_the_schedule():
     pipe = SimulatedPipeline(cfg, "checkfree_plus")
     order = []
     hooks = [blk.register_forward_hook(lambda m, i, o, s=s: order.append(s))
-             for s in range(4) for blk in pipe._blocks(s)]
+             for s in range(4) for blk in pipe.blocks(s)]
     pipe.train_step(0)
     for h in hooks:
         h.remove()
