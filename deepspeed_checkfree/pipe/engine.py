@@ -21,7 +21,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 
 from ..core.config import CheckFreeConfig
 from ..core.failures import FailurePlan, recoverable_stages
-from ..core.recovery import match_layers, plan_recovery, random_rebuild_seed
+from ..core.recovery import match_layers, plan_recovery, random_rebuild_seed, tied_authorities
 from ..errors import RecoveryError
 from ..events import EventLog, identity
 from ..repair.deepspeed_format import checkpoint_client_state
@@ -351,12 +351,9 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
             layers=[layer for _, layer, _ in stage_layers(self.module)],
             random_seed=random_rebuild_seed(cf.seed, step, self.stage_id), on_received=self._die_during_rebuild_hook(),
             timeout=self.p2p_timeout)
-        for plan in plans:
-            # A rebuilt holder of a replicated (de)embedding follows the copy it was rebuilt from from now on.
-            if plan.strategy == "copy":
-                for layer in self.stage_signatures[plan.target]:
-                    if layer.tied_key is not None:
-                        self.follow_tied_copy(layer.tied_key, plan.sources[0])
+        # A rebuilt holder of a replicated (de)embedding follows the copy it was rebuilt from from now on.
+        for key, stage in tied_authorities(plans, self.stage_signatures).items():
+            self.follow_tied_copy(key, stage)
         if me:
             self._reset_optimizer_state()
             self.lr_boost.apply(self.basic_optimizer.param_groups, cf.lr_boost)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..core.recovery import clip_coefficient
+from ..core.recovery import clip_stage_grads_
 from . import ds_internals
 
 
@@ -42,7 +42,5 @@ def measure_stage_grad_norm(grads: List[torch.Tensor], device: torch.device,
         dist.all_reduce(sq, group=partition_group)
         norm = sq.sqrt()
     if max_norm is not None:
-        coef = clip_coefficient(norm, max_norm)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        norm = norm * coef
+        norm = clip_stage_grads_(grads, norm, max_norm)
     return norm.detach()

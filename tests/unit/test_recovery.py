@@ -206,3 +206,25 @@ def test_reinitialize_is_seeded_and_leaves_global_rng_alone():
     reinitialize([b], seed=5)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a.fc.weight, b.fc.weight)
+
+
+def test_clip_stage_grads_scales_in_place_and_returns_the_clipped_norm():
+    from deepspeed_checkfree.core.recovery import clip_stage_grads_
+    grads = [torch.full((3,), 3.0), torch.full((4,), 4.0)]
+    norm = torch.linalg.vector_norm(torch.cat(grads))
+    clipped = clip_stage_grads_(grads, norm, 1.0)
+    assert torch.allclose(torch.linalg.vector_norm(torch.cat(grads)), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(clipped, torch.tensor(1.0), atol=1e-5)
+    small = [torch.full((2,), 0.1)]
+    n = torch.linalg.vector_norm(small[0])
+    assert torch.equal(clip_stage_grads_(small, n, 1.0), n) and torch.equal(small[0], torch.full((2,), 0.1))
+
+
+def test_tied_authorities_follow_the_copy_source_of_an_edge_rebuild_only():
+    from deepspeed_checkfree.core.recovery import LayerSignature, tied_authorities
+    sigs = {s: (LayerSignature(f"L{s}", "Block", (("w", (2,), "torch.float32"),), None),) for s in range(4)}
+    sigs[0] = sigs[0] + (LayerSignature("tied_modules.checkfree_embed", "Embed", (("w", (2,), "torch.float32"),), "checkfree_embed"),)
+    sigs[1] = sigs[1] + (LayerSignature("tied_modules.checkfree_embed", "Embed", (("w", (2,), "torch.float32"),), "checkfree_embed"),)
+    plus = plan_recovery([0], 4, "checkfree_plus")
+    assert tied_authorities(plus, sigs) == {"checkfree_embed": 1}
+    assert tied_authorities(plan_recovery([2], 4, "checkfree"), sigs) == {}
