@@ -1,0 +1,25 @@
+"""The wheel ships what the package needs at run time: a non-editable install into a fresh folder finds the corpus,
+and keeps launch scripts, configs, patches and benchmarks out."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_non_editable_install_finds_the_shipped_corpus(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-cache-dir", "--target", str(target), str(REPO)], check=True, timeout=300,
+                   cwd=tmp_path)
+    installed = target / "deepspeed_checkfree"
+    assert (installed / "models" / "sotu.txt.xz").is_file()
+    assert not any((target / name).exists() for name in ("launch", "configs", "patches", "benchmarks", "tests"))
+    probe = ("import deepspeed_checkfree.models.corpus as c; "
+             "print(c.DEFAULT_CORPUS); print(len(c.load_corpus()))")
+    out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert Path(out[0]).resolve().is_relative_to(installed.resolve())
+    assert int(out[1]) > 10_000_000  # the 10.8 MB corpus, read from the installed copy
