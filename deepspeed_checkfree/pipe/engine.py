@@ -28,7 +28,7 @@ from .exchange import RebuildResult, broadcast_tensors, gather_signatures, rebui
 from ..core.failures import FailurePlan, recoverable_stages
 from .plus_module import CheckFreePlusPipelineModule
 from ..core.recovery import StageSignature, layer_signature, match_layers, plan_recovery
-from ..repair.deepspeed_format import checkpoint_client_state
+from ..repair.ds_pipeline import checkpoint_client_state
 
 logger = logging.getLogger(__name__)
 
