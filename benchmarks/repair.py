@@ -117,7 +117,7 @@ def deepspeed_rank(out: str) -> None:
     import deepspeed_checkfree  # noqa: F401
     from deepspeed_checkfree.models import gpt
     from deepspeed_checkfree.models.corpus import StepBatches, load_corpus
-    from deepspeed_checkfree.repair.deepspeed_format import checkpoint_client_state
+    from deepspeed_checkfree.repair.ds_pipeline import checkpoint_client_state
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")

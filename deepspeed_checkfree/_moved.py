@@ -26,7 +26,7 @@ MOVED = {
     "deepspeed_checkfree.llama": "deepspeed_checkfree.models.llama",
     "deepspeed_checkfree.data": "deepspeed_checkfree.models.corpus",
     "deepspeed_checkfree.events_cli": "deepspeed_checkfree.events",
-    "deepspeed_checkfree.repair_deepspeed": "deepspeed_checkfree.repair.deepspeed_format",
+    "deepspeed_checkfree.repair_deepspeed": "deepspeed_checkfree.repair.ds_pipeline",
     "deepspeed_checkfree.repair_megatron": "deepspeed_checkfree.repair.megatron_legacy",
     "deepspeed_checkfree.repair_megatron_dist": "deepspeed_checkfree.repair.megatron_dist",
 }

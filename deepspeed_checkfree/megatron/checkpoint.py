@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from ..errors import CheckFreeError, RecoveryError
 from ..events import identity
-from ..repair.megatron_legacy import (TRACKER, edge_tensors, iteration_dir_name, replica_holder,
-                               write_norms, write_replica)
+from ..repair import repair_checkpoint
+from ..repair.megatron_common import (TRACKER, edge_tensors, iteration_dir_name, read_rebuilt_stages, replica_holder,
+                                      write_norms, write_replica)
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def repair_before_load(load_dirs: Sequence[Optional[str]], strategy: str = "grad
     Raises:
         RecoveryError: on every rank, when the checkpoint cannot be repaired.
     """
-    from ..repair import repair_checkpoint
-
     outcome: List[Any] = [None]
     if dist.get_rank() == 0:
         try:
@@ -198,7 +197,7 @@ def state_after_load(load_dir: Optional[str], iteration: Any, reports: Sequence[
     rebuilt = {r["stage"] for report in reports for r in report["rebuilds"]}
     if load_dir and iteration:
         iter_dir = os.path.join(load_dir, iteration_dir_name(iteration))
-        rebuilt |= set(_recorded_rebuilt_stages(iter_dir))
+        rebuilt |= set(read_rebuilt_stages(iter_dir))
     state.rebuilt_stages = sorted(rebuilt)
     stage = ps.get_pipeline_model_parallel_rank()
     if stage in rebuilt:
@@ -206,22 +205,6 @@ def state_after_load(load_dir: Optional[str], iteration: Any, reports: Sequence[
         state.grad_norm = None  # the rebuilt stage has no measured gradient yet
         logger.warning("%s this stage was rebuilt by CheckFree: its learning rate is multiplied by %.3g from now on",
                        identity(stage=stage, rank=dist.get_rank()), lr_boost)
-
-
-def _recorded_rebuilt_stages(iter_dir: str) -> List[int]:
-    import json
-
-    folder = os.path.join(iter_dir, "checkfree")
-    if not os.path.isdir(folder):
-        return []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    return list(json.load(f).get("rebuilt_stages", []))
-            except (OSError, ValueError):
-                continue
-    return []
 
 
 def boosted_step(optimizer: Any, step, state: CheckFreeState):

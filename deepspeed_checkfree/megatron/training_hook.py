@@ -14,12 +14,13 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+from ..repair.base import STRATEGIES
+from ..repair.megatron_common import iteration_dir_name
 from .checkpoint import (CheckFreeState, record_norms_around_step, repair_before_load, save_checkfree_state,
                          state_after_load)
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("gradnorm_average", "uniform_average", "copy")
 _NON_PERSISTENT_SUBDIR = "non_persistent"  # megatron/training/checkpointing.py _NON_PERSISTENT_CKPT_SUBDIR
 
 
@@ -61,12 +62,16 @@ def _option(args: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _non_persistent_dir(args: Any, base_dir: str) -> str:
+    # Megatron's own rule: --non-persistent-global-ckpt-dir, else a subdirectory of the save/load directory.
+    return getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(base_dir, _NON_PERSISTENT_SUBDIR)
+
+
 def _load_dirs(args: Any, load_arg: str) -> list:
     load_dir = getattr(args, load_arg, None)
     dirs = [load_dir]
     if load_dir:
-        dirs.append(getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(load_dir,
-                                                                                          _NON_PERSISTENT_SUBDIR))
+        dirs.append(_non_persistent_dir(args, load_dir))
     return dirs
 
 
@@ -76,12 +81,11 @@ def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Opt
         if kind != "global":
             logger.warning("[checkfree] %s non-persistent checkpoints are not protected (no sidecar written)", kind)
             return None
-        save_dir = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(args.save,
-                                                                                         _NON_PERSISTENT_SUBDIR)
+        save_dir = _non_persistent_dir(args, args.save)
     else:
         save_dir = args.save
     # No filesystem test here: every rank must take the same branch (the sidecar write is collective).
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
+    return os.path.join(save_dir, iteration_dir_name(iteration))
 
 
 def install() -> CheckFreeState:

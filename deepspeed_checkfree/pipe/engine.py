@@ -24,7 +24,7 @@ from ..core.failures import FailurePlan, recoverable_stages
 from ..core.recovery import match_layers, plan_recovery, random_rebuild_seed, tied_authorities
 from ..errors import RecoveryError
 from ..events import EventLog, identity
-from ..repair.deepspeed_format import checkpoint_client_state
+from ..repair.ds_pipeline import checkpoint_client_state
 from . import ds_internals
 from .exchange import RebuildResult, broadcast_tensors, gather_signatures, rebuild_stages
 from .grad_norm import measure_stage_grad_norm, stage_gradients

@@ -27,7 +27,7 @@ import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
 from deepspeed_checkfree.models import gpt  # noqa: E402
 from deepspeed_checkfree.models.corpus import StepBatches, load_corpus  # noqa: E402
 from deepspeed_checkfree.repair import repair_checkpoint  # noqa: E402
-from deepspeed_checkfree.repair.deepspeed_format import checkpoint_client_state  # noqa: E402
+from deepspeed_checkfree.repair.ds_pipeline import checkpoint_client_state  # noqa: E402
 
 MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)
 STEPS = 3

@@ -60,6 +60,8 @@ def test_pipeline_module_layout_attributes():
                  "self.num_stages", "self.add_module(name, module)"):
         assert attr in src, attr
     assert "key" in inspect.signature(TiedLayerSpec.__init__).parameters
+    # checkfree repair's client state reads every stage's layer range from the public ``parts``.
+    assert "self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])" in src
     assert "stage_to_global" in dir(PipelineParallelGrid)
 
 

@@ -2,6 +2,7 @@
 and keeps launch scripts, configs, patches and benchmarks out."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_non_editable_install_finds_the_shipped_corpus(tmp_path):
+    # Built from a copy of the sources, so the build leaves nothing in the repository.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "deepspeed_checkfree", src / "deepspeed_checkfree",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-cache-dir", "--target", str(target), str(REPO)], check=True, timeout=300,
-                   cwd=tmp_path)
+                    "--no-cache-dir", "--target", str(target), str(src)], check=True, timeout=300, cwd=tmp_path)
     installed = target / "deepspeed_checkfree"
     assert (installed / "models" / "sotu.txt.xz").is_file()
     assert not any((target / name).exists() for name in ("launch", "configs", "patches", "benchmarks", "tests"))

@@ -16,7 +16,7 @@ from deepspeed_checkfree import cli
 from deepspeed_checkfree.errors import ConfigError, RecoveryError
 from deepspeed_checkfree.events import read_events
 from deepspeed_checkfree.repair import detect_format, repair_checkpoint
-from deepspeed_checkfree.repair.megatron_legacy import stage_layer_counts, write_norms, write_replica
+from deepspeed_checkfree.repair.megatron_common import stage_layer_counts, write_norms, write_replica
 
 H, V, IT = 8, 16, 5
 EPS = 1e-4
@@ -463,3 +463,23 @@ def test_deepspeed_stage_1_under_checkfree_plus_is_a_copy_of_stage_0_with_the_em
     for tgt, src in ((3, 0), (4, 1), (5, 2)):
         rebuilt = torch.load(os.path.join(out, "t3", f"layer_{tgt:02d}-model_states.pt"))
         assert rebuilt.keys() == layers[src].keys() and all(torch.equal(rebuilt[k], layers[src][k]) for k in rebuilt)
+
+
+def test_version_0_1_repair_module_paths_resolve_to_the_format_subpackages():
+    import importlib
+    import warnings
+
+    from deepspeed_checkfree.repair import ds_pipeline, megatron_common, megatron_dist, megatron_legacy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old_ds = importlib.import_module("deepspeed_checkfree.repair_deepspeed")
+        old_legacy = importlib.import_module("deepspeed_checkfree.repair_megatron")
+        old_dist = importlib.import_module("deepspeed_checkfree.repair_megatron_dist")
+    assert (old_ds, old_legacy, old_dist) == (ds_pipeline, megatron_legacy, megatron_dist)
+    assert old_ds.checkpoint_client_state is ds_pipeline.files.checkpoint_client_state
+    # repair_megatron held the layout and sidecar helpers as well as the legacy reader.
+    assert old_legacy.write_norms is megatron_common.write_norms
+    assert old_legacy.MegatronLayout is megatron_common.MegatronLayout
+    assert old_legacy.MegatronLegacyCheckpoint.__module__ == "deepspeed_checkfree.repair.megatron_legacy.checkpoint"
+    assert old_dist.MegatronDistCheckpoint.__module__ == "deepspeed_checkfree.repair.megatron_dist.checkpoint"

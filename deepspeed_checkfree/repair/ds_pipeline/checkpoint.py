@@ -1,61 +1,29 @@
-"""Repair of a DeepSpeed pipeline checkpoint (``PipelineEngine.save_checkpoint``) that lost one stage.
+"""The reader and rebuilder of one tag of a DeepSpeed pipeline checkpoint (``PipelineEngine.save_checkpoint``).
 
-Layout (shared/notes/deepspeed-on-cpu.md §3.8): ``save_dir/latest`` names the tag; ``tag/layer_XX-model_states.pt``
-holds one layer's state dict (global layer index XX) and ``tag/mp_rank_SS_model_states.pt`` stage SS's engine state
-(optimizer, scheduler, step counters, ``ds_config``, client state). A lost stage is its mp_rank file and its layer
-files. Which layers a stage held is not in DeepSpeed's files: it comes from the ``checkfree_stage_layers`` client
-state when the engine saved it (see :func:`checkpoint_client_state`), else it is inferred from the number of
-parameters each surviving stage's optimizer holds.
+A lost stage is its mp_rank file and its layer files. Which layers a stage held is not in DeepSpeed's files: it comes
+from the ``checkfree_stage_layers`` client state when the engine saved it (see :func:`.files.checkpoint_client_state`),
+else it is inferred from the number of parameters each surviving stage's optimizer holds.
 """
 from __future__ import annotations
 
-import copy
 import json
+import logging
 import os
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import RecoveryError, UnsupportedSetupError
-from ..core.recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
-from . import IOLedger, Inspection, copy_iteration, file_problem, prepare_output_dir, set_aside
+from ...core.recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
+from ...errors import RecoveryError, UnsupportedSetupError
+from ..base import IOLedger, Inspection, copy_to_output, directory_bytes, empty_optimizer_state, file_problem, \
+    write_rebuilt_file
+from .files import (LAYER_FILE, LAYER_TP_FILE, LAYERS_KEY, MP_FILE, NORM_KEY, NORMS_FILE, layer_file,
+                    layer_file_signature, mp_file)
 
-_LAYER = re.compile(r"layer_(\d+)-model_states\.pt$")
-_LAYER_TP = re.compile(r"layer_(\d+)-model_\d+-model_states\.pt$")
-_MP = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-NORM_KEY = "checkfree_stage_grad_norm"
-LAYERS_KEY = "checkfree_stage_layers"
-NORMS_FILE = "checkfree_grad_norms.json"
+logger = logging.getLogger(__name__)
 
-
-def checkpoint_client_state(engine: Any) -> Dict[str, Any]:
-    """Client state to pass to ``engine.save_checkpoint(dir, tag, client_state=...)`` so that ``checkfree repair`` can
-    weight a rebuild by the recorded gradient norms and knows each stage's layers exactly. Every pipeline rank writes
-    its own, in its own ``mp_rank`` file; no communication.
-    """
-    module = engine.module
-    return {NORM_KEY: getattr(engine, "stage_grad_norm", None),
-            LAYERS_KEY: [int(module._local_start), int(module._local_stop)]}  # noqa: SLF001 - DeepSpeed's bounds
-
-
-def layer_file(idx: int) -> str:
-    return f"layer_{idx:02d}-model_states.pt"
-
-
-def mp_file(stage: int) -> str:
-    return f"mp_rank_{stage:02d}_model_states.pt"
-
-
-def _structure(state: Dict[str, Any]) -> str:
-    """A layer's type, as far as files tell: the names of its tensors."""
-    return "|".join(sorted(k for k, v in state.items() if isinstance(v, torch.Tensor)))
-
-
-def _signature(idx: int, state: Dict[str, Any]) -> LayerSignature:
-    params = tuple((k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state.items()
-                   if isinstance(v, torch.Tensor))
-    return LayerSignature(str(idx), _structure(state), params)
+_RECORD_LAYERS = ("Save with client_state=deepspeed_checkfree.repair.ds_pipeline.checkpoint_client_state(engine) "
+                  "to record each stage's layers")
 
 
 class DeepSpeedCheckpoint:
@@ -90,18 +58,22 @@ class DeepSpeedCheckpoint:
             self._layers[idx] = self.ledger.load(os.path.join(self.iter_dir, layer_file(idx)))
         return self._layers[idx]
 
+    def stage_signature(self, stage: int) -> Tuple[LayerSignature, ...]:
+        """The signatures of the layers a (surviving) stage holds, from their files."""
+        return tuple(layer_file_signature(i, self.layer(i)) for i in self.stage_layers[stage])
+
     def _scan(self) -> Tuple[Dict[int, Optional[str]], Dict[int, Optional[str]]]:
         layers, mps = {}, {}
         for name in os.listdir(self.iter_dir):
             if name.startswith("zero_pp_rank_") or name.startswith("bf16_zero_pp_rank_"):
                 raise UnsupportedSetupError(f"{name}: ZeRO optimizer checkpoints are not supported by this version "
                                             f"(the optimizer state is partitioned over data-parallel ranks).")
-            if _LAYER_TP.match(name):
+            if LAYER_TP_FILE.match(name):
                 raise UnsupportedSetupError(f"{name}: tensor-parallel layer files are not supported by this version.")
-            m = _LAYER.match(name)
+            m = LAYER_FILE.match(name)
             if m:
                 layers[int(m.group(1))] = file_problem(os.path.join(self.iter_dir, name))
-            m = _MP.match(name)
+            m = MP_FILE.match(name)
             if m:
                 mps[int(m.group(1))] = file_problem(os.path.join(self.iter_dir, name))
         return layers, mps
@@ -138,9 +110,7 @@ class DeepSpeedCheckpoint:
         self._assign_layers(layers, damaged)
         stage_files = {s: [mp_file(s)] + [layer_file(i) for i in self.stage_layers.get(s, [])]
                        for s in range(self.num_stages)}
-        total = sum(os.path.getsize(os.path.join(self.iter_dir, n)) for n in os.listdir(self.iter_dir)
-                    if os.path.isfile(os.path.join(self.iter_dir, n)))
-        return Inspection(self.num_stages, damaged, stage_files, [], total)
+        return Inspection(self.num_stages, damaged, stage_files, [], directory_bytes(self.iter_dir, recursive=False))
 
     def _assign_layers(self, layers: Dict[int, Optional[str]], damaged: Dict[int, str]) -> None:
         """Which layer files each stage holds: recorded, or inferred from the surviving stages' parameter counts."""
@@ -192,16 +162,15 @@ class DeepSpeedCheckpoint:
             if acc != need:
                 raise RecoveryError(
                     f"cannot tell which layer files belong to stage {stage}: its optimizer holds {need} parameters, "
-                    f"the layer files next to it add up to {acc}. Save with client_state=deepspeed_checkfree."
-                    f"repair_deepspeed.checkpoint_client_state(engine) to record each stage's layers.")
+                    f"the layer files next to it add up to {acc}. {_RECORD_LAYERS}.")
             return got
 
         lost = sorted(damaged)
         if len(lost) > 1:
             raise RecoveryError(
                 f"stages {lost} are damaged and the checkpoint does not record which layers each stage held; with more "
-                f"than one damaged stage the layers cannot be inferred. Save with client_state=deepspeed_checkfree."
-                f"repair_deepspeed.checkpoint_client_state(engine), or restore all but one stage.")
+                f"than one damaged stage the layers cannot be inferred. {_RECORD_LAYERS}, or restore all but one "
+                f"stage.")
         d = lost[0] if lost else None
         pos = 0
         for s in range(0, d if d is not None else self.num_stages):
@@ -232,18 +201,14 @@ class DeepSpeedCheckpoint:
         norms = {s: float(st[NORM_KEY]) for s, st in self.mp.items() if st.get(NORM_KEY) is not None}
         path = os.path.join(self.iter_dir, NORMS_FILE)
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            self.ledger.add_read(len(text), path)
-            for s, n in json.loads(text).items():
+            for s, n in json.loads(self.ledger.read_bytes(path)).items():
                 if n is not None:
                     norms.setdefault(int(s), float(n))
         return norms
 
     def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
-        prepare_output_dir(output)
-        out_iter = os.path.join(output, os.path.basename(self.iter_dir))
-        copy_iteration(self.iter_dir, out_iter, [f for s in damaged for f in found.stage_files[s]], self.ledger)
+        skip = [f for s in damaged for f in found.stage_files[s]]
+        out_iter = copy_to_output(self.iter_dir, output, skip, self.ledger)
         with open(os.path.join(output, "latest"), "w", encoding="utf-8") as f:
             f.write(os.path.basename(self.iter_dir))
         return out_iter
@@ -253,7 +218,7 @@ class DeepSpeedCheckpoint:
     def _target_layers(self, plan: RecoveryPlan) -> Tuple[List[int], Tuple[LayerSignature, ...]]:
         """The lost stage's layer indices and their assumed structure (its own files are gone)."""
         t = plan.target
-        src_sigs = {s: tuple(_signature(i, self.layer(i)) for i in self.stage_layers[s]) for s in plan.sources}
+        src_sigs = {s: self.stage_signature(s) for s in plan.sources}
         idxs = list(self.stage_layers.get(t) or [])
         if plan.strategy == "copy" or len(plan.sources) == 1:
             ref = src_sigs[plan.sources[0]]
@@ -278,10 +243,7 @@ class DeepSpeedCheckpoint:
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         t = plan.target
         idxs, tgt_sig = self._target_layers(plan)
-        mappings: List[ParamMapping] = []
-        for s in plan.sources:
-            src_sig = tuple(_signature(i, self.layer(i)) for i in self.stage_layers[s])
-            mappings.append(match_layers(tgt_sig, src_sig, t, s))
+        mappings: List[ParamMapping] = [match_layers(tgt_sig, self.stage_signature(s), t, s) for s in plan.sources]
         files, params = [], {}
         for i in idxs:
             params[i] = {}
@@ -293,21 +255,14 @@ class DeepSpeedCheckpoint:
                 tensors.append(self.ledger.tensor(self.layer(int(src_layer))[src_name]))
             params[int(layer)][name] = blend(tensors, weights)
         for i in idxs:
-            out = os.path.join(out_iter_dir, layer_file(i))
-            if in_place:
-                set_aside(out)
-            self.ledger.save(params[i], out)
-            files.append(out)
+            files.append(write_rebuilt_file(params[i], os.path.join(out_iter_dir, layer_file(i)), in_place,
+                                            self.ledger))
         state = {k: v for k, v in self.mp[plan.sources[0]].items() if k != "optimizer"}
         state["optimizer"] = self._fresh_optimizer(plan, tgt_sig)
         state[NORM_KEY] = None  # not measured on the rebuilt stage yet
         if LAYERS_KEY in state:
             state[LAYERS_KEY] = [idxs[0], idxs[-1] + 1]
-        out = os.path.join(out_iter_dir, mp_file(t))
-        if in_place:
-            set_aside(out)
-        self.ledger.save(state, out)
-        files.append(out)
+        files.append(write_rebuilt_file(state, os.path.join(out_iter_dir, mp_file(t)), in_place, self.ledger))
         notes = [m.note for m in mappings if m.note]
         return {"files": files, "note": "; ".join(notes) or None}
 
@@ -319,9 +274,7 @@ class DeepSpeedCheckpoint:
             if not isinstance(src_opt, dict) or "param_groups" not in src_opt:
                 raise UnsupportedSetupError(f"stage {s}'s optimizer state is not a torch optimizer state dict "
                                             f"({type(src_opt).__name__}); only torch optimizers are supported.")
-            src_structure = [(_structure(self.layer(i)), _signature(i, self.layer(i)).params)
-                             for i in self.stage_layers[s]]
-            if src_structure == tgt_structure:
+            if [(l.type_name, l.params) for l in self.stage_signature(s)] == tgt_structure:
                 sizes = [len(g["params"]) for g in src_opt["param_groups"]]
                 break
         else:
@@ -332,9 +285,4 @@ class DeepSpeedCheckpoint:
                     f"layers to copy their sizes from; resume with engine.load_checkpoint(..., "
                     f"load_optimizer_states=False).")
             sizes = [sum(len(l.params) for l in tgt_sig)]
-        groups = copy.deepcopy(self.mp[plan.sources[0]]["optimizer"]["param_groups"])
-        index = 0
-        for g, n in zip(groups, sizes):
-            g["params"] = list(range(index, index + n))
-            index += n
-        return {"state": {}, "param_groups": groups}
+        return empty_optimizer_state(self.mp[plan.sources[0]]["optimizer"]["param_groups"], sizes)

@@ -1,41 +1,27 @@
-"""Repair of a Megatron ``torch_dist`` checkpoint (megatron.core ``dist_checkpointing``; PyTorch DCP files).
-
-An iteration is ``.metadata`` (pickled DCP ``Metadata``: global shapes, chunks, and where each chunk is stored),
-``__{rank}_{k}.distcp`` files holding serialized chunks, ``common.pt`` (args, iteration, scheduler) and
-``metadata.json``. Per-layer tensors are global, stacked along a leading layer axis, so a lost stage is the set of
-chunks at its layer offsets (plus the embedding or head for the first/last stage). Repair reads only the chunks of
-the neighbouring stages, rewrites the lost stage's files item by item in DCP's own serialization, and updates the
-storage offsets in ``.metadata``; megatron.core's unmodified loader then reads the checkpoint.
+"""The reader and rebuilder of one iteration of a Megatron ``torch_dist`` checkpoint. Per-layer tensors are global,
+stacked along a leading layer axis, so a lost stage is the set of chunks at its layer offsets (plus the embedding or
+head for the first/last stage); the rebuild reads only the neighbours' chunks, rewrites the lost stage's files item
+by item and updates the storage offsets in ``.metadata``.
 """
 from __future__ import annotations
 
-import io
+import logging
 import os
 import pickle
-import re
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import RecoveryError, UnsupportedSetupError
-from ..core.recovery import LayerSignature, RecoveryPlan, blend, match_layers
-from . import HOST, IOLedger, Inspection, set_aside
-from .megatron_legacy import (LAYER_PREFIX, MegatronIteration, MegatronLayout, read_replica, record_rebuilt,
-                              replica_file, replica_holder)
+from ...core.recovery import LayerSignature, RecoveryPlan, blend, match_layers
+from ...errors import RecoveryError
+from ..base import IOLedger, Inspection, directory_bytes, set_aside
+from ..megatron_common import (LAYER_PREFIX, REPLICA_FIX, MegatronIteration, MegatronLayout, layer_index_map,
+                               read_replica, replica_file, replica_note)
+from .items import (COMMON, METADATA, parse_sharded_object, read_item, read_metadata, sharded_object_fqn, split_opt,
+                    write_items)
 
-METADATA = ".metadata"
-COMMON = "common.pt"
-OPT_STATE = "optimizer.state."
-_SHARD_SUFFIX = re.compile(r"^(?P<key>.+)/shard_(?P<offsets>[\d.]+)_(?P<shape>[\d.]+)$")
-
-
-def _split_opt(fqn: str) -> Tuple[Optional[str], str]:
-    """``optimizer.state.exp_avg.decoder.x`` -> (``exp_avg``, ``decoder.x``); a model key -> (None, key)."""
-    if fqn.startswith(OPT_STATE):
-        state_name, _, param = fqn[len(OPT_STATE):].partition(".")
-        return state_name, param
-    return None, fqn
+logger = logging.getLogger(__name__)
 
 
 class MegatronDistCheckpoint(MegatronIteration):
@@ -48,25 +34,6 @@ class MegatronDistCheckpoint(MegatronIteration):
 
     # -- reading --------------------------------------------------------------------------------------------
 
-    def _read_metadata(self) -> None:
-        path = os.path.join(self.iter_dir, METADATA)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            self.md = pickle.loads(data)
-        except FileNotFoundError as err:
-            raise RecoveryError(f"{path} is missing. It is the global index of a torch_dist checkpoint (written once, "
-                                f"not by one stage), so it cannot be rebuilt from neighbours; restore it from another "
-                                f"copy.") from err
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the index is unusable
-            raise RecoveryError(f"{path} is unreadable ({type(err).__name__}: {err}); it is the global index of the "
-                                f"checkpoint and cannot be rebuilt from neighbours.") from err
-        self.ledger.add_read(len(data), path)
-        for info in self.md.storage_data.values():
-            if getattr(info, "transform_descriptors", None):
-                raise UnsupportedSetupError(f"{info.relative_path} uses DCP storage transforms "
-                                            f"{info.transform_descriptors}; not supported by this version.")
-
     def _read_args(self) -> Any:
         path = os.path.join(self.iter_dir, COMMON)
         if not os.path.exists(path):
@@ -76,18 +43,7 @@ class MegatronDistCheckpoint(MegatronIteration):
         return common.get("args") if isinstance(common, dict) else None
 
     def _read_item(self, index) -> Any:
-        info = self.md.storage_data[index]
-        path = os.path.join(self.iter_dir, info.relative_path)
-        with open(path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        if len(data) != info.length:
-            raise RecoveryError(f"{path} is truncated: item {index.fqn} needs bytes "
-                                f"{info.offset}..{info.offset + info.length}")
-        self.ledger.add_read(len(data), path)
-        if index.offset is None:
-            return data
-        return torch.load(io.BytesIO(data), map_location=HOST, weights_only=True)
+        return read_item(self.iter_dir, self.md, index, self.ledger)
 
     # -- which stage owns an item -----------------------------------------------------------------------------
 
@@ -96,16 +52,16 @@ class MegatronDistCheckpoint(MegatronIteration):
         lay = self.layout
         fqn = index.fqn
         if index.offset is None:  # a ShardedObject: "<key>/shard_<offsets>_<global shape>"
-            m = _SHARD_SUFFIX.match(fqn)
-            if m is None:
+            parsed = parse_sharded_object(fqn)
+            if parsed is None:
                 return None
-            key, offsets = m.group("key"), [int(x) for x in m.group("offsets").split(".")]
+            key, offsets, _shape = parsed
             if key.startswith(LAYER_PREFIX):
                 return lay.stage_of_layer(offsets[0])
             if key == "rng_state":
                 return offsets[0]
             return None
-        _, param = _split_opt(fqn)
+        _, param = split_opt(fqn)
         if param.startswith(LAYER_PREFIX):
             return lay.stage_of_layer(int(index.offset[0]))
         if param.startswith("embedding."):
@@ -117,7 +73,7 @@ class MegatronDistCheckpoint(MegatronIteration):
     # -- the handler interface used by repair_checkpoint -----------------------------------------------------
 
     def inspect(self) -> Inspection:
-        self._read_metadata()
+        self.md = read_metadata(self.iter_dir, self.ledger)
         self.layout = MegatronLayout.from_args(self._read_args(), os.path.join(self.iter_dir, COMMON))
         lay = self.layout
         for required in ("metadata.json",):
@@ -151,12 +107,12 @@ class MegatronDistCheckpoint(MegatronIteration):
                     f"{owners}; unmatched items {unplaced[:5]}{' ...' if len(unplaced) > 5 else ''}). Only the "
                     f"files of a single stage can be rebuilt from its neighbours.")
             damaged[owners[0]] = "; ".join(filter(None, [damaged.get(owners[0]), f"{rel} {why}"]))
-        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.iter_dir) for f in fs)
-        return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"], total)
+        return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"],
+                          directory_bytes(self.iter_dir))
 
-    def _rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
+    def rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
         # The rebuild rewrites the storage offsets of the lost stage's items in the global index too.
-        return super()._rewritten_files(found, damaged) + [METADATA]
+        return super().rewritten_files(found, damaged) + [METADATA]
 
     def _layer_signatures(self, stage: int) -> Tuple[LayerSignature, ...]:
         """Signatures of a stage's layers from the metadata alone (it survives even when the stage's files do)."""
@@ -180,6 +136,31 @@ class MegatronDistCheckpoint(MegatronIteration):
         raise RecoveryError(f"{METADATA} lists no chunk of {index.fqn} at offset {tuple(index.offset)}; the index is "
                             f"inconsistent.")
 
+    # -- rebuilding -------------------------------------------------------------------------------------------
+
+    def _edge_value(self, target: int, index, size, replicas: Dict[int, Optional[Dict[str, torch.Tensor]]],
+                    notes: List[str]) -> torch.Tensor:
+        """A chunk of a lost edge stage's embedding or head, from the replica its neighbour saved."""
+        tp = 0
+        for o, n in zip(index.offset, size):
+            if o:
+                tp = int(o) // int(n)
+        if tp not in replicas:
+            replicas[tp] = read_replica(self.iter_dir, target, tp, self.ledger)
+            if replicas[tp] is not None:
+                notes.append(replica_note(target, self.layout.num_stages))
+        replica = replicas[tp]
+        if replica is None or index.fqn not in replica:
+            raise RecoveryError(
+                f"{index.fqn} of stage {target} exists only in the lost shard: no CheckFree replica "
+                f"({replica_file(self.iter_dir, target, tp)}) holds it (torch_dist does not store the tied "
+                f"output-layer copy). {REPLICA_FIX}")
+        value = replica[index.fqn]
+        if value.numel() != torch.Size(size).numel():
+            raise RecoveryError(f"the replica of {index.fqn} has shape {tuple(value.shape)}, the checkpoint "
+                                f"expects a chunk of {tuple(size)}; the replica is from another model.")
+        return value.reshape(size).clone()
+
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -189,7 +170,7 @@ class MegatronDistCheckpoint(MegatronIteration):
         layer_maps, notes = [], []
         for s in plan.sources:
             mapping = match_layers(tgt_sig, self._layer_signatures(s), target, s)
-            layer_maps.append({int(t.split(".", 1)[0]): int(src.split(".", 1)[0]) for t, src in mapping.pairs})
+            layer_maps.append(layer_index_map(mapping))
             if mapping.note:
                 notes.append(mapping.note)
         replicas: Dict[int, Optional[Dict[str, torch.Tensor]]] = {}
@@ -198,29 +179,6 @@ class MegatronDistCheckpoint(MegatronIteration):
             k = global_layer - lay.offsets[target]
             return lay.offsets[plan.sources[i]] + layer_maps[i][k]
 
-        def edge_value(index, size) -> torch.Tensor:
-            tp = 0
-            for axis, (o, n) in enumerate(zip(index.offset, size)):
-                if o:
-                    tp = int(o) // int(n)
-            if tp not in replicas:
-                replicas[tp] = read_replica(self.iter_dir, target, tp, self.ledger)
-                if replicas[tp] is not None:
-                    notes.append(f"edge parameters of stage {target} from the replica kept by stage "
-                                 f"{replica_holder(target, lay.num_stages)}")
-            replica = replicas[tp]
-            if replica is None or index.fqn not in replica:
-                raise RecoveryError(
-                    f"{index.fqn} of stage {target} exists only in the lost shard: no CheckFree replica "
-                    f"({replica_file(self.iter_dir, target, tp)}) holds it (torch_dist does not store the tied "
-                    f"output-layer copy). Save checkpoints with the checkfree hook (deepspeed_checkfree.megatron."
-                    f"install()) so the neighbouring stage keeps a replica, or restore the shard from another copy.")
-            value = replica[index.fqn]
-            if value.numel() != torch.Size(size).numel():
-                raise RecoveryError(f"the replica of {index.fqn} has shape {tuple(value.shape)}, the checkpoint "
-                                    f"expects a chunk of {tuple(size)}; the replica is from another model.")
-            return value.reshape(size).clone()
-
         lost = [i for i, s in self._item_stage.items() if s == target]
         files: Dict[str, List[Any]] = defaultdict(list)
         for index in lost:
@@ -228,18 +186,16 @@ class MegatronDistCheckpoint(MegatronIteration):
         values: Dict[Any, Any] = {}
         for index in lost:
             if index.offset is None:
-                m = _SHARD_SUFFIX.match(index.fqn)
-                key, offsets = m.group("key"), [int(x) for x in m.group("offsets").split(".")]
+                key, offsets, shape = parse_sharded_object(index.fqn)
                 if key.startswith(LAYER_PREFIX):
                     offsets[0] = source_layer(0, offsets[0])
                 else:  # rng_state: the first source's generator states
                     offsets[0] = plan.sources[0]
-                src = f"{key}/shard_{'.'.join(map(str, offsets))}_{m.group('shape')}"
-                values[index] = self._read_item(MetadataIndex(src))
+                values[index] = self._read_item(MetadataIndex(sharded_object_fqn(key, offsets, shape)))
                 continue
             size = self._chunk_size(index)
             dtype = self.md.state_dict_metadata[index.fqn].properties.dtype
-            state_name, param = _split_opt(index.fqn)
+            state_name, param = split_opt(index.fqn)
             if state_name is not None and state_name != "fp32_param":
                 # Fresh optimizer state for the rebuilt stage (the paper resets its Adam moments).
                 values[index] = torch.zeros(size, dtype=dtype)
@@ -251,32 +207,18 @@ class MegatronDistCheckpoint(MegatronIteration):
                     tensors.append(self._read_item(MetadataIndex(index.fqn, src_offset)))
                 values[index] = blend(tensors, weights).reshape(size).to(dtype).contiguous()
             else:
-                values[index] = edge_value(MetadataIndex(param, index.offset), size).to(dtype)
+                edge_index = MetadataIndex(param, index.offset)
+                values[index] = self._edge_value(target, edge_index, size, replicas, notes).to(dtype)
         written = []
         for rel, indices in files.items():
             indices.sort(key=lambda i: self.md.storage_data[i].offset)
             out = os.path.join(out_iter_dir, rel)
             if in_place:
                 set_aside(out)
-            tmp = out + ".checkfree-tmp"
-            with open(tmp, "wb") as f:  # items written straight to the file, in DCP's own serialization
-                for index in indices:
-                    start = f.tell()
-                    value = values.pop(index)
-                    if isinstance(value, (bytes, bytearray)):
-                        f.write(value)
-                    else:
-                        torch.save(value, f)
-                    old = self.md.storage_data[index]
-                    self.md.storage_data[index] = type(old)(rel, start, f.tell() - start)
-            os.replace(tmp, out)
+            write_items(out, rel, indices, values, self.md)
             self.ledger.bytes_written += os.path.getsize(out)
             written.append(out)
         md_path = os.path.join(out_iter_dir, METADATA)
         self.ledger.write_bytes(pickle.dumps(self.md), md_path)
         written.append(md_path)
-        record_rebuilt(out_iter_dir, [target])
-        if lay.num_stages == 2:
-            notes.append("2-stage pipeline: CheckFree's average needs a neighbour on both sides (>= 3 stages), so the "
-                         "stage is a copy of the other one (CheckFree+ style)")
-        return {"files": written, "note": "; ".join(dict.fromkeys(notes)) or None}
+        return self.finish_rebuild(out_iter_dir, target, written, notes)

@@ -1,0 +1,328 @@
+"""What Megatron's two checkpoint formats and the Megatron hook share: where an iteration lives, the stage layout read
+from a checkpoint's ``args``, the CheckFree sidecar files saved next to each checkpoint (per-stage gradient norms,
+replicas of the first/last stage's embedding and head) and the iteration handler both format readers extend.
+
+Never imports Megatron: checkpoints are read with ``torch.load``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..core.recovery import ParamMapping, RecoveryPlan
+from ..errors import RecoveryError, UnsupportedSetupError
+from .base import IOLedger, Inspection, atomic_torch_save, atomic_write_bytes, copy_to_output, file_problem, \
+    plan_stage
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+LAYER_PREFIX = "decoder.layers."
+SIDECAR_DIR = "checkfree"
+SIDECAR_VERSION = 1
+# What to do when a lost edge stage's embedding or head exists nowhere else.
+REPLICA_FIX = ("Save checkpoints with the checkfree hook (deepspeed_checkfree.megatron.install()) so the neighbouring "
+               "stage keeps a replica, or restore the shard from another copy.")
+TWO_STAGE_NOTE = ("2-stage pipeline: CheckFree's average needs a neighbour on both sides (>= 3 stages), so the stage "
+                  "is a copy of the other one (CheckFree+ style)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where an iteration lives
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def iteration_dir_name(iteration: Any) -> str:
+    return "release" if str(iteration) == "release" else f"iter_{int(iteration):07d}"
+
+
+def resolve_iteration_dir(path: str, tag: Optional[str] = None) -> Tuple[str, str, str]:
+    """(iteration directory, save directory, iteration) for a Megatron save directory or one iteration directory.
+
+    Raises:
+        RecoveryError: no tracker file and ``path`` is not an iteration directory, or the iteration is absent.
+    """
+    path = os.path.abspath(path)
+    tracker = os.path.join(path, TRACKER)
+    if os.path.exists(tracker):
+        if tag is None:
+            with open(tracker, encoding="utf-8") as f:
+                tag = f.read().strip()
+            if tag != "release" and not tag.isdigit():
+                raise RecoveryError(f"{tracker} holds {tag!r}, not an iteration number or 'release'; Megatron "
+                                    f"itself would refuse it. Pass --tag ITERATION.")
+        iter_dir = os.path.join(path, iteration_dir_name(tag))
+        if not os.path.isdir(iter_dir):
+            raise RecoveryError(f"iteration {tag} of {path} ({iter_dir}) does not exist; every stage of it is gone. "
+                                f"Pass --tag with an iteration that exists.")
+        return iter_dir, path, str(tag)
+    name = os.path.basename(path)
+    m = re.fullmatch(r"iter_(\d{7})", name)
+    if m is None and name != "release":
+        raise RecoveryError(f"{path} has no {TRACKER} and is not an iteration directory (iter_NNNNNNN); point at "
+                            f"the Megatron --save directory or one of its iteration directories.")
+    return path, os.path.dirname(path), (str(int(m.group(1))) if m else "release")
+
+
+def write_tracker(save_dir: str, iteration: str) -> None:
+    with open(os.path.join(save_dir, TRACKER), "w", encoding="utf-8") as f:
+        f.write(str(iteration))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout: which transformer layers each pipeline stage holds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stage_layer_counts(num_layers: int, num_stages: int, first: Optional[int] = None,
+                       last: Optional[int] = None) -> List[int]:
+    """Transformer layers per pipeline stage, by Megatron's rule (``get_transformer_layer_offset`` without virtual
+    stages): the first/last stage take ``--decoder-first/last-pipeline-num-layers`` if given, the rest split evenly.
+
+    Raises:
+        RecoveryError: the layers do not split evenly (Megatron refuses such a configuration too).
+    """
+    if num_stages == 1:
+        return [num_layers]
+    counts: List[Optional[int]] = [None] * num_stages
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    rest = num_layers - sum(c for c in counts if c is not None)
+    n_middle = sum(1 for c in counts if c is None)
+    if n_middle:
+        if rest < 0 or rest % n_middle:
+            raise RecoveryError(f"{num_layers} layers do not split evenly over {n_middle} pipeline stages (first="
+                                f"{first}, last={last}); the checkpoint's args are inconsistent.")
+        counts = [rest // n_middle if c is None else c for c in counts]
+    return [int(c) for c in counts]
+
+
+@dataclass(frozen=True)
+class MegatronLayout:
+    """The parallel layout of a Megatron checkpoint, from its saved ``args``."""
+
+    num_stages: int
+    tp_size: int
+    num_layers: int
+    layer_counts: Tuple[int, ...]
+    tied_embeddings: bool
+    position_embedding_type: str
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        out, acc = [], 0
+        for c in self.layer_counts:
+            out.append(acc)
+            acc += c
+        return tuple(out)
+
+    def stage_of_layer(self, layer: int) -> int:
+        for s, (off, n) in enumerate(zip(self.offsets, self.layer_counts)):
+            if off <= layer < off + n:
+                return s
+        raise RecoveryError(f"global layer {layer} is outside the {self.num_layers} layers of the checkpoint")
+
+    @classmethod
+    def from_args(cls, args: Any, source: str) -> "MegatronLayout":
+        """Read the layout from Megatron's saved argparse namespace.
+
+        Raises:
+            UnsupportedSetupError: virtual pipeline stages, a custom pipeline layout, expert parallelism or the
+                distributed optimizer (their shard layouts are not handled by this version).
+        """
+        if args is None:
+            raise RecoveryError(f"{source} holds no 'args'; the pipeline layout cannot be known. Is this a checkpoint "
+                                f"written by Megatron-LM's save_checkpoint?")
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        unsupported = [(name, get(name)) for name in ("virtual_pipeline_model_parallel_size",
+                                                      "pipeline_model_parallel_layout") if get(name)]
+        unsupported += [(name, get(name)) for name in ("account_for_embedding_in_pipeline_split",
+                                                       "account_for_loss_in_pipeline_split") if get(name)]
+        if (get("expert_model_parallel_size", 1) or 1) > 1:
+            unsupported.append(("expert_model_parallel_size", get("expert_model_parallel_size")))
+        if get("use_distributed_optimizer"):
+            unsupported.append(("use_distributed_optimizer", True))
+        if unsupported:
+            raise UnsupportedSetupError(
+                f"the checkpoint was written with {', '.join(f'{k}={v}' for k, v in unsupported)}; CheckFree repair "
+                f"supports one contiguous block of layers per pipeline stage, no expert parallelism and the "
+                f"non-distributed optimizer in this version. Convert the checkpoint or resume without those options.")
+        num_stages = int(get("pipeline_model_parallel_size", 1) or 1)
+        num_layers = int(get("num_layers"))
+        counts = stage_layer_counts(num_layers, num_stages, get("decoder_first_pipeline_num_layers"),
+                                    get("decoder_last_pipeline_num_layers"))
+        return cls(num_stages, int(get("tensor_model_parallel_size", 1) or 1), num_layers, tuple(counts),
+                   not get("untie_embeddings_and_output_weights", False),
+                   str(get("position_embedding_type", "learned_absolute")))
+
+
+def is_layer_key(key: str) -> bool:
+    return key.startswith(LAYER_PREFIX)
+
+
+def layer_index_map(mapping: ParamMapping) -> Dict[int, int]:
+    """Target layer -> source layer, from a parameter mapping of layer signatures."""
+    out: Dict[int, int] = {}
+    for tgt, src in mapping.pairs:
+        out.setdefault(int(tgt.split(".", 1)[0]), int(src.split(".", 1)[0]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sidecar files: what the checkfree hook saves next to every checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def norms_file(iter_dir: str, stage: int) -> str:
+    """Written by stage ``stage``; holds every stage's gradient norm (gathered over the pipeline)."""
+    return os.path.join(iter_dir, SIDECAR_DIR, f"stage_{stage:03d}.json")
+
+
+def replica_file(iter_dir: str, stage: int, tp_rank: int) -> str:
+    """Stage ``stage``'s embedding or head (the parameters outside its transformer layers), written by the
+    neighbour that rebuilds it (:func:`replica_holder`), so losing ``stage`` does not lose them."""
+    return os.path.join(iter_dir, SIDECAR_DIR, f"edge_replica_stage_{stage:03d}_tp_{tp_rank:02d}.pt")
+
+
+def replica_holder(stage: int, num_stages: int) -> int:
+    """The stage that keeps a replica of ``stage``'s edge parameters (its CheckFree+ copy partner)."""
+    return 1 if stage == 0 else num_stages - 2
+
+
+def replica_note(stage: int, num_stages: int) -> str:
+    """The rebuild note of an edge stage whose embedding or head came from its replica."""
+    return f"edge parameters of stage {stage} from the replica kept by stage {replica_holder(stage, num_stages)}"
+
+
+def edge_tensors(model_state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a stage's state dict that are not in a transformer layer: embedding (first stage), final norm
+    and output layer (last stage). These are what a neighbour cannot provide by copying its layers."""
+    return {k: v for k, v in model_state.items() if not is_layer_key(k) and isinstance(v, torch.Tensor)}
+
+
+def write_norms(iter_dir: str, stage: int, num_stages: int, iteration: Any, norms: Mapping[int, Optional[float]],
+                rebuilt: Sequence[int] = ()) -> str:
+    """Write ``stage``'s sidecar JSON (all stages' norms); atomic."""
+    path = norms_file(iter_dir, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {"format": "checkfree-megatron-sidecar", "version": SIDECAR_VERSION, "iteration": iteration,
+              "num_stages": num_stages, "stage": stage,
+              "grad_norms": {str(s): (None if n is None else float(n)) for s, n in sorted(norms.items())},
+              "rebuilt_stages": sorted(int(s) for s in rebuilt)}
+    atomic_write_bytes(json.dumps(record).encode("utf-8"), path)
+    return path
+
+
+def sidecar_records(iter_dir: str) -> Iterator[Tuple[str, str, Any]]:
+    """(path, text, parsed record) of every readable sidecar JSON of an iteration, in stage order. A damaged one
+    (the lost stage's) is skipped: every stage's copy holds the same norms."""
+    folder = os.path.join(iter_dir, SIDECAR_DIR)
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith("stage_") and name.endswith(".json")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            record = json.loads(text)
+        except (OSError, ValueError):
+            continue
+        yield path, text, record
+
+
+def read_norms(iter_dir: str, ledger: Optional[IOLedger] = None) -> Tuple[Dict[int, float], Optional[int]]:
+    """Every stage's recorded gradient norm (from the first readable sidecar JSON) and the recorded stage count."""
+    for path, text, record in sidecar_records(iter_dir):
+        try:
+            norms = {int(s): float(n) for s, n in record["grad_norms"].items() if n is not None}
+        except (ValueError, KeyError, TypeError):
+            continue
+        if ledger is not None:
+            ledger.add_read(len(text), path)
+        return norms, record.get("num_stages")
+    return {}, None
+
+
+def read_rebuilt_stages(iter_dir: str) -> List[int]:
+    """The stages rebuilt by CheckFree in this or an earlier recovery, as the sidecar records them."""
+    for _path, _text, record in sidecar_records(iter_dir):
+        return list(record.get("rebuilt_stages", []))
+    return []
+
+
+def record_rebuilt(iter_dir: str, stages: Sequence[int]) -> None:
+    """Add rebuilt stages to the sidecar JSONs (creating the rebuilt stage's own from a survivor's), so a resumed
+    job keeps the rebuilt stage's LR boost even if it stops before its next checkpoint."""
+    records = {os.path.basename(path): record for path, _text, record in sidecar_records(iter_dir)}
+    if not records:
+        return
+    template = next(iter(records.values()))
+    for s in stages:
+        records.setdefault(os.path.basename(norms_file(iter_dir, s)), {**template, "stage": s})
+    for name, record in records.items():
+        norms = {int(k): v for k, v in record.get("grad_norms", {}).items()}
+        rebuilt = set(record.get("rebuilt_stages", [])) | set(stages)
+        write_norms(iter_dir, int(record["stage"]), int(record["num_stages"]), record.get("iteration"), norms, rebuilt)
+
+
+def write_replica(iter_dir: str, stage: int, tp_rank: int, tensors: Mapping[str, torch.Tensor]) -> str:
+    path = replica_file(iter_dir, stage, tp_rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_torch_save({"stage": stage, "tp_rank": tp_rank, "tensors": {k: v.detach() for k, v in tensors.items()}},
+                      path)
+    return path
+
+
+def read_replica(iter_dir: str, stage: int, tp_rank: int, ledger: IOLedger) -> Optional[Dict[str, torch.Tensor]]:
+    path = replica_file(iter_dir, stage, tp_rank)
+    if file_problem(path) is not None:
+        return None
+    data = ledger.load(path)
+    return {k: ledger.tensor(v) for k, v in data["tensors"].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The iteration handler both Megatron formats extend
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MegatronIteration:
+    """What the legacy and torch_dist readers share: one iteration directory, its layout, norms and output copy."""
+
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
+        self.iter_dir, self.root, self.iteration = resolve_iteration_dir(path, tag)
+        self.ledger = ledger
+        self.layout: Optional[MegatronLayout] = None
+
+    def plan(self, stage: int, strategy: str) -> RecoveryPlan:
+        return plan_stage(stage, self.layout.num_stages, strategy)
+
+    def grad_norms(self) -> Dict[int, float]:
+        return read_norms(self.iter_dir, self.ledger)[0]
+
+    def rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
+        """Files the rebuild writes anew, so the output copy leaves them out."""
+        return [f for s in damaged for f in found.stage_files.get(s, [])]
+
+    def prepare_output(self, output: str, found: Inspection, damaged: set) -> str:
+        out_iter = copy_to_output(self.iter_dir, output, self.rewritten_files(found, damaged), self.ledger)
+        write_tracker(output, self.iteration)
+        return out_iter
+
+    def finish_rebuild(self, out_iter_dir: str, target: int, files: List[str], notes: Sequence[Optional[str]]) -> dict:
+        """Record the rebuilt stage in the sidecar (its LR boost survives a resume) and the handler's result."""
+        record_rebuilt(out_iter_dir, [target])
+        notes = list(notes)
+        if self.layout.num_stages == 2:
+            notes.append(TWO_STAGE_NOTE)
+        return {"files": files, "note": "; ".join(dict.fromkeys(n for n in notes if n)) or None}
