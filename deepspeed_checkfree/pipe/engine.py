@@ -29,6 +29,7 @@ from ..core.failures import FailurePlan, recoverable_stages
 from .plus_module import CheckFreePlusPipelineModule
 from ..core.recovery import StageSignature, layer_signature, match_layers, plan_recovery
 from ..repair.deepspeed_format import checkpoint_client_state
+from ..resilience.contract import INCARNATION_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -562,7 +563,7 @@ class CheckFreeEngine(PipelineEngine):
     def _die_during_rebuild_hook(self):
         """``failure_injection.kill_during_rebuild``: the first replacement of that stage dies mid-rebuild."""
         if (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
-                and os.environ.get("CHECKFREE_INCARNATION") == "1"):
+                and os.environ.get(INCARNATION_ENV) == "1"):
             def die(source_stage: int) -> None:
                 logger.warning("%s killing this replacement after receiving stage %d (kill_during_rebuild)",
                                identity(self.stage_id, self.global_rank, self.global_steps), source_stage)
