@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))  # run from a clone without installing
+from deepspeed_checkfree.resilience.contract import TOKEN_ENV, pid_file  # noqa: E402
 
 
 def free_port() -> int:
@@ -52,7 +54,7 @@ def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 600)
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", CHECKFREE_JOB_TOKEN="benchmark-token")
+    e = dict(os.environ, OMP_NUM_THREADS="1", **{TOKEN_ENV: "benchmark-token"})
     e.setdefault("DS_ACCELERATOR", "cpu")
     return e
 
@@ -68,7 +70,7 @@ def run_checkfree(args, out: Path) -> dict:
     log = open(out / "job.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
     wait_rows(out, args.kill_step, proc)
-    os.kill(int((out / "pids" / "rank2.pid").read_text()), signal.SIGKILL)
+    os.kill(int(Path(pid_file(str(out / "pids"), 2)).read_text()), signal.SIGKILL)
     killed = time.time()
     done_before = len(rows(out))
     if proc.wait(timeout=900) != 0:

@@ -44,7 +44,8 @@ if [ -z "$KILL_STAGE" ]; then
 else
     timeout "$TIMEOUT_S" "${LAUNCH[@]}" --module deepspeed_checkfree.supervisor --pid-dir "$OUT/pids" "${TRAIN[@]}" &
     JOB=$!
-    # Wait until rank 0 has logged KILL_STEP steps, then kill the trainer of KILL_STAGE (rank = stage here).
+    # Wait until rank 0 has logged KILL_STEP steps, then kill the trainer of KILL_STAGE (rank = stage here). The
+    # supervisor writes that pid to --pid-dir as rank<R>.pid (pid_file in deepspeed_checkfree/resilience/contract.py).
     until [ -f "$OUT/metrics.csv" ] && [ "$(tail -n +2 "$OUT/metrics.csv" | wc -l)" -ge "$KILL_STEP" ]; do
         kill -0 "$JOB" 2>/dev/null || break
         sleep 0.1

@@ -35,7 +35,8 @@ import deepspeed  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine with deepspeed.initialize)
 from deepspeed_checkfree.models import gpt  # noqa: E402
-from deepspeed_checkfree.resilience import trainer as resilient  # noqa: E402
+from deepspeed_checkfree.resilience.contract import supervised  # noqa: E402
+from deepspeed_checkfree.resilience.trainer import ResilientTrainer  # noqa: E402
 from deepspeed_checkfree.core.config import CheckFreeConfig  # noqa: E402
 from deepspeed_checkfree.models.corpus import StepBatches, load_corpus, split_corpus  # noqa: E402
 
@@ -117,10 +118,9 @@ def main(argv=None) -> None:
         metrics["file"].flush()
         print(f"step {step:4d} loss {loss:.4f} time {dt * 1000:.0f} ms", flush=True)
 
-    if resilient.supervised():
+    if supervised():
         # Started by `-m deepspeed_checkfree.supervisor`: survive the loss of any rank's process.
-        resilient.ResilientTrainer(build_engine, ds_config, backend=args.backend).train(args.steps, train_step,
-                                                                                       on_step)
+        ResilientTrainer(build_engine, ds_config, backend=args.backend).train(args.steps, train_step, on_step)
     else:
         deepspeed.init_distributed(dist_backend=args.backend)
         engine = build_engine()

@@ -36,7 +36,6 @@ from .stage import stage_layers, stage_signature
 __all__ = ["CheckFreeEngine", "stage_layers", "stage_signature"]
 
 logger = logging.getLogger(__name__)
-INCARNATION_ENV = "CHECKFREE_INCARNATION"
 
 
 def _to_cpu(obj):
@@ -73,8 +72,10 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
         self.checkfree = cf
         self.lr_boost = LRBoost()
         self._replayed_steps = 0
-        # Set by the resilient trainer: give up on a peer in a rebuild after this long.
+        # Set by the resilient trainer: give up on a peer in a rebuild after this long, and which replacement of its
+        # rank this process is (0: the first trainer; None: not supervised).
         self.p2p_timeout = None
+        self.incarnation: Optional[int] = None
         self.failure_plan = FailurePlan.from_config(cf, self.num_stages)
         self.events = EventLog(cf.events_file)
         self._stage_grad_norm: Optional[torch.Tensor] = None
@@ -310,7 +311,7 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
     def _die_during_rebuild_hook(self):
         """``failure_injection.kill_during_rebuild``: the first replacement of that stage dies mid-rebuild."""
         if (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
-                and os.environ.get(INCARNATION_ENV) == "1"):
+                and self.incarnation == 1):
             def die(source_stage: int) -> None:
                 logger.warning("%s killing this replacement after receiving stage %d (kill_during_rebuild)",
                                identity(self.stage_id, self.global_rank, self.global_steps), source_stage)

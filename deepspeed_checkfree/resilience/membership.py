@@ -4,28 +4,30 @@ Every time the process group has to be re-formed (a trainer died), the members m
 each publishes its rank, whether it still holds its stage's state, and how many steps it has completed, then all
 wait until the whole world is there and form a new process group on a store prefix of that generation. Keys live
 under a prefix derived from the job token, so a process without the token can neither read nor join a generation;
-a new machine asks to join and is admitted by rank 0's supervisor only with the right token.
+a new machine asks to join and is admitted by rank 0's supervisor only with the right token. The key names are
+:mod:`.contract`'s.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Dict, Optional
 
 import torch.distributed as dist
 
+from ..core.rejoin import MemberInfo
 from ..errors import CheckFreeError
-
-TOKEN_ENV = "CHECKFREE_JOB_TOKEN"
-STORE_PORT_ENV = "CHECKFREE_STORE_PORT"
-STORE_PORT_OFFSET = 1  # default store port: MASTER_PORT + 1 (MASTER_PORT itself is the launcher's)
+# (MemberInfo, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, JOIN_REQUESTS and key_prefix are also this module's
+# names since version 0.1.)
+from .contract import (DONE_KEY, JOIN_REQUESTS, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV,  # noqa: F401
+                       TrainerDeath, death_fact, fact_key, group_store_prefix, incarnation_fact, join_request_key,
+                       join_verdict_key, key_prefix, member_key, pid_fact, rank_generation_key, token_mac)
 
 
 class JoinRefused(CheckFreeError):
@@ -48,15 +50,6 @@ def job_token(explicit: Optional[str] = None) -> str:
                              f"(e.g. export {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_hex(16))')) "
                              f"before launching, and pass the same value to processes that join later")
     return token
-
-
-def _mac(token: str, message: str) -> str:
-    return hmac.new(token.encode(), message.encode(), hashlib.sha256).hexdigest()
-
-
-def key_prefix(token: str) -> str:
-    """Where the job keeps its keys: unguessable without the token."""
-    return "cf/" + _mac(token, "checkfree-job")[:32]
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -82,17 +75,6 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
 
 
-@dataclass(frozen=True)
-class MemberInfo:
-    """What a member says of itself when it arrives for a generation."""
-
-    rank: int
-    fresh: bool           # holds no stage state (a replacement, or everyone at generation 0)
-    completed_steps: int  # optimizer steps this rank has applied
-    incarnation: int      # how many times this rank's trainer has been (re)started
-    pid: int
-
-
 class Membership:
     """One trainer's view of the job's generations.
 
@@ -110,12 +92,13 @@ class Membership:
         self.world_size = world_size
         self.join_timeout_s = join_timeout_s
 
-    def _key(self, *parts: object) -> str:
-        return "/".join([self.prefix, *map(str, parts)])
+    def key(self, name: str) -> str:
+        """The store key of ``name`` (one of :mod:`.contract`'s keys) under this job's prefix."""
+        return f"{self.prefix}/{name}"
 
     def last_generation(self, rank: Optional[int] = None) -> int:
         """The last generation ``rank`` (default: this rank) joined; -1 if none."""
-        key = self._key("rank_gen", self.rank if rank is None else rank)
+        key = self.key(rank_generation_key(self.rank if rank is None else rank))
         return int(self.store.get(key)) if self.store.check([key]) else -1
 
     def arrive(self, generation: int, info: MemberInfo) -> Dict[int, MemberInfo]:
@@ -124,9 +107,9 @@ class Membership:
         Raises:
             MembershipTimeout: some ranks did not arrive within the join timeout (they are named).
         """
-        self.store.set(self._key("rank_gen", self.rank), str(generation))
-        self.store.set(self._key("g", generation, "member", self.rank), json.dumps(info.__dict__))
-        keys = [self._key("g", generation, "member", r) for r in range(self.world_size)]
+        self.store.set(self.key(rank_generation_key(self.rank)), str(generation))
+        self.store.set(self.key(member_key(generation, self.rank)), json.dumps(info.__dict__))
+        keys = [self.key(member_key(generation, r)) for r in range(self.world_size)]
         deadline = time.monotonic() + self.join_timeout_s
         while True:
             missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
@@ -142,23 +125,51 @@ class Membership:
 
     def group_store(self, generation: int) -> dist.PrefixStore:
         """The store a generation's process group rendezvouses on."""
-        return dist.PrefixStore(self._key("g", generation, "pg"), self.store)
+        return dist.PrefixStore(self.key(group_store_prefix(generation)), self.store)
+
+    def finish(self) -> None:
+        """Count this trainer as done with the job (and with the store)."""
+        self.store.add(self.key(DONE_KEY), 1)
+
+    def finished(self) -> int:
+        """How many trainers are done with the job."""
+        return self.store.add(self.key(DONE_KEY), 0)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Job-wide facts (JSON)
+    # ------------------------------------------------------------------------------------------------------
 
     def record(self, name: str, value: object) -> None:
         """Publish a job-wide fact (JSON), e.g. when a trainer died."""
-        self.store.set(self._key("fact", name), json.dumps(value))
+        self.store.set(self.key(fact_key(name)), json.dumps(value))
 
     def fact(self, name: str) -> Optional[object]:
-        key = self._key("fact", name)
+        """A fact published with :meth:`record`; None if nobody has."""
+        key = self.key(fact_key(name))
         return json.loads(self.store.get(key)) if self.store.check([key]) else None
+
+    def record_trainer(self, rank: int, incarnation: int, pid: int) -> None:
+        """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so)."""
+        self.record(incarnation_fact(rank), incarnation)
+        self.record(pid_fact(rank, incarnation), pid)
+
+    def incarnation(self, rank: int) -> Optional[int]:
+        """The incarnation of ``rank``'s active trainer; None before its supervisor started one."""
+        return self.fact(incarnation_fact(rank))
+
+    def record_death(self, rank: int, incarnation: int, death: TrainerDeath) -> None:
+        """``rank``'s trainer of ``incarnation`` died (its supervisor saw it exit)."""
+        self.record(death_fact(rank, incarnation), asdict(death))
+
+    def death(self, rank: int, incarnation: int) -> Optional[TrainerDeath]:
+        """How ``rank``'s trainer of ``incarnation`` died; None if no supervisor saw it die."""
+        value = self.fact(death_fact(rank, incarnation))
+        return TrainerDeath(**value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Joining from a new machine: request, admission by rank 0's supervisor, verdict
 # ---------------------------------------------------------------------------------------------------------------
-
-JOIN_REQUESTS = "cf-join/requests"  # public keys: a joiner does not know the job prefix before it is admitted
-
 
 def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> None:
     """Ask to take over ``rank``; returns when admitted.
@@ -168,9 +179,9 @@ def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> 
     """
     nonce = secrets.token_hex(16)
     index = store.add(JOIN_REQUESTS, 1)
-    store.set(f"{JOIN_REQUESTS}/{index}", json.dumps({"rank": rank, "nonce": nonce, "mac": _mac(token, nonce),
-                                                      "host": socket.gethostname(), "pid": os.getpid()}))
-    verdict_key = f"{JOIN_REQUESTS}/{index}/verdict"
+    store.set(join_request_key(index), json.dumps({"rank": rank, "nonce": nonce, "mac": token_mac(token, nonce),
+                                                   "host": socket.gethostname(), "pid": os.getpid()}))
+    verdict_key = join_verdict_key(index)
     deadline = time.monotonic() + timeout_s
     while not store.check([verdict_key]):
         if time.monotonic() > deadline:
@@ -191,17 +202,17 @@ def review_join_requests(store: dist.Store, token: str, world_size: int, reviewe
     decided = []
     total = store.add(JOIN_REQUESTS, 0)
     for index in range(reviewed + 1, total + 1):
-        key = f"{JOIN_REQUESTS}/{index}"
+        key = join_request_key(index)
         if not store.check([key]):
             return index - 1, decided  # the joiner has counted itself but not written yet: next round
         req = json.loads(store.get(key))
-        if not hmac.compare_digest(str(req.get("mac", "")), _mac(token, str(req.get("nonce", "")))):
+        if not hmac.compare_digest(str(req.get("mac", "")), token_mac(token, str(req.get("nonce", "")))):
             admitted, reason = False, (f"the job token does not match the job's. Set {TOKEN_ENV} to the token the "
                                        f"job was launched with")
         elif not 0 <= int(req.get("rank", -1)) < world_size:
             admitted, reason = False, f"rank {req.get('rank')} is not in 0..{world_size - 1}"
         else:
             admitted, reason = True, "token verified"
-        store.set(f"{key}/verdict", json.dumps({"admitted": admitted, "reason": reason}))
+        store.set(join_verdict_key(index), json.dumps({"admitted": admitted, "reason": reason}))
         decided.append((req, admitted, reason))
     return total, decided

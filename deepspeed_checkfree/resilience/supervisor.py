@@ -23,9 +23,10 @@ import time
 from typing import List, Optional
 
 from ..events import EventLog, identity
-from .trainer import STOPPED_EXIT_CODE
-from .membership import (STORE_PORT_ENV, STORE_PORT_OFFSET, JoinRefused, Membership, connect_store, host_store,
-                         job_token, request_join, review_join_requests)
+from .contract import (JOIN_REFUSED_EXIT_CODE, PID_DIR_ENV, STOPPED_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET,
+                       SUPERVISOR_EVENTS_ENV, TrainerDeath, activation_line, pid_file, trainer_env)
+from .membership import (JoinRefused, Membership, connect_store, host_store, job_token, request_join,
+                         review_join_requests)
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
@@ -43,9 +44,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=100, help="replacements to start before giving up")
     p.add_argument("--no-spare", action="store_true",
                    help="do not keep a warm spare trainer (saves its memory; a replacement then pays the start-up)")
-    p.add_argument("--pid-dir", default=os.environ.get("CHECKFREE_PID_DIR"),
+    p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
                    help="write the active trainer's pid to PID_DIR/rank<R>.pid (for demos and tests that kill it)")
-    p.add_argument("--events-file", default=os.environ.get("CHECKFREE_SUPERVISOR_EVENTS"),
+    p.add_argument("--events-file", default=os.environ.get(SUPERVISOR_EVENTS_ENV),
                    help="append supervisor events (trainer deaths, joins) here as JSON lines")
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("script", help="the training script")
@@ -82,14 +83,6 @@ class Supervisor:
             self.store = connect_store(self.master_addr, self.store_port, timeout_s=600)
         self.membership = Membership(self.store, self.token, self.rank, self.world_size, join_timeout_s=600)
 
-    def _trainer_env(self, incarnation: int) -> dict:
-        env = dict(os.environ)
-        env.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                   MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port),
-                   CHECKFREE_SUPERVISED="1", CHECKFREE_INCARNATION=str(incarnation),
-                   CHECKFREE_STORE_ADDR=self.master_addr, CHECKFREE_STORE_PORT=str(self.store_port))
-        return env
-
     def _review_joins(self) -> None:
         if self.server is None:
             return
@@ -107,26 +100,28 @@ class Supervisor:
     def _start(self, incarnation: Optional[int]) -> subprocess.Popen:
         """Start the trainer script: active with ``incarnation``, or as a warm spare (``None``)."""
         cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
-        env = self._trainer_env(0 if incarnation is None else incarnation)
-        if incarnation is None:
-            env["CHECKFREE_SPARE"] = "1"
+        spare = incarnation is None
+        env = dict(os.environ, **trainer_env(
+            rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
+            master_port=self.master_port, store_port=self.store_port, incarnation=0 if spare else incarnation,
+            spare=spare))
+        if spare:
             return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, text=True)
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
     def _activate(self, incarnation: int, spare: Optional[subprocess.Popen]) -> subprocess.Popen:
         if spare is not None and spare.poll() is None:
-            spare.stdin.write(f"{incarnation}\n")
+            spare.stdin.write(activation_line(incarnation))
             spare.stdin.flush()
             spare.stdin.close()
             return spare
         return self._start(incarnation)
 
     def _announce(self, child: subprocess.Popen, incarnation: int) -> None:
-        self.membership.record(f"incarnation/{self.rank}", incarnation)
-        self.membership.record(f"pid/{self.rank}/{incarnation}", child.pid)
+        self.membership.record_trainer(self.rank, incarnation, child.pid)
         if self.args.pid_dir:
             os.makedirs(self.args.pid_dir, exist_ok=True)
-            path = os.path.join(self.args.pid_dir, f"rank{self.rank}.pid")
+            path = pid_file(self.args.pid_dir, self.rank)
             with open(path + ".tmp", "w") as f:
                 f.write(str(child.pid))
             os.replace(path + ".tmp", path)
@@ -137,7 +132,7 @@ class Supervisor:
         if self.args.join:
             request_join(self.store, self.token, self.rank, timeout_s=60)
             # The new machine's trainer is a replacement: it continues the rank's incarnations.
-            incarnation = (self.membership.fact(f"incarnation/{self.rank}") or 0) + 1
+            incarnation = (self.membership.incarnation(self.rank) or 0) + 1
             logger.warning("%s joined the job as a replacement (incarnation %d)", self._prefix(), incarnation)
         child = self._start(incarnation)
         spare = None if self.args.no_spare else self._start(None)
@@ -158,8 +153,7 @@ class Supervisor:
                                  self._prefix())
                     self.events.write("job_stopped", rank=self.rank, incarnation=incarnation)
                     return rc
-                died = time.time()
-                self.membership.record(f"death/{self.rank}/{incarnation}", {"time": died, "returncode": rc})
+                self.membership.record_death(self.rank, incarnation, TrainerDeath(time=time.time(), returncode=rc))
                 restarts += 1
                 if restarts > self.args.max_restarts:
                     logger.error("%s trainer died (returncode %d); giving up after %d restarts", self._prefix(), rc,
@@ -181,9 +175,8 @@ class Supervisor:
                     spare.kill()
         if self.server is not None:
             # Keep the store up until every trainer has finished with it.
-            done_key = self.membership._key("done")
             deadline = time.monotonic() + 120
-            while self.store.add(done_key, 0) < self.world_size and time.monotonic() < deadline:
+            while self.membership.finished() < self.world_size and time.monotonic() < deadline:
                 self._review_joins()
                 time.sleep(0.05)
         return 0
@@ -196,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return Supervisor(args).run()
     except JoinRefused as err:
         logger.error("%s", err)
-        return 3
+        return JOIN_REFUSED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -16,59 +16,34 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Callable, Dict, List, Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from ..core.config import CheckFreeConfig
-from ..pipe.engine import CheckFreeEngine
-from ..errors import CheckFreeError, RecoveryError
+from ..core.rejoin import MemberInfo, RankTimes, RejoinPlan, joining_generation, measure_outage, plan_rejoin
+from ..errors import CheckFreeError
 from ..events import EventLog, identity
-from .membership import MemberInfo, Membership, connect_store, job_token
+from ..pipe import ds_internals
+from ..pipe.engine import CheckFreeEngine
+from ..pipe.progress import StageProgress
+# (SPARE_ENV, SUPERVISED_ENV, STOPPED_EXIT_CODE and supervised are also this module's names since version 0.1.)
+from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
+                       STORE_PORT_ENV, SUPERVISED_ENV, dump_file, incarnation_from_env, is_spare, read_activation,
+                       supervised)
+from .membership import Membership, connect_store, job_token
 
 logger = logging.getLogger(__name__)
-
-SUPERVISED_ENV = "CHECKFREE_SUPERVISED"
-INCARNATION_ENV = "CHECKFREE_INCARNATION"
-SPARE_ENV = "CHECKFREE_SPARE"
-STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
-DUMP_ENV = "CHECKFREE_DUMP_DIR"  # debugging and verification aid: dump states around each rebuild
-# A trainer that exits with this code has stopped on purpose (unrecoverable failure, by policy or by nature):
-# its supervisor does not start a replacement.
-STOPPED_EXIT_CODE = 78
-
-
-def supervised() -> bool:
-    """True when this process was started by the CheckFree supervisor."""
-    return os.environ.get(SUPERVISED_ENV) == "1"
 
 
 def _is_comm_failure(err: BaseException) -> bool:
     # gloo: "Connection closed by peer", "Connection reset by peer", "Timed out waiting ... for send/recv";
     # NCCL: "NCCL error", watchdog timeouts; torch wraps them in RuntimeError/DistBackendError/DistNetworkError.
     return isinstance(err, (RuntimeError, dist.DistError, ConnectionError, TimeoutError))
-
-
-def install_timed_p2p(timeout: timedelta) -> None:
-    """Make DeepSpeed's pipeline sends and receives give up after ``timeout`` (they otherwise wait for the
-    group's creation-time timeout). The transport is unchanged: a point-to-point op on the world group."""
-    from deepspeed.runtime.pipe import p2p
-
-    def send(tensor, dest_stage, async_op=False):
-        p2p._is_valid_send_recv(p2p._grid.get_stage_id(), dest_stage)
-        work = dist.isend(tensor, p2p._grid.stage_to_global(stage_id=dest_stage))
-        return work if async_op else work.wait(timeout)
-
-    def recv(tensor, src_stage, async_op=False):
-        p2p._is_valid_send_recv(src_stage, p2p._grid.get_stage_id())
-        work = dist.irecv(tensor, p2p._grid.stage_to_global(stage_id=src_stage))
-        return work if async_op else work.wait(timeout)
-
-    p2p.send, p2p.recv = send, recv
 
 
 class ResilientTrainer:
@@ -96,54 +71,21 @@ class ResilientTrainer:
         self.backend = backend
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
-        if os.environ.get(SPARE_ENV) == "1":
+        if is_spare():
             # A warm spare: everything is imported and prepared; wait until the supervisor activates it in place
             # of a trainer that died, which saves the replacement the seconds of start-up.
-            line = sys.stdin.readline()
-            if not line:
+            incarnation = read_activation(sys.stdin)
+            if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
-            os.environ[INCARNATION_ENV] = line.strip()
-        self.incarnation = int(os.environ.get(INCARNATION_ENV, "0"))
+            os.environ[INCARNATION_ENV] = str(incarnation)  # for the training script, as for a respawned trainer
+        self.incarnation = incarnation_from_env()
         self.token = job_token()
         self.store_addr = os.environ[STORE_ADDR_ENV]
-        self.store_port = int(os.environ["CHECKFREE_STORE_PORT"])
+        self.store_port = int(os.environ[STORE_PORT_ENV])
         self.engine: Optional[CheckFreeEngine] = None
         self.generation = -1
         self.events = EventLog(self.config.events_file)
         self.failures = 0
-
-    # ---------------------------------------------------------------------------------------------------------
-
-    def _form_group(self, membership: Membership, generation: int) -> None:
-        # Building the engine runs collectives while a fresh process may still pay first-use costs that the
-        # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
-        # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
-        # with torch's default timeout, so that default is set too.
-        startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
-        c10d.default_pg_timeout = startup
-        c10d.default_pg_nccl_timeout = startup
-        dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
-                                world_size=self.world_size, timeout=startup)
-        # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
-        # torch.distributed, so it follows the group of each new generation).
-        deepspeed.init_distributed(dist_backend=self.backend)
-
-    def _arm_detection(self) -> None:
-        """From now on every wait on a peer gives up after ``detection_timeout_s``: collectives through the groups'
-        timeout, pipeline sends and receives through timed waits (gloo fixes a pair's own timeout when the group is
-        created, so shortening the group's timeout alone would not reach them)."""
-        timeout = timedelta(seconds=self.config.detection_timeout_s)
-        for group in list(c10d._world.pg_map):
-            c10d._set_pg_timeout(timeout, group)
-        install_timed_p2p(timeout)
-        if self.engine is not None:
-            self.engine.p2p_timeout = timeout
-
-    def _teardown(self) -> None:
-        self.engine = None
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     def train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
               on_step: Optional[Callable[[CheckFreeEngine, int, object], None]] = None) -> CheckFreeEngine:
@@ -170,21 +112,19 @@ class ResilientTrainer:
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
-        # A replacement joins the generation after the last one its rank took part in; the survivors move there
-        # as soon as they notice the failure.
-        generation = membership.last_generation() + 1 if self.incarnation > 0 else 0
+        generation = joining_generation(self.incarnation, membership.last_generation())
         state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
         detected_at: Optional[float] = None     # first detection since the last completed step
         last_success_at: Optional[float] = None  # when this rank last completed a step
         while True:
             info = MemberInfo(self.rank, fresh=state is None,
-                              completed_steps=state["global_steps"] if state else 0,
+                              completed_steps=state["progress"].global_steps if state else 0,
                               incarnation=self.incarnation, pid=os.getpid())
             members = membership.arrive(generation, info)
             t_arrived = time.time()
             engine = None
             engine_holds_state = False
-            step = state["global_steps"] if state else 0
+            step = state["progress"].global_steps if state else 0
             try:
                 self._form_group(membership, generation)
                 self.generation = generation
@@ -193,17 +133,20 @@ class ResilientTrainer:
                     raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
                                          "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
                 self.engine = engine
+                engine.incarnation = self.incarnation
                 self._arm_detection()
                 t_rejoined = time.time()
-                step = self._resume(engine, members, state, generation)
+                plan = plan_rejoin(generation, members, self._stage_of(engine))
+                step = self._resume(engine, plan, state)
                 engine_holds_state = True
                 t_rebuilt = time.time()
                 first = True
                 while step < num_steps:
                     loss = train_step(engine, step)
                     if first and generation > 0:
-                        self._report_outage(membership, generation, members, detected_at, last_success_at,
-                                            t_arrived, t_rejoined, t_rebuilt, step)
+                        self._report_outage(membership, plan, members, RankTimes(
+                            detected=detected_at, last_success=last_success_at, arrived=t_arrived,
+                            rejoined=t_rejoined, rebuilt=t_rebuilt, resumed=time.time()))
                     first = False
                     detected_at, last_success_at = None, time.time()
                     if on_step is not None:
@@ -229,96 +172,96 @@ class ResilientTrainer:
                 engine = None
                 self._teardown()
                 generation += 1
-        membership.store.add(membership._key("done"), 1)
+        membership.finish()
         return self.engine
 
-    def _resume(self, engine: CheckFreeEngine, members: Dict[int, MemberInfo], state: Optional[dict],
-                generation: int) -> int:
-        """Restore this rank's state, rebuild the lost stages, agree on the step to run next; return it."""
-        if generation == 0 and all(m.fresh for m in members.values()):
+    def _stage_of(self, engine: CheckFreeEngine) -> Dict[int, int]:
+        """Global rank -> pipeline stage, for every rank."""
+        return {r: ds_internals.stage_of_rank(engine.grid, r) for r in range(self.world_size)}
+
+    def _resume(self, engine: CheckFreeEngine, plan: RejoinPlan, state: Optional[dict]) -> int:
+        """Carry out ``plan``: restore this rank's state, take the replayed step's schedule state, restore ranks
+        from their data-parallel replicas and rebuild the lost stages; return the step to run next."""
+        if plan.cold_start:
             return engine.global_steps
-        fresh = sorted(r for r, m in members.items() if m.fresh)
-        survivors = {r: m for r, m in members.items() if not m.fresh}
-        if not survivors:
-            raise RecoveryError(f"generation {generation}: every rank lost its state (ranks {fresh}); nothing to "
-                                f"rebuild from. Restart from a checkpoint.")
-        step = min(m.completed_steps for m in survivors.values())
-        # The replayed step's schedule state (LR scheduler, sample count) comes from a survivor that has not yet
-        # applied it.
-        source = min(r for r, m in survivors.items() if m.completed_steps == step)
+        step, source = plan.step, plan.schedule_source
         if state is not None:
             engine.import_state(state)
-        payload: List[object] = [None]
+        # A replacement takes the replayed step's schedule (LR scheduler, un-boosted LRs, sample count) from a
+        # survivor that has not applied it yet.
+        payload: List[Optional[StageProgress]] = [None]
         if self.rank == source:
-            payload = [{"lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
-                        "lrs": engine._scheduled_lrs or [g["lr"] for g in engine.basic_optimizer.param_groups],
-                        "global_samples": engine.global_samples}]
+            payload = [engine.progress().schedule_for_replacement(step)]
         dist.broadcast_object_list(payload, src=source)
         if state is None:
-            sched = payload[0]
-            if sched["lr_scheduler"] is not None and engine.lr_scheduler is not None:
-                engine.lr_scheduler.load_state_dict(sched["lr_scheduler"])
-            for g, lr in zip(engine.basic_optimizer.param_groups, sched["lrs"]):
-                g["lr"] = lr
-            engine.global_steps, engine.global_samples = step, sched["global_samples"]
-        stage_of = {r: engine.grid._topo.get_coord(r).pipe for r in range(self.world_size)}
-        hit_stages = sorted({stage_of[r] for r in fresh})
-        # A stage that kept a data-parallel replica is restored from it exactly; only a stage that lost every
-        # replica is rebuilt from its neighbours (after the restores, so a restored rank can be a source).
-        replicated = [s for s in hit_stages if any(stage_of[r] == s for r in survivors)]
-        lost_stages = [s for s in hit_stages if s not in replicated]
-        cause = f"process lost (ranks {fresh}, generation {generation})"
+            engine.load_progress(payload[0])
+        cause = f"process lost (ranks {list(plan.fresh_ranks)}, generation {plan.generation})"
         dump = os.environ.get(DUMP_ENV)
         if dump:
-            self._dump(dump, generation, "before", engine)
+            self._dump(dump, plan.generation, "before", engine)
         engine.replay_from(step)
-        if engine.stage_id in replicated:
-            column = engine.grid.get_data_parallel_group_ranks()
-            engine.restore_from_replica(min(r for r in column if r in survivors),
-                                        [r for r in column if r in fresh], cause)
-        if lost_stages:
-            engine.lose_and_rebuild(lost_stages, cause=cause)
+        restore = plan.replica_restore(engine.stage_id, engine.grid.get_data_parallel_group_ranks())
+        if restore is not None:
+            engine.restore_from_replica(restore.source_rank, list(restore.restored_ranks), cause)
+        if plan.lost_stages:
+            engine.lose_and_rebuild(list(plan.lost_stages), cause=cause)
         if dump:
-            self._dump(dump, generation, "after", engine)
+            self._dump(dump, plan.generation, "after", engine)
         return step
 
-    def _report_outage(self, membership: Membership, generation: int, members: Dict[int, MemberInfo],
-                       detected_at: Optional[float], last_success_at: Optional[float], t_arrived: float,
-                       t_rejoined: float, t_rebuilt: float, step: int) -> None:
-        """After the first step of a new generation: gather every rank's phase times; rank 0 writes the outage,
-        measured from the first trainer death (or, when a whole node vanished, the first detection) since the
-        last completed step, through any failed attempts, to this completed step."""
-        times = [None] * self.world_size
-        dist.all_gather_object(times, {"detected": detected_at, "last_success": last_success_at,
-                                       "arrived": t_arrived, "rejoined": t_rejoined, "rebuilt": t_rebuilt,
-                                       "resumed": time.time()})
+    def _report_outage(self, membership: Membership, plan: RejoinPlan, members: Dict[int, MemberInfo],
+                       mine: RankTimes) -> None:
+        """After the first step of a new generation: gather every rank's phase times; rank 0 writes the outage
+        (:func:`~deepspeed_checkfree.core.rejoin.measure_outage` says how it is measured)."""
+        times: List[Optional[RankTimes]] = [None] * self.world_size
+        dist.all_gather_object(times, mine)
         if self.rank != 0:
             return
-        fresh = sorted(r for r, m in members.items() if m.fresh)
-        progress = [t["last_success"] for t in times if t["last_success"] is not None]
-        since = min(progress) if progress else 0.0
-        deaths = [d["time"] for r in fresh for i in range(members[r].incarnation)
-                  if (d := membership.fact(f"death/{r}/{i}")) and d["time"] > since]
-        detected = [t["detected"] for t in times if t["detected"] is not None]
-        start = min(deaths + detected)
-
-        def phase(key: str) -> float:
-            return round(max(t[key] for t in times if t[key] is not None) - start, 4)
-
-        record = dict(generation=generation, lost_ranks=fresh,
-                      lost_stages=sorted({self.engine.grid._topo.get_coord(r).pipe for r in fresh}),
-                      replayed_step=step, lost_steps=0,
-                      # The kill itself is not observable: its earliest trace is the supervisor seeing its child
-                      # exit or a neighbour's connection breaking (both within ~20 ms of it).
-                      start="trainer death" if deaths else "first detection (no supervisor saw a death)",
-                      detected_s=round(max(detected) - start, 4) if detected else None,
-                      rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
-                      outage_s=phase("resumed"))
+        deaths = [d.time for r in plan.fresh_ranks for i in range(members[r].incarnation)
+                  if (d := membership.death(r, i)) is not None]
+        outage = measure_outage(plan, times, deaths)
         logger.warning("%s outage of generation %d: %.2f s (detected %.2f, re-joined %.2f, rebuilt %.2f, resumed "
-                       "%.2f), replayed step %d, lost steps 0", identity(step=step, rank=self.rank), generation,
-                       record["outage_s"], record["detected_s"] or 0.0, record["rejoined_s"], record["rebuilt_s"],
-                       record["resumed_s"], step)
-        self.events.write("outage", **record)
+                       "%.2f), replayed step %d, lost steps 0", identity(step=plan.step, rank=self.rank),
+                       plan.generation, outage.outage_s, outage.detected_s or 0.0, outage.rejoined_s,
+                       outage.rebuilt_s, outage.resumed_s, plan.step)
+        self.events.write("outage", **asdict(outage))
+
+    # ------------------------------------------------------------------------------------------------------
+    # The process group of a generation
+    # ------------------------------------------------------------------------------------------------------
+
+    def _form_group(self, membership: Membership, generation: int) -> None:
+        # Building the engine runs collectives while a fresh process may still pay first-use costs that the
+        # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
+        # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
+        # with torch's default timeout, so that default is set too.
+        startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
+        ds_internals.set_default_group_timeout(startup)
+        dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
+                                world_size=self.world_size, timeout=startup)
+        # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
+        # torch.distributed, so it follows the group of each new generation).
+        deepspeed.init_distributed(dist_backend=self.backend)
+
+    def _arm_detection(self) -> None:
+        """From now on every wait on a peer gives up after ``detection_timeout_s``: collectives through the groups'
+        timeout, pipeline sends and receives through timed waits (gloo fixes a pair's own timeout when the group is
+        created, so shortening the group's timeout alone would not reach them)."""
+        timeout = timedelta(seconds=self.config.detection_timeout_s)
+        ds_internals.set_every_group_timeout(timeout)
+        ds_internals.install_timed_p2p(timeout)
+        if self.engine is not None:
+            self.engine.p2p_timeout = timeout
+
+    def _teardown(self) -> None:
+        self.engine = None
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Verification aid
+    # ------------------------------------------------------------------------------------------------------
 
     def _dump(self, directory: str, generation: int, when: str, engine: CheckFreeEngine) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -327,4 +270,4 @@ class ResilientTrainer:
                     "opt_state": engine.basic_optimizer.state_dict()["state"],
                     "fp32_masters": [t.detach().clone() for t in engine.fp32_master_partitions()],
                     "lrs": [g["lr"] for g in engine.basic_optimizer.param_groups]},
-                   os.path.join(directory, f"g{generation}-{when}-rank{self.rank}.pt"))
+                   dump_file(directory, generation, when, self.rank))

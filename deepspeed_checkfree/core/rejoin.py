@@ -1,0 +1,171 @@
+"""Re-joining after a lost process, as pure decisions: from what every member of a generation says of itself, who
+restores what from whom and which step the job replays; and the outage record measured across it. The resilient
+trainer (:mod:`deepspeed_checkfree.resilience.trainer`) carries the decisions out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import RecoveryError
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What a member says of itself when it arrives for a generation."""
+
+    rank: int
+    fresh: bool           # holds no stage state (a replacement, or everyone at generation 0)
+    completed_steps: int  # optimizer steps this rank has applied
+    incarnation: int      # how many times this rank's trainer has been (re)started
+    pid: int
+
+
+def joining_generation(incarnation: int, last_generation: int) -> int:
+    """The generation a trainer arrives for first: 0 for the job's first trainers; a replacement (incarnation > 0)
+    joins the one after the last its rank took part in (``last_generation``, -1 if none), where the survivors move
+    as soon as they notice the failure."""
+    return last_generation + 1 if incarnation > 0 else 0
+
+
+@dataclass(frozen=True)
+class ReplicaRestore:
+    """One data-parallel group's restore: ``source_rank`` gives its state to ``restored_ranks``."""
+
+    source_rank: int
+    restored_ranks: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RejoinPlan:
+    """What a generation does before it trains on (identical on every rank: computed from the same members).
+
+    Attributes:
+        generation: the generation being formed.
+        cold_start: generation 0 with every rank fresh: the job starts, nothing is restored.
+        fresh_ranks: ranks that hold no stage state (replacements), sorted.
+        survivor_ranks: ranks that kept their stage state in memory, sorted.
+        step: the step to run next: the fewest completed by a survivor (a rank one step ahead replays it without
+            applying it again). Unused (0) on a cold start, where the engine starts from its own count.
+        schedule_source: the survivor whose schedule state (LR scheduler, sample count) the fresh ranks take: the
+            lowest rank that has not yet applied ``step``. None on a cold start.
+        hit_stages: the stages of the fresh ranks, sorted.
+        replicated_stages: hit stages that kept a data-parallel replica: restored from it exactly.
+        lost_stages: hit stages that lost every replica: rebuilt from their neighbours.
+    """
+
+    generation: int
+    cold_start: bool
+    fresh_ranks: Tuple[int, ...]
+    survivor_ranks: Tuple[int, ...]
+    step: int
+    schedule_source: Optional[int]
+    hit_stages: Tuple[int, ...]
+    replicated_stages: Tuple[int, ...]
+    lost_stages: Tuple[int, ...]
+
+    def replica_restore(self, stage: int, data_parallel_ranks: Sequence[int]) -> Optional[ReplicaRestore]:
+        """The restore ``stage``'s data-parallel group (its global ranks) takes part in, or None.
+
+        The source is the group's lowest surviving rank; every fresh rank of the group is restored.
+        """
+        if stage not in self.replicated_stages:
+            return None
+        return ReplicaRestore(min(r for r in data_parallel_ranks if r in self.survivor_ranks),
+                              tuple(r for r in data_parallel_ranks if r in self.fresh_ranks))
+
+
+def plan_rejoin(generation: int, members: Mapping[int, MemberInfo], stage_of: Mapping[int, int]) -> RejoinPlan:
+    """Decide how ``generation`` continues from what its ``members`` (global rank -> info) say of themselves.
+
+    Args:
+        generation: the generation being formed.
+        members: every rank's info for this generation.
+        stage_of: global rank -> pipeline stage.
+
+    Returns:
+        The plan; the same on every rank.
+
+    Raises:
+        RecoveryError: after generation 0 no rank kept its state, so there is nothing to rebuild from.
+    """
+    fresh = tuple(sorted(r for r, m in members.items() if m.fresh))
+    if generation == 0 and len(fresh) == len(members):
+        return RejoinPlan(generation, cold_start=True, fresh_ranks=fresh, survivor_ranks=(), step=0,
+                          schedule_source=None, hit_stages=(), replicated_stages=(), lost_stages=())
+    survivors = {r: m for r, m in members.items() if not m.fresh}
+    if not survivors:
+        raise RecoveryError(f"generation {generation}: every rank lost its state (ranks {list(fresh)}); nothing "
+                            f"to rebuild from. Restart from a checkpoint.")
+    step = min(m.completed_steps for m in survivors.values())
+    # The replayed step's schedule state comes from a survivor that has not yet applied it.
+    source = min(r for r, m in survivors.items() if m.completed_steps == step)
+    hit_stages = tuple(sorted({stage_of[r] for r in fresh}))
+    # A stage that kept a data-parallel replica is restored from it exactly; only a stage that lost every replica
+    # is rebuilt from its neighbours (after the restores, so a restored rank can be a source).
+    replicated = tuple(s for s in hit_stages if any(stage_of[r] == s for r in survivors))
+    lost = tuple(s for s in hit_stages if s not in replicated)
+    return RejoinPlan(generation, cold_start=False, fresh_ranks=fresh, survivor_ranks=tuple(sorted(survivors)),
+                      step=step, schedule_source=source, hit_stages=hit_stages, replicated_stages=replicated,
+                      lost_stages=lost)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The outage record of a rejoin
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankTimes:
+    """One rank's wall-clock times (``time.time()``) around a failure, gathered after the first step it completes
+    in the new generation."""
+
+    detected: Optional[float]      # its first detection of a failure since its last completed step
+    last_success: Optional[float]  # when it last completed a step (None: a replacement)
+    arrived: float                 # arrived for the new generation
+    rejoined: float                # the new process group and engine exist
+    rebuilt: float                 # state restored and lost stages rebuilt
+    resumed: float                 # the first step of the new generation completed
+
+
+@dataclass(frozen=True)
+class Outage:
+    """The ``outage`` event: seconds from the outage's start to the end of each phase, the slowest rank's."""
+
+    generation: int
+    lost_ranks: List[int]
+    lost_stages: List[int]
+    replayed_step: int
+    lost_steps: int
+    start: str                  # what dates the start of the outage
+    detected_s: Optional[float]
+    rejoined_s: float
+    rebuilt_s: float
+    resumed_s: float
+    outage_s: float
+
+
+def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], death_times: Iterable[float]) -> Outage:
+    """The outage of the failure ``plan`` recovered from, from every rank's ``times`` and the times the supervisors
+    saw trainers of the lost ranks die (``death_times``, any since the job started).
+
+    The outage starts at the first trainer death since the last completed step (the earliest of the ranks' last
+    ones), or, when no supervisor saw a death (a whole node vanished), at the first detection; it runs through any
+    failed attempts to this generation's first completed step. No step is lost: the interrupted one is replayed.
+    """
+    progress = [t.last_success for t in times if t.last_success is not None]
+    since = min(progress) if progress else 0.0
+    deaths = [d for d in death_times if d > since]
+    detected = [t.detected for t in times if t.detected is not None]
+    start = min(deaths + detected)
+
+    def phase(name: str) -> float:
+        return round(max(getattr(t, name) for t in times) - start, 4)
+
+    return Outage(generation=plan.generation, lost_ranks=list(plan.fresh_ranks), lost_stages=list(plan.hit_stages),
+                  replayed_step=plan.step, lost_steps=0,
+                  # The kill itself is not observable: its earliest trace is the supervisor seeing its child exit
+                  # or a neighbour's connection breaking (both within ~20 ms of it).
+                  start="trainer death" if deaths else "first detection (no supervisor saw a death)",
+                  detected_s=round(max(detected) - start, 4) if detected else None,
+                  rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
+                  outage_s=phase("resumed"))

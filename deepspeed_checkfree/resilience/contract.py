@@ -1,0 +1,170 @@
+"""The contract between the per-rank supervisor and the trainer it starts: environment variables, exit codes, the
+warm spare's activation line, the job store's key names and the files the supervisor and the trainer write for
+demos and tests. Both sides import these names; no other module spells the strings. Standard library only, so
+any layer may import it.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, TextIO
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment variables
+# ---------------------------------------------------------------------------------------------------------------
+
+# Set by the user on every rank and on every machine that joins later.
+TOKEN_ENV = "CHECKFREE_JOB_TOKEN"
+STORE_PORT_ENV = "CHECKFREE_STORE_PORT"  # also set by the supervisor for its trainer
+STORE_PORT_OFFSET = 1  # default store port: MASTER_PORT + 1 (MASTER_PORT itself is the launcher's)
+DUMP_ENV = "CHECKFREE_DUMP_DIR"  # debugging and verification aid: the trainer dumps states around each rebuild
+PID_DIR_ENV = "CHECKFREE_PID_DIR"  # default of the supervisor's --pid-dir
+SUPERVISOR_EVENTS_ENV = "CHECKFREE_SUPERVISOR_EVENTS"  # default of the supervisor's --events-file
+
+# Set by the supervisor for the trainer it starts.
+SUPERVISED_ENV = "CHECKFREE_SUPERVISED"
+INCARNATION_ENV = "CHECKFREE_INCARNATION"  # how many times this rank's trainer has been (re)started
+SPARE_ENV = "CHECKFREE_SPARE"  # a warm spare: waits for its activation line on stdin
+STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
+_TRUE = "1"
+
+
+def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
+                store_port: int, incarnation: int, spare: bool = False) -> Dict[str, str]:
+    """The variables the supervisor adds to its own environment for a trainer (the store is on the master)."""
+    env = dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr,
+               MASTER_PORT=str(master_port))
+    env.update({SUPERVISED_ENV: _TRUE, INCARNATION_ENV: str(incarnation), STORE_ADDR_ENV: master_addr,
+                STORE_PORT_ENV: str(store_port)})
+    if spare:
+        env[SPARE_ENV] = _TRUE
+    return env
+
+
+def supervised(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when this process was started by the CheckFree supervisor."""
+    return environ.get(SUPERVISED_ENV) == _TRUE
+
+
+def is_spare(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when this process was started as a warm spare (it must wait for :func:`read_activation`)."""
+    return environ.get(SPARE_ENV) == _TRUE
+
+
+def incarnation_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    """This trainer's incarnation: 0 for the first trainer of a rank, n for its n-th replacement."""
+    return int(environ.get(INCARNATION_ENV, "0"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A warm spare's activation: one line on its stdin; stdin closed without a line means "not needed, exit"
+# ---------------------------------------------------------------------------------------------------------------
+
+def activation_line(incarnation: int) -> str:
+    """What the supervisor writes to a spare's stdin to make it the trainer of ``incarnation``."""
+    return f"{incarnation}\n"
+
+
+def read_activation(stream: TextIO) -> Optional[int]:
+    """Block until the supervisor activates this spare; return its incarnation, or None when it never will."""
+    line = stream.readline()
+    return int(line) if line else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exit codes
+# ---------------------------------------------------------------------------------------------------------------
+
+# A trainer that exits with this code has stopped on purpose (unrecoverable failure, by policy or by nature):
+# its supervisor does not start a replacement.
+STOPPED_EXIT_CODE = 78
+# The supervisor of a machine that asked to join and was refused (wrong token, rank out of range).
+JOIN_REFUSED_EXIT_CODE = 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Store keys. Job keys live under key_prefix(token); the join-request keys are public, because a joiner does not
+# know the job prefix before it is admitted.
+# ---------------------------------------------------------------------------------------------------------------
+
+def token_mac(token: str, message: str) -> str:
+    """HMAC-SHA256 of ``message`` under the job token (hex)."""
+    return hmac.new(token.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def key_prefix(token: str) -> str:
+    """Where the job keeps its keys: unguessable without the token."""
+    return "cf/" + token_mac(token, "checkfree-job")[:32]
+
+
+def rank_generation_key(rank: int) -> str:
+    """The last generation ``rank`` arrived for."""
+    return f"rank_gen/{rank}"
+
+
+def member_key(generation: int, rank: int) -> str:
+    """What ``rank`` said of itself when it arrived for ``generation`` (JSON)."""
+    return f"g/{generation}/member/{rank}"
+
+
+def group_store_prefix(generation: int) -> str:
+    """The prefix ``generation``'s process group rendezvouses under."""
+    return f"g/{generation}/pg"
+
+
+def fact_key(name: str) -> str:
+    """A job-wide fact (JSON)."""
+    return f"fact/{name}"
+
+
+def incarnation_fact(rank: int) -> str:
+    """Fact: the incarnation of ``rank``'s active trainer (written by its supervisor)."""
+    return f"incarnation/{rank}"
+
+
+def pid_fact(rank: int, incarnation: int) -> str:
+    """Fact: the pid of ``rank``'s trainer of ``incarnation``."""
+    return f"pid/{rank}/{incarnation}"
+
+
+def death_fact(rank: int, incarnation: int) -> str:
+    """Fact: when and how ``rank``'s trainer of ``incarnation`` died (a :class:`TrainerDeath`)."""
+    return f"death/{rank}/{incarnation}"
+
+
+DONE_KEY = "done"  # counter: trainers that finished the job (rank 0's supervisor keeps the store up until all did)
+JOIN_REQUESTS = "cf-join/requests"  # counter of join requests, and the prefix of each request
+
+
+def join_request_key(index: int) -> str:
+    """The ``index``-th join request (1-based, JSON)."""
+    return f"{JOIN_REQUESTS}/{index}"
+
+
+def join_verdict_key(index: int) -> str:
+    """The supervisor's verdict on the ``index``-th join request (JSON)."""
+    return f"{join_request_key(index)}/verdict"
+
+
+@dataclass(frozen=True)
+class TrainerDeath:
+    """What a supervisor records when its trainer dies; the trainer reads it to date the start of the outage."""
+
+    time: float      # time.time() when the supervisor saw the exit
+    returncode: int  # negative: killed by that signal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files for demos and tests
+# ---------------------------------------------------------------------------------------------------------------
+
+def pid_file(pid_dir: str, rank: int) -> str:
+    """Where the supervisor writes the pid of ``rank``'s active trainer (``--pid-dir``)."""
+    return os.path.join(pid_dir, f"rank{rank}.pid")
+
+
+def dump_file(dump_dir: str, generation: int, when: str, rank: int) -> str:
+    """Where the trainer of ``rank`` dumps its state ``when`` ("before"/"after") rebuilding in ``generation``."""
+    return os.path.join(dump_dir, f"g{generation}-{when}-rank{rank}.pt")
