@@ -2,86 +2,72 @@
 (de)embedding replicas, first/last stage recovery, and DeepSpeed checkpoints. 4 and 6 real ranks on gloo."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from deepspeed_checkfree.core.schedule import route
+from deepspeed_checkfree.events import read_events
 from deepspeed_checkfree.models import gpt
 from deepspeed_checkfree.models.corpus import StepBatches, load_corpus
-from deepspeed_checkfree.events import read_events
 from deepspeed_checkfree.pipe.plus_module import EMBED_KEY, HEAD_KEY
-from deepspeed_checkfree.core.schedule import route
 
-from .spawn import run_ranks
+from ..harness import oracle
+from ..harness.oracle import check_loss_falls, check_recorded_rebuild, check_stage_norms_measured
+from ..harness.ranks import run_scenarios
+from ..harness.scenarios import LR, MICRO_BATCH, MODEL, WORKER, check_clear_error, lose, norm_tolerance, plus
 
 pytestmark = pytest.mark.distributed
 
-WORKER = Path(__file__).with_name("pipe_scenarios.py")
-MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)  # as in pipe_scenarios.py
 REF_STEPS = 3
-
-
-def _plus(**kw):
-    return {"enabled": True, "mode": "checkfree_plus", **kw}
+MICRO_BATCHES = 4
 
 
 def _lose(stage, step):
-    return _plus(failure_injection={"at": [{"stage": stage, "step": step}]})
+    return lose(stage, step, mode="checkfree_plus")
 
 
-REFERENCE = {"model": "plus", "steps": REF_STEPS, "clip": 0.0, "constant_lr": True, "checkfree": _plus()}
+REFERENCE = {"model": "plus", "steps": REF_STEPS, "clip": 0.0, "constant_lr": True, "checkfree": plus()}
 SCENARIOS_4 = [
     {"name": "ref4", **REFERENCE},
     {"name": "lose0", "model": "plus", "steps": 10, "checkfree": _lose(0, 3)},
     {"name": "lose3", "model": "plus", "steps": 10, "checkfree": _lose(3, 3)},
-    {"name": "ckpt4", "model": "plus", "steps": 3, "checkpoint": True, "checkfree": _plus()},
+    {"name": "ckpt4", "model": "plus", "steps": 3, "checkpoint": True, "checkfree": plus()},
     {"name": "tied4", "model": "plus_tied", "steps": 8, "checkfree": _lose(3, 4)},
     {"name": "lose0_bf16", "model": "plus", "precision": "bf16", "steps": 8, "checkfree": _lose(0, 3)},
     {"name": "lose3_zero1", "model": "plus", "zero": 1, "steps": 8, "checkfree": _lose(3, 3)},
-    {"name": "plus_needs_plus_module", "steps": 1, "checkfree": _plus(), "expect_error": True},
-    {"name": "plus_needs_two_micro_batches", "model": "plus", "gas": 1, "steps": 1, "checkfree": _plus(),
+    {"name": "plus_needs_plus_module", "steps": 1, "checkfree": plus(), "expect_error": True},
+    {"name": "plus_needs_two_micro_batches", "model": "plus", "gas": 1, "steps": 1, "checkfree": plus(),
      "expect_error": True},
-    {"name": "plus_refuses_fp16", "model": "plus", "precision": "fp16", "steps": 1, "checkfree": _plus(),
+    {"name": "plus_refuses_fp16", "model": "plus", "precision": "fp16", "steps": 1, "checkfree": plus(),
      "expect_error": True},
 ]
 SCENARIOS_6 = [{"name": "ref6", "num_stages": 6, **REFERENCE},
                {"name": "lose5_of_6", "num_stages": 6, "model": "plus", "steps": 8, "checkfree": _lose(5, 3)}]
 
 
-def _launch(tmp_path_factory, world, scenarios):
-    out = tmp_path_factory.mktemp(f"plus{world}")
-    for sc in scenarios:
-        if sc.get("checkfree") and "failure_injection" in sc["checkfree"]:
-            sc["checkfree"]["events_file"] = str(out / f"{sc['name']}.events.jsonl")
-    run_ranks(WORKER, world, [str(out), json.dumps(scenarios)], timeout_s=600, log_dir=out)
-    return out, {sc["name"]: [torch.load(out / f"{sc['name']}-rank{r}.pt", weights_only=False)
-                              for r in range(world)] for sc in scenarios}
-
-
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return _launch(tmp_path_factory, 4, SCENARIOS_4)
+    out = tmp_path_factory.mktemp("plus4")
+    return out, run_scenarios(WORKER, 4, SCENARIOS_4, out)
 
 
 @pytest.fixture(scope="module")
 def six(tmp_path_factory):
-    return _launch(tmp_path_factory, 6, SCENARIOS_6)
+    out = tmp_path_factory.mktemp("plus6")
+    return out, run_scenarios(WORKER, 6, SCENARIOS_6, out)
 
 
 def _stage_parts(params: dict):
     """(embedding params, [block param dicts in order], head params) of one stage's named parameters."""
-    emb = {n.split(".layer.", 1)[1]: p for n, p in params.items() if n.startswith(f"tied_modules.{EMBED_KEY}.")}
-    head = {n.split(".layer.", 1)[1]: p for n, p in params.items() if n.startswith(f"tied_modules.{HEAD_KEY}.")}
-    idx = sorted({int(n.split(".")[0]) for n in params if not n.startswith("tied_modules.")})
-    blocks = [{n.split(".", 1)[1]: p for n, p in params.items() if n.split(".")[0] == str(i)} for i in idx]
-    return emb, blocks, head
+    return oracle.stage_parts(params, EMBED_KEY, HEAD_KEY)
 
 
 def _reference_run(recs, num_stages, steps):
-    """Train the same model in one process, routing micro-batches exactly as CheckFree+ does."""
+    """Train the same model in one process, routing micro-batches exactly as CheckFree+ does; returns the losses,
+    the trained modules, and per step each stage's gradient norm (its blocks, plus the embedding on stages 0 and 1
+    and the head on stages P-2 and P-1: each replica's gradient is the sum over both copies, as the reference's)."""
     torch.manual_seed(0)
     embed, head = gpt.Embedding(MODEL), gpt.Head(MODEL)
     stages = []
@@ -99,32 +85,43 @@ def _reference_run(recs, num_stages, steps):
         stages.append(blocks)
     params = list(embed.parameters()) + [p for st in stages for b in st for p in b.parameters()] + \
         list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
-    batches = StepBatches(load_corpus(), seq_len=MODEL.seq_len, micro_batch_size=2, micro_batches=4)
-    losses = []
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    batches = StepBatches(load_corpus(), seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
+                          micro_batches=MICRO_BATCHES)
+    losses, norms = [], []
     for step in range(steps):
         opt.zero_grad()
         total = 0.0
-        for mb in range(4):
+        for mb in range(MICRO_BATCHES):
             x, y = batches.get(step, mb)
-            r = route(mb, num_stages)
             h = embed(x)
-            for s in r:
+            for s in route(mb, num_stages):
                 for b in stages[s]:
                     h = b(h)
             loss = gpt.lm_loss(head(h), y)
-            (loss / 4).backward()
+            (loss / MICRO_BATCHES).backward()
             total += loss.item()
+
+        def sq(modules):
+            return sum(float(p.grad.double().pow(2).sum()) for m in modules for p in m.parameters())
+
+        norms.append([math.sqrt(sq(stages[s]) + (sq([embed]) if s in (0, 1) else 0.0)
+                                + (sq([head]) if s in (num_stages - 2, num_stages - 1) else 0.0))
+                      for s in range(num_stages)])
         opt.step()
-        losses.append(total / 4)
-    return losses, embed, stages, head
+        losses.append(total / MICRO_BATCHES)
+    return losses, embed, stages, head, norms
 
 
 def _check_against_reference(recs, num_stages):
-    losses, embed, stages, head = _reference_run(recs, num_stages, REF_STEPS)
+    losses, embed, stages, head, norms = _reference_run(recs, num_stages, REF_STEPS)
     assert recs[0]["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    # The per-stage gradient norm, against one computed from the reference's gradients (no clipping here).
+    for s in range(num_stages):
+        assert recs[s]["norms"] == pytest.approx([n[s] for n in norms], rel=1e-4), f"stage {s}"
     for s in range(num_stages):
         emb_p, block_ps, head_p = _stage_parts(recs[s]["final_params"])
+        assert len(block_ps) == len(stages[s])
         for bp, ref in zip(block_ps, stages[s]):
             for n, p in ref.named_parameters():
                 got, want = bp[n], p.detach()
@@ -151,6 +148,16 @@ def test_six_stage_swaps_match_a_single_process_reference(six):
     _check_against_reference(recs["ref6"], 6)
 
 
+TRAINED = [("four", 4, sc) for sc in SCENARIOS_4 if "expect_error" not in sc] + [("six", 6, sc) for sc in SCENARIOS_6]
+
+
+@pytest.mark.parametrize("launch,stages,sc", TRAINED, ids=[sc["name"] for _, _, sc in TRAINED])
+def test_every_stage_records_the_norm_of_its_own_gradient_with_replicas(request, launch, stages, sc):
+    # fp32, bf16 and ZeRO-1, with the (de)embedding replicas' reduced gradients, before and after edge rebuilds.
+    _, recs = request.getfixturevalue(launch)
+    check_stage_norms_measured(recs[sc["name"]], stages=stages, rel=norm_tolerance(sc))
+
+
 def _assert_replicas_identical(recs, num_stages, which="final_params"):
     emb0, _, _ = _stage_parts(recs[0][which])
     emb1, _, _ = _stage_parts(recs[1][which])
@@ -175,30 +182,16 @@ def test_replica_memory_is_reported(four):
     assert sizes == [0, emb, head, 0]
 
 
-def _check_copy_rebuild(recs, target, source, num_stages, step):
-    before = _stage_parts(recs[source]["rebuilds"][0]["before"]["params"])
-    after = _stage_parts(recs[target]["rebuilds"][0]["after"]["params"])
-    for b_src, b_tgt in zip(before[1], after[1]):
-        for n in b_tgt:
-            assert torch.equal(b_tgt[n], b_src[n]), f"block param {n} is not an exact copy"
-    for part in (0, 2):  # the embedding (stage 0/1) or head (P-2/P-1) replica
-        for n in after[part]:
-            assert torch.equal(after[part][n], before[part][n])
-    assert any(after[0]) or any(after[2])
-    for s in range(num_stages):
-        if s == target:
-            continue
-        rb = recs[s]["rebuilds"][0]
-        assert all(torch.equal(p, rb["after"]["params"][n]) for n, p in rb["before"]["params"].items())
-    assert recs[target]["rebuilds"][0]["after"]["opt_state"] == {}
-    losses = recs[0]["losses"]
-    assert all(math.isfinite(l) for l in losses)
-    assert sum(losses[-2:]) < sum(losses[step:step + 2]), losses
+def _check_copy_rebuild(recs, target, step):
+    """An edge stage rebuilt as an exact copy of its neighbour, (de)embedding replica included; the other stages
+    untouched; training goes on."""
+    check_recorded_rebuild(recs, target, strategy="copy", expect_replica=True)
+    check_loss_falls(recs[0]["losses"], since=step)
 
 
 def test_lost_first_stage_is_rebuilt_as_an_exact_copy_of_stage_1(four):
     out, recs = four
-    _check_copy_rebuild(recs["lose0"], 0, 1, 4, 3)
+    _check_copy_rebuild(recs["lose0"], 0, 3)
     rec = read_events(str(out / "lose0.events.jsonl"))[-1]
     assert rec["event"] == "recovery" and rec["strategy"] == "copy" and rec["sources"] == [1]
     assert rec["weights"] == [1.0]
@@ -208,13 +201,13 @@ def test_lost_first_stage_is_rebuilt_as_an_exact_copy_of_stage_1(four):
 
 def test_lost_last_stage_is_rebuilt_as_an_exact_copy_of_stage_p_minus_2(four):
     _, recs = four
-    _check_copy_rebuild(recs["lose3"], 3, 2, 4, 3)
+    _check_copy_rebuild(recs["lose3"], 3, 3)
     _assert_replicas_identical(recs["lose3"], 4)
 
 
 def test_lost_last_of_six_stages_is_copied_from_stage_4(six):
     _, recs = six
-    _check_copy_rebuild(recs["lose5_of_6"], 5, 4, 6, 3)
+    _check_copy_rebuild(recs["lose5_of_6"], 5, 3)
     _assert_replicas_identical(recs["lose5_of_6"], 6)
 
 
@@ -238,11 +231,8 @@ def test_deepspeed_checkpoint_saves_and_loads_embedding_and_head(four):
     ("plus_refuses_fp16", "UnsupportedSetupError", r"not fp16.*Use bf16 or fp32"),
 ])
 def test_bad_checkfree_plus_setups_fail_before_training(four, name, error, pattern):
-    import re
     _, recs = four
-    for r in range(4):
-        assert recs[name][r]["error"] == error
-        assert re.search(pattern, recs[name][r]["message"]), recs[name][r]["message"]
+    check_clear_error(recs[name], error, pattern)
 
 
 def test_tied_input_output_embeddings_keep_working_and_stay_identical_on_all_four_holders(four):
@@ -254,21 +244,20 @@ def test_tied_input_output_embeddings_keep_working_and_stay_identical_on_all_fou
     for c in copies[1:]:
         for n, p in c.items():
             assert torch.equal(p, copies[0][n]), f"tied copy {n} diverged"
-    after = rec[3]["rebuilds"][0]["after"]["params"]
-    before = rec[2]["rebuilds"][0]["before"]["params"]
-    assert all(torch.equal(after[n], before[n]) for n in after if n.startswith("tied_modules."))
+    # The lost last stage is a copy of stage 2: its blocks and its holder of the tied embedding.
+    check_recorded_rebuild(rec, 3, strategy="copy", expect_replica=True)
     losses = rec[0]["losses"]
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name,target,source,dtype", [("lose0_bf16", 0, 1, torch.bfloat16),
-                                                      ("lose3_zero1", 3, 2, torch.float32)])
+@pytest.mark.parametrize("name,target,dtype", [("lose0_bf16", 0, torch.bfloat16), ("lose3_zero1", 3, torch.float32)])
 def test_edge_rebuild_under_bf16_and_zero1_keeps_weights_and_fp32_masters_of_the_copies_identical(
-        four, name, target, source, dtype):
+        four, name, target, dtype):
     _, recs = four
     rec = recs[name]
     assert next(iter(rec[0]["final_params"].values())).dtype == dtype
-    _check_copy_rebuild(rec, target, source, 4, 3)
+    _check_copy_rebuild(rec, target, 3)  # survivors' fp32 masters included
+    oracle.check_masters_refreshed(oracle.rebuild_snapshots(rec)[1][target])
     _assert_replicas_identical(rec, 4)
     # The optimizer's fp32 masters of the copies agree too: the rebuilt copy's fresh optimizer and boosted LR
     # are overridden by the surviving copy after every step, masters included.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,10 @@ import pytest
 
 from deepspeed_checkfree.events import read_events
 
-from ..distributed.spawn import REPO, cpu_env, free_port
+from ..harness.oracle import check_loss_falls
+from ..harness.ports import reserve_ports
+from ..harness.processes import LEFTOVER, ProcessTracker, close_all
+from ..harness.ranks import REPO, cpu_env, require_multi_process_marker
 
 pytestmark = pytest.mark.e2e
 
@@ -21,28 +23,46 @@ STEPS = 14
 FAIL_STEP = 6
 
 
-def run_demo(tmp_path: Path, config_name: str, lost_stage: int) -> Path:
-    cfg = json.loads((REPO / "configs" / config_name).read_text())
-    cfg["checkfree"]["failure_injection"] = {"at": [{"stage": lost_stage, "step": FAIL_STEP}]}
-    cfg["scheduler"]["params"]["warmup_num_steps"] = 3
-    config = tmp_path / config_name
-    config.write_text(json.dumps(cfg))
-    out = tmp_path / "out"
-    env = cpu_env(dict(CONFIG=str(config), STEPS=str(STEPS), OUT=str(out), MASTER_PORT=str(free_port()),
-                       PYTHON_BIN=sys.executable, TIMEOUT_S="300"))
-    proc = subprocess.run(["bash", str(REPO / "launch" / "demo.sh")], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=360)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "done: 14 steps" in proc.stdout
-    return out
+@pytest.fixture
+def demo(tmp_path):
+    """Run launch/demo.sh on a config with a planned loss; every process it starts is tracked and, at the end,
+    ended by pid; none may outlive the finished demo."""
+    trackers = []
+
+    def run(config_name: str, lost_stage: int) -> Path:
+        require_multi_process_marker()
+        cfg = json.loads((REPO / "configs" / config_name).read_text())
+        cfg["checkfree"]["failure_injection"] = {"at": [{"stage": lost_stage, "step": FAIL_STEP}]}
+        cfg["scheduler"]["params"]["warmup_num_steps"] = 3
+        config = tmp_path / config_name
+        config.write_text(json.dumps(cfg))
+        out = tmp_path / "out"
+        tracker = ProcessTracker()
+        trackers.append(tracker)
+        with reserve_ports(2) as ports:
+            env = cpu_env(dict(CONFIG=str(config), STEPS=str(STEPS), OUT=str(out), MASTER_PORT=str(ports.port),
+                               PYTHON_BIN=sys.executable, TIMEOUT_S="300"))
+            proc = tracker.popen(["bash", str(REPO / "launch" / "demo.sh")], env=env, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout, stderr = proc.communicate(timeout=360)
+        tracker.finished = True
+        # bash, timeout, the deepspeed runner, its node launcher and the 4 ranks (at least)
+        assert len(tracker.seen) >= 8, f"only {len(tracker.seen)} processes of the demo were tracked"
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "done: 14 steps" in stdout
+        return out
+
+    yield run
+    left = close_all(trackers)
+    assert not left, LEFTOVER + "\n".join(left)
 
 
 def check_run(out: Path, lost_stage: int, sources: list, strategy: str) -> None:
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(STEPS))
     losses = [float(r["loss"]) for r in rows]
-    assert all(math.isfinite(l) for l in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[FAIL_STEP:FAIL_STEP + 3]) / 3 < sum(losses[:3]) / 3, losses
+    check_loss_falls(losses, since=FAIL_STEP, window=3)
+    check_loss_falls(losses[:FAIL_STEP + 3], since=0, window=3)
     events = read_events(str(out / "events.jsonl"))
     assert [e["event"] for e in events] == ["stage_lost", "recovery"]
     rec = events[1]
@@ -50,11 +70,11 @@ def check_run(out: Path, lost_stage: int, sources: list, strategy: str) -> None:
     assert rec["lr_after"][0] > 0 and rec["duration_s"] > 0
 
 
-def test_demo_loses_middle_stage_and_keeps_training(tmp_path):
-    out = run_demo(tmp_path, "checkfree_middle.json", 2)
+def test_demo_loses_middle_stage_and_keeps_training(demo):
+    out = demo("checkfree_middle.json", 2)
     check_run(out, 2, [1, 3], "gradnorm_average")
 
 
-def test_demo_loses_first_stage_under_checkfree_plus(tmp_path):
-    out = run_demo(tmp_path, "checkfree_plus_first.json", 0)
+def test_demo_loses_first_stage_under_checkfree_plus(demo):
+    out = demo("checkfree_plus_first.json", 0)
     check_run(out, 0, [1], "copy")

@@ -1,7 +1,10 @@
 """One rank of the engine scenarios: build real DeepSpeed pipeline engines (one per scenario, sharing the process
 group), train, lose stages as planned, and save what each rank saw for the tests to check.
 
-Run by tests/distributed/test_engine_recovery.py through spawn.run_ranks; arguments: OUT_DIR SCENARIOS_JSON.
+Besides the library's own numbers, each rank measures its gradient itself at every optimizer step (before DeepSpeed
+clips it or the optimizer consumes it), so the tests can check the library's per-stage norm against it.
+
+Run through tests/harness/ranks.run_scenarios; arguments: OUT_DIR SCENARIOS_JSON.
 """
 from __future__ import annotations
 
@@ -29,38 +32,44 @@ import deepspeed_checkfree  # noqa: E402,F401  (registers the engine)
 from deepspeed_checkfree.models import gpt  # noqa: E402
 from deepspeed_checkfree.models.corpus import StepBatches, load_corpus  # noqa: E402
 
-MODEL = gpt.GPTConfig(vocab_size=256, seq_len=32, d_model=32, n_heads=4, n_layers=8)
+from tests.harness.scenarios import MICRO_BATCH, MODEL, ds_config  # noqa: E402
 
 
-def ds_config(sc: dict) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": sc.get("gas", 4),
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
-                                                     "warmup_num_steps": 6, "warmup_type": "linear"}},
-        "gradient_clipping": sc.get("clip", 1.0),
-    }
-    if sc.get("constant_lr"):
-        del cfg["scheduler"]
-    if sc.get("precision") == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    if sc.get("precision") == "fp16":
-        cfg["fp16"] = {"enabled": True}
-    if sc.get("zero"):
-        cfg["zero_optimization"] = {"stage": sc["zero"]}
-    if sc.get("checkfree") is not None:
-        cfg["checkfree"] = sc["checkfree"]
-    return cfg
+def wrapped(engine) -> bool:
+    """bf16 and ZeRO keep fp32 master weights of their own (the stock engine has no CheckFree helper for this)."""
+    return bool(engine.using_bf16_optimizer or engine.zero_optimization())
+
+
+def full_masters(engine):
+    """The optimizer's fp32 master of every parameter (the same order on every rank: a collective per parameter
+    over the data-parallel group), or None without a wrapping optimizer."""
+    if not wrapped(engine):
+        return None
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+
+
+def gradient_square_sum(engine) -> float:
+    """This rank's accumulated (data-parallel-averaged) gradient at the optimizer step, squared L2 norm in fp64,
+    read where DeepSpeed keeps it: ``p.grad`` (fp32), the bf16 optimizer's flat gradient-accumulation buffers (in
+    the accumulation dtype: bf16 unless data_types.grad_accum_dtype says otherwise), or, under ZeRO-1, this
+    data-parallel rank's averaged gradient partitions (``p.grad`` is already cleared there)."""
+    if engine.using_bf16_optimizer:
+        tensors = list(engine.optimizer.fp32_groups_gradients_flat)
+    elif engine.zero_optimization():
+        tensors = [g for grads in engine.optimizer.averaged_gradients.values() for g in grads if g is not None]
+    else:
+        tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(sum(t.detach().double().pow(2).sum() for t in tensors)) if tensors else 0.0
 
 
 def snapshot(engine) -> dict:
     return {
+        "step": engine.global_steps,
         "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
         "opt_state": copy.deepcopy(engine.basic_optimizer.state_dict()["state"]),
         "norm": getattr(engine, "stage_grad_norm", None),
         "lrs": [g["lr"] for g in engine.basic_optimizer.param_groups],
+        "masters": full_masters(engine),
     }
 
 
@@ -92,9 +101,18 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         torch.save({"error": type(err).__name__, "message": str(err)}, out / f"{sc['name']}-rank{rank}.pt")
         return
     record = {"engine": type(engine).__name__, "stage": engine.stage_id, "dp_id": engine.grid.data_parallel_id,
-              "losses": [], "lrs": [], "norms": [],
+              "losses": [], "lrs": [], "norms": [], "grad_square_sums": [],
               "rebuilds": [], "replica_bytes": getattr(engine, "replica_bytes", 0),
               "initial_params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+
+    # DeepSpeed's OptimizerStep calls self._take_model_step, which clips (fp32) and steps: measure just before.
+    take_model_step = engine._take_model_step
+
+    def measured_model_step(lr_kwargs):
+        record["grad_square_sums"].append(gradient_square_sum(engine))
+        return take_model_step(lr_kwargs)
+
+    engine._take_model_step = measured_model_step
     if hasattr(engine, "lose_and_rebuild"):
         real = engine.lose_and_rebuild
 
@@ -107,18 +125,17 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
             return result
 
         engine.lose_and_rebuild = spy
-    batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=2, micro_batches=engine.micro_batches,
-                          dp_rank=engine.grid.data_parallel_id, dp_size=engine.dp_world_size)
+    batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
+                          micro_batches=engine.micro_batches, dp_rank=engine.grid.data_parallel_id,
+                          dp_size=engine.dp_world_size)
     for step in range(sc["steps"]):
         loss = engine.train_batch(batches.iterator(step))
         record["losses"].append(float(loss))
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
+    assert len(record["grad_square_sums"]) == sc["steps"], "one optimizer step per train_batch"
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    if engine.using_bf16_optimizer or engine.zero_optimization():  # also the stock engine
-        # The optimizer's fp32 master of every parameter (same order on every rank: a collective per parameter).
-        record["final_masters"] = {n: safe_get_full_fp32_param(p).clone()
-                                   for n, p in engine.module.named_parameters()}
+    record["final_masters"] = full_masters(engine)
     if sc.get("checkpoint"):
         # Save with DeepSpeed's own checkpointing, load into a freshly built engine, and record what came back.
         ckpt = out / f"ckpt-{sc['name']}"

@@ -1,0 +1,35 @@
+"""Markers by cost (declared in pytest.ini, ``--strict-markers``):
+
+    distributed  real multi-process runs on CPU with gloo         e2e  the launch scripts through a real launcher
+    slow         takes more than a minute                         gpu  needs a GPU (skipped without one)
+
+The fast tier is ``-m "not distributed and not e2e"``. The harness refuses to start processes for a test that
+carries neither marker, so a multi-process test cannot slip into the fast tier.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import ranks
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Runs before the item's fixtures, so a module-scoped launch fixture sees the markers of its first test.
+    ranks.current_markers = {m.name for m in item.iter_markers()}
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    ranks.current_markers = None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU; this machine has none")
+    for item in gpu_tests:
+        item.add_marker(skip)
