@@ -36,7 +36,13 @@ def measure_stage_grad_norm(grads: List[torch.Tensor], device: torch.device,
     """
     if not grads:
         return torch.zeros((), device=device)
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if all(g.dtype in (torch.float32, torch.float64) for g in grads):
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    else:
+        # DeepSpeed 0.19.8 accumulates bf16 gradients in bf16 by default: measure each tensor's norm in fp32 (one
+        # tensor converted at a time, never a second copy of the whole gradient), so the norm is not rounded to bf16.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
+                                                     for g in grads]), 2.0)
     if partition_group is not None:
         sq = norm.float() ** 2
         dist.all_reduce(sq, group=partition_group)
