@@ -20,6 +20,8 @@ from ..events import identity
 from ..repair import repair_checkpoint
 from ..repair.megatron_common import (TRACKER, edge_tensors, iteration_dir_name, read_rebuilt_stages, replica_holder,
                                       write_norms, write_replica)
+from ..repair.megatron_distopt import write_distopt_layouts
+from .distopt import layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +94,15 @@ def _coords() -> Dict[str, Any]:
 
 
 def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, iteration: Any,
-                         replicas: bool = True) -> None:
+                         replicas: bool = True, optimizer: Any = None) -> None:
     """Write the CheckFree sidecar of a checkpoint Megatron just saved into ``iter_dir``. Collective: every rank.
 
     Gathers every stage's gradient norm over the pipeline group; the (tensor-parallel 0, data-parallel 0) rank of each
     stage writes them (``checkfree/stage_PPP.json``), so any surviving stage has all of them. Stage 1 keeps a replica
     of stage 0's embedding and stage P-2 one of stage P-1's final norm and output layer
-    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide.
+    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide. With
+    Megatron's distributed optimizer (pass ``optimizer``), each stage also keeps its own and its neighbours' bucket
+    layouts (:func:`.distopt.layout_of`), so a lost stage's optimizer shard can be rebuilt.
     """
     c = _coords()
     stage, num_stages = c["stage"], c["num_stages"]
@@ -107,7 +111,14 @@ def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, itera
     rebuilt: List[Any] = [None] * num_stages
     dist.all_gather_object(rebuilt, state.rebuilt_stages, group=c["pp_group"])
     rebuilt_all = sorted({s for r in rebuilt for s in (r or [])})
+    layouts: List[Any] = [None] * num_stages
+    if optimizer is not None:  # every rank of the pipeline group takes this branch (same call everywhere)
+        dist.all_gather_object(layouts, layout_of(optimizer, [unwrap(m) for m in _as_list(model)]),
+                               group=c["pp_group"])
     if c["dp"] == 0:
+        if any(layouts):
+            near = {s: layouts[s] for s in (stage - 1, stage, stage + 1) if 0 <= s < num_stages}
+            write_distopt_layouts(iter_dir, stage, c["tp"], near)
         if c["tp"] == 0:
             write_norms(iter_dir, stage, num_stages, iteration, dict(enumerate(norms)), rebuilt_all)
         if replicas and num_stages > 1:

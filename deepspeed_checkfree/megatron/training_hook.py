@@ -160,7 +160,8 @@ def install() -> CheckFreeState:
         # Every rank takes the same branch (same args, same directory on a shared filesystem).
         if iter_dir is not None:
             save_checkfree_state(iter_dir, model, state, iteration,
-                                 replicas=not _option(margs, "checkfree_no_replicas", False))
+                                 replicas=not _option(margs, "checkfree_no_replicas", False),
+                                 optimizer=optimizer if getattr(margs, "use_distributed_optimizer", False) else None)
         return result
 
     @functools.wraps(orig_load)

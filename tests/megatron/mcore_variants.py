@@ -166,7 +166,7 @@ def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
         if rank == 0:
             with open(os.path.join(pristine["legacy"], "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write(str(steps))
-        save_checkfree_state(it, ddps, state, steps)
+        save_checkfree_state(it, ddps, state, steps, optimizer=opt)
         # torch_dist, with the distributed optimizer's default sharding in Megatron-LM (dp_reshardable).
         it = os.path.join(pristine["torch_dist"], iter_name)
         if rank == 0:
@@ -182,7 +182,7 @@ def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
         if rank == 0:
             with open(os.path.join(pristine["torch_dist"], "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write(str(steps))
-        save_checkfree_state(it, ddps, state, steps)
+        save_checkfree_state(it, ddps, state, steps, optimizer=opt)
         del chunks, ddps, opt
 
         for fmt in ("legacy", "torch_dist"):
@@ -232,6 +232,10 @@ def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
                             for c, m in enumerate(chunks):
                                 m.load_state_dict(loaded[model_keys(c)], strict=True)
                             opt.load_state_dict(loaded["optimizer"])
+                    # What the files gave the rebuilt stage, before the hook's reset after loading.
+                    result["moments_nonzero"] = sum(int(v.abs().sum() > 0) for st in moments(opt) for v in st.values())
+                    result["adam_steps"] = sorted({float(st["step"]) for o in getattr(opt, "chained_optimizers", [opt])
+                                                   for st in o.optimizer.state.values()})
                     state_after_load(None, steps, reports, CheckFreeState(), 1.0, opt)
                     now = weights(chunks)
                     if stage != lost:
@@ -246,11 +250,6 @@ def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
                     else:
                         result["max_diff_rebuilt"], result["plan"] = expected_diff(now, all_saved, norms, lost,
                                                                                    num_stages, vpp)
-                        result["moments_nonzero"] = sum(int(v.abs().sum() > 0) for st in moments(opt)
-                                                        for v in st.values())
-                        result["adam_steps"] = sorted({float(st["step"]) for o in getattr(opt, "chained_optimizers",
-                                                                                            [opt])
-                                                       for st in o.optimizer.state.values()})
                     result["losses_after"] = train(ddps, opt, CheckFreeState(), steps, 1)
                     del chunks, ddps, opt
                 with open(os.path.join(out, f"{case}-rank{rank}.json"), "w") as f:

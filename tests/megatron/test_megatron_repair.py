@@ -125,10 +125,15 @@ def _copy(pp4: Path, fmt: str, tmp_path: Path) -> Path:
     return dst
 
 
-def test_intact_torch_dist_checkpoint_needs_nothing(pp4, tmp_path):
-    ckpt = _copy(pp4, "dist", tmp_path)
+@pytest.mark.parametrize("fmt", ["legacy", "dist"])
+def test_an_intact_checkpoint_needs_nothing_and_every_tensor_was_checked(pp4, tmp_path, fmt):
+    ckpt = _copy(pp4, fmt, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     report = repair_checkpoint(str(ckpt), in_place=True)
-    assert report.format == "megatron_torch_dist" and report.num_stages == 4 and not report.damaged
+    assert report.format == ("megatron_legacy" if fmt == "legacy" else "megatron_torch_dist")
+    assert report.num_stages == 4 and not report.damaged and not report.rebuilds
+    assert report.bytes_checked > 0.5 * report.checkpoint_bytes  # weights and Adam moments of every stage
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before, "an intact checkpoint is left untouched"
 
 
 def test_truncated_distcp_file_is_detected_as_its_stage(pp4, tmp_path):

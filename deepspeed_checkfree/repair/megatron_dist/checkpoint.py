@@ -19,6 +19,8 @@ from ...errors import RecoveryError
 from ..base import IOLedger, Inspection, check_rebuilt, directory_bytes, set_aside
 from ..megatron_common import (LAYER_PREFIX, REPLICA_FIX, MegatronIteration, MegatronLayout, layer_index_map,
                                read_replica, replica_file, replica_note)
+from ..megatron_distopt import require_layout
+from .distopt import DistOptItems, dp_group_of
 from .items import (COMMON, METADATA, parse_sharded_object, read_item, read_metadata, sharded_object_fqn, split_opt,
                     write_items)
 
@@ -39,10 +41,19 @@ _DISTCP = re.compile(r"__(\d+)_(\d+)\.distcp")
 class MegatronDistCheckpoint(MegatronIteration):
     """One iteration of a Megatron ``torch_dist`` checkpoint."""
 
+    SUPPORTS_DISTRIBUTED_OPTIMIZER = True
+
+    def unsupported_settings(self):
+        out = super().unsupported_settings()
+        if self.layout.distributed_optimizer and self.sharding_type not in (None, "dp_reshardable"):
+            out += (("distrib_optim_sharding_type", self.sharding_type),)
+        return out
+
     def __init__(self, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> None:
         super().__init__(path, tag, ledger, check_values)
         self.md = None
         self.args = None
+        self.sharding_type: Optional[str] = None
         self._item_stage: Dict[Any, Optional[int]] = {}
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -53,7 +64,10 @@ class MegatronDistCheckpoint(MegatronIteration):
             raise RecoveryError(f"{path} is missing; it holds the checkpoint's args and iteration (written once by "
                                 f"global rank 0) and cannot be rebuilt from neighbours. Restore it from another copy.")
         common = self.ledger.load(path)
-        return common.get("args") if isinstance(common, dict) else None
+        if not isinstance(common, dict):
+            return None
+        self.sharding_type = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+        return common.get("args")
 
     def _read_item(self, index, count: bool = True) -> Any:
         return read_item(self.iter_dir, self.md, index, self.ledger, count)
@@ -73,7 +87,11 @@ class MegatronDistCheckpoint(MegatronIteration):
                 return lay.stage_of_layer(offsets[0])
             if key == "rng_state":
                 return offsets[0]
+            if dp_group_of(key) is not None:
+                return self.group_stage(dp_group_of(key)[0])
             return None
+        if dp_group_of(fqn) is not None:
+            return self.group_stage(dp_group_of(fqn)[0])
         _, param = split_opt(fqn)
         if param.startswith(LAYER_PREFIX):
             return lay.stage_of_layer(int(index.offset[0]))
@@ -82,6 +100,11 @@ class MegatronDistCheckpoint(MegatronIteration):
         if param.startswith(("decoder.final_layernorm.", "output_layer.")):
             return lay.num_stages - 1
         return None
+
+    def group_stage(self, group: int) -> int:
+        """The pipeline stage of the distributed optimizer's data-parallel group ``group``: megatron.core numbers
+        them by model-parallel rank, tp + TP * pp under the default rank order."""
+        return group // self.layout.tp_size
 
     # -- the handler interface used by repair_checkpoint -----------------------------------------------------
 
@@ -209,6 +232,43 @@ class MegatronDistCheckpoint(MegatronIteration):
                                 f"expects a chunk of {tuple(size)}; the replica is from another model.")
         return value.reshape(size).clone()
 
+    def _distopt_values(self, plan: RecoveryPlan, indices: List[Any], values: Dict[Any, Any]) -> None:
+        """The lost stage's distributed-optimizer items (:class:`.distopt.DistOptItems`), once its model items are in
+        ``values``: its weights in its recorded bucket layout, zero moments, step 0."""
+        lay, target = self.layout, plan.target
+        layouts = {o["dp_group_idx"]: o for tp in range(lay.tp_size)
+                   for o in require_layout(self.iter_dir, target, tp, self.ledger)}
+        model = {(i.fqn, tuple(int(x) for x in i.offset)): v for i, v in values.items() if i.offset is not None}
+        objects = {parse_sharded_object(i.fqn)[0]: i for i in self.md.storage_data if i.offset is None}
+        replicas: Dict[int, Optional[Dict[str, torch.Tensor]]] = {}
+
+        def tensor_of(group: int, chunk: int, entry) -> torch.Tensor:
+            from torch.distributed.checkpoint.metadata import MetadataIndex
+
+            if entry["key"] is not None:
+                where = (entry["key"], tuple(entry["offset"]))
+                if where in model:
+                    return model[where]
+                index = MetadataIndex(entry["key"], where[1])
+                if index in self.md.storage_data and self._item_stage.get(index) != target:
+                    return self._read_item(index)  # the tied output layer is saved once, as stage 0's embedding
+            tp = group % lay.tp_size  # else the replica a neighbour keeps of the stage's embedding or head
+            if tp not in replicas:
+                replicas[tp] = read_replica(self.iter_dir, target, tp, self.ledger) or {}
+            if entry["name"] not in replicas[tp]:
+                raise RecoveryError(f"{entry['name']} of stage {target} is in its distributed-optimizer buckets but "
+                                    f"in no model item nor CheckFree replica. {REPLICA_FIX}")
+            return replicas[tp][entry["name"]]
+
+        items = DistOptItems(layouts, {g: g + (plan.sources[0] - target) * lay.tp_size for g in layouts}, tensor_of,
+                             lambda key: self._read_item(objects[key]))
+        for index in indices:
+            if index.offset is None:
+                values[index] = items.object_bytes(parse_sharded_object(index.fqn)[0])
+            else:
+                values[index] = items.tensor(index.fqn, index.offset, self._chunk_size(index),
+                                             self.md.state_dict_metadata[index.fqn].properties.dtype)
+
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -232,7 +292,11 @@ class MegatronDistCheckpoint(MegatronIteration):
         for index in lost:
             files[self.md.storage_data[index].relative_path].append(index)
         values: Dict[Any, Any] = {}
+        distopt = [i for i in lost if dp_group_of(parse_sharded_object(i.fqn)[0] if i.offset is None else i.fqn)]
+        skip = set(distopt)
         for index in lost:
+            if index in skip:
+                continue
             if index.offset is None:
                 key, offsets, shape = parse_sharded_object(index.fqn)
                 if key.startswith(LAYER_PREFIX):
@@ -257,6 +321,8 @@ class MegatronDistCheckpoint(MegatronIteration):
             else:
                 edge_index = MetadataIndex(param, index.offset)
                 values[index] = self._edge_value(target, edge_index, size, replicas, notes).to(dtype)
+        if distopt:
+            self._distopt_values(plan, distopt, values)
         check_rebuilt({i.fqn: v for i, v in values.items() if isinstance(v, torch.Tensor)}, target,
                       f"{self.iter_dir} items", self.ledger)
         warnings = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ from ...errors import RecoveryError
 from ..base import (IOLedger, Inspection, damage_of, directory_bytes, file_problem, plan_stage, plan_weights,
                     write_rebuilt_file)
 from ..megatron_common import MegatronIteration, MegatronLayout
+from ..megatron_distopt import fresh_steps, legacy_param_state, require_layout
 from .stage_state import blend_layers, edge_parameters, fresh_optimizer_state, order_stage_state
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class MegatronLegacyCheckpoint(MegatronIteration):
     holds ``model0``, ``model1``, ...: one state dict per model chunk."""
 
     SUPPORTS_VIRTUAL_PIPELINE = True
+    SUPPORTS_DISTRIBUTED_OPTIMIZER = True
 
     def __init__(self, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> None:
         super().__init__(path, tag, ledger, check_values)
@@ -155,7 +157,13 @@ class MegatronLegacyCheckpoint(MegatronIteration):
                     notes.append(note)
             whole = [(s, self.load(tp, s)) for s in plan.sources]
             state = {**{k: x for k, x in whole[0][1].items() if not k.startswith("model")}, **state}
-            if "optimizer" in state:
+            if lay.distributed_optimizer and "optimizer" in state:
+                # The optimizer's parameter groups (with step 0) stay here; its bucketed state goes next door.
+                state["optimizer"] = fresh_steps(state["optimizer"])
+                src_optim = os.path.join(self.iter_dir, self.shard_rel(tp, plan.sources[0], name=OPTIM_FILE))
+                if os.path.exists(src_optim):
+                    files.append(self._write_distrib_optim(plan.target, tp, state, out_iter_dir, in_place))
+            elif "optimizer" in state:
                 merged = self._merged_model(state)
                 state["optimizer"] = fresh_optimizer_state(
                     merged, [(s, {"model": self._merged_model(st), "optimizer": st["optimizer"]}) for s, st in whole],
@@ -165,6 +173,23 @@ class MegatronLegacyCheckpoint(MegatronIteration):
             files.append(write_rebuilt_file(state, out, in_place, self.ledger, plan.target))
         return {**self.finish_rebuild(out_iter_dir, plan.target, files, notes),
                 "chunks": self.describe_chunks(plan, weights)}
+
+    def _write_distrib_optim(self, target: int, tp: int, state: Dict[str, Any], out_iter_dir: str,
+                             in_place: bool) -> str:
+        """The rebuilt stage's ``distrib_optim.pt``: its rebuilt weights in its recorded bucket layout, zero moments."""
+        layout = require_layout(self.iter_dir, target, tp, self.ledger)
+
+        def tensor_of(chunk: int, entry: Mapping[str, Any]) -> torch.Tensor:
+            model = state[self._chunk_key(chunk)]
+            if entry["name"] not in model:
+                raise RecoveryError(f"the distributed-optimizer layout of stage {target} names {entry['name']}, which "
+                                    f"the rebuilt {self._chunk_key(chunk)} does not hold; the layout record is from "
+                                    f"another model.")
+            return model[entry["name"]]
+
+        out = os.path.join(out_iter_dir, self.shard_rel(tp, target, name=OPTIM_FILE))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        return write_rebuilt_file(legacy_param_state(layout, tensor_of), out, in_place, self.ledger, target)
 
     def describe_chunks(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
         if self.layout.vpp_size == 1:
