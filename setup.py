@@ -14,7 +14,9 @@ setup(
     # The engine subclasses private DeepSpeed internals: pin the version the contract test checks.
     install_requires=["deepspeed==0.19.8", "torch>=2.6", "pyyaml", "numpy"],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],
-                    "megatron": ["megatron-core==0.16.1", "psutil"],
+                    # megatron-core ships only megatron.core; Megatron-LM's megatron.training (from a checkout) also
+                    # imports six and regex (pyyaml is required above; pydantic comes with deepspeed).
+                    "megatron": ["megatron-core==0.16.1", "psutil", "six", "regex"],
                     "experiment": ["matplotlib"]},
     entry_points={"console_scripts": ["checkfree=deepspeed_checkfree.cli:main"]},
 )

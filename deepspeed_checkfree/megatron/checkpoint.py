@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,8 @@ from ..events import identity
 from ..repair import repair_checkpoint
 from ..repair.megatron_common import (TRACKER, edge_tensors, iteration_dir_name, read_rebuilt_stages, replica_holder,
                                       write_norms, write_replica)
+from ..repair.megatron_distopt import write_distopt_layouts
+from .distopt import layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +94,15 @@ def _coords() -> Dict[str, Any]:
 
 
 def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, iteration: Any,
-                         replicas: bool = True) -> None:
+                         replicas: bool = True, optimizer: Any = None) -> None:
     """Write the CheckFree sidecar of a checkpoint Megatron just saved into ``iter_dir``. Collective: every rank.
 
     Gathers every stage's gradient norm over the pipeline group; the (tensor-parallel 0, data-parallel 0) rank of each
     stage writes them (``checkfree/stage_PPP.json``), so any surviving stage has all of them. Stage 1 keeps a replica
     of stage 0's embedding and stage P-2 one of stage P-1's final norm and output layer
-    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide.
+    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide. With
+    Megatron's distributed optimizer (pass ``optimizer``), each stage also keeps its own and its neighbours' bucket
+    layouts (:func:`.distopt.layout_of`), so a lost stage's optimizer shard can be rebuilt.
     """
     c = _coords()
     stage, num_stages = c["stage"], c["num_stages"]
@@ -107,7 +111,14 @@ def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, itera
     rebuilt: List[Any] = [None] * num_stages
     dist.all_gather_object(rebuilt, state.rebuilt_stages, group=c["pp_group"])
     rebuilt_all = sorted({s for r in rebuilt for s in (r or [])})
+    layouts: List[Any] = [None] * num_stages
+    if optimizer is not None:  # every rank of the pipeline group takes this branch (same call everywhere)
+        dist.all_gather_object(layouts, layout_of(optimizer, [unwrap(m) for m in _as_list(model)]),
+                               group=c["pp_group"])
     if c["dp"] == 0:
+        if any(layouts):
+            near = {s: layouts[s] for s in (stage - 1, stage, stage + 1) if 0 <= s < num_stages}
+            write_distopt_layouts(iter_dir, stage, c["tp"], near)
         if c["tp"] == 0:
             write_norms(iter_dir, stage, num_stages, iteration, dict(enumerate(norms)), rebuilt_all)
         if replicas and num_stages > 1:
@@ -143,42 +154,68 @@ def _object_device(group, device):
     return None if dist.get_backend(group) == "gloo" else device
 
 
-def checkpoint_dirs_to_check(load_dirs: Iterable[Optional[str]]) -> List[str]:
-    return [d for d in dict.fromkeys(load_dirs) if d and os.path.exists(os.path.join(d, TRACKER))]
+Target = Tuple[str, Optional[str]]
+
+# How a user gets past a checkpoint the hook cannot repair (every hook error names these).
+WAYS_ON = ("Options: resume with --checkfree-repair off (Megatron's own loader then runs as without the hook), load an "
+           "older intact checkpoint (--ckpt-step N), or see the plan with `checkfree repair {dir} --iteration {it} "
+           "--dry-run`.")
 
 
-def repair_before_load(load_dirs: Sequence[Optional[str]], strategy: str = "gradnorm_average",
-                       events_file: Optional[str] = None) -> List[dict]:
-    """Rebuild a lost or unreadable stage of the checkpoint(s) Megatron is about to load, in place, before its loader
+def checkpoint_dirs_to_check(load_dirs: Iterable[Optional[str]]) -> List[Target]:
+    """(directory, None: its latest iteration) for each directory that has a tracker file."""
+    return [(d, None) for d in dict.fromkeys(load_dirs) if d and os.path.exists(os.path.join(d, TRACKER))]
+
+
+def _inspect_and_repair(targets: Sequence[Any], strategy: str, events_file: Optional[str],
+                        check_values: bool) -> Dict[str, Any]:
+    """Global rank 0's part of :func:`repair_before_load`; the outcome as a broadcastable dict."""
+    reports = []
+    for target in targets:
+        directory, iteration = (target, None) if isinstance(target, str) else target
+        try:
+            report = repair_checkpoint(directory, in_place=True, strategy=strategy, events_file=events_file,
+                                       tag=iteration, check_values=check_values)
+        except CheckFreeError as err:
+            it = iteration if iteration is not None else "N"
+            ways = "" if "--checkfree-repair off" in str(err) else " " + WAYS_ON.format(dir=directory, it=it)
+            return {"ok": False, "message": f"{type(err).__name__}: {err}{ways}"}
+        except Exception as err:  # noqa: BLE001 - a fault of the inspection itself must not stop a resume
+            # Nothing was found damaged (a damaged stage raises CheckFreeError): load as Megatron would; its loader
+            # still stops on a checkpoint that really is broken.
+            logger.warning("[checkfree] could not inspect %s (iteration %s): unexpected %s: %s. Loading it as Megatron "
+                           "would, without CheckFree's repair.", directory, iteration or "latest",
+                           type(err).__name__, err)
+            continue
+        if report.rebuilds:
+            reports.append(report.to_json())
+    return {"ok": True, "reports": reports}
+
+
+def repair_before_load(targets: Sequence[Any], strategy: str = "gradnorm_average",
+                       events_file: Optional[str] = None, check_values: bool = True) -> List[dict]:
+    """Rebuild a lost or damaged stage of the checkpoint(s) Megatron is about to load, in place, before its loader
     runs. Collective: call on every rank.
 
-    Global rank 0 inspects each directory that has a ``latest_checkpointed_iteration.txt`` and, if one stage's shard
-    is missing or corrupt, rebuilds it from its neighbours (:func:`deepspeed_checkfree.repair.repair_checkpoint`);
-    the outcome is broadcast so that every rank either continues or raises the same error.
+    Global rank 0 inspects each target (a save directory, or ``(directory, iteration)`` with the iteration Megatron
+    will load: ``None`` for the tracker's) for missing, unreadable and non-finite stage tensors; if one stage is
+    damaged it rebuilds it from its neighbours (:func:`deepspeed_checkfree.repair.repair_checkpoint`). An intact
+    checkpoint is left as it is whatever its settings; the outcome is broadcast so that every rank either continues or
+    raises the same error.
 
     Returns:
-        The repair reports (as dicts) of the directories that needed a rebuild.
+        The repair reports (as dicts) of the targets that needed a rebuild.
 
     Raises:
-        RecoveryError: on every rank, when the checkpoint cannot be repaired.
+        RecoveryError: on every rank, when a damaged checkpoint cannot be repaired (the message names the ways on).
     """
     outcome: List[Any] = [None]
     if dist.get_rank() == 0:
-        try:
-            reports = []
-            for d in checkpoint_dirs_to_check(load_dirs):
-                report = repair_checkpoint(d, in_place=True, strategy=strategy, events_file=events_file)
-                if report.rebuilds:
-                    reports.append(report.to_json())
-            outcome[0] = {"ok": True, "reports": reports}
-        except CheckFreeError as err:
-            outcome[0] = {"ok": False, "message": f"{type(err).__name__}: {err}"}
-        except Exception as err:  # noqa: BLE001 - every rank must learn about the failure, not only rank 0
-            outcome[0] = {"ok": False, "message": f"unexpected {type(err).__name__} while repairing: {err}"}
+        outcome[0] = _inspect_and_repair(targets, strategy, events_file, check_values)
     dist.broadcast_object_list(outcome, src=0)
     result = outcome[0]
     if not result["ok"]:
-        raise RecoveryError(f"cannot resume: the checkpoint has a lost stage that CheckFree could not rebuild: "
+        raise RecoveryError(f"cannot resume: the checkpoint has a damaged stage that CheckFree could not rebuild: "
                             f"{result['message']}")
     for report in result["reports"] if dist.get_rank() == 0 else ():
         for r in report["rebuilds"]:
@@ -188,18 +225,57 @@ def repair_before_load(load_dirs: Sequence[Optional[str]], strategy: str = "grad
     return result["reports"]
 
 
+def _torch_optimizers(optimizer: Any) -> Iterable[torch.optim.Optimizer]:
+    """The torch optimizers inside Megatron's wrappers (ChainedOptimizer, DistributedOptimizer, FP32Optimizer ...)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        yield optimizer
+    elif hasattr(optimizer, "chained_optimizers"):
+        for inner in optimizer.chained_optimizers:
+            yield from _torch_optimizers(inner)
+    elif getattr(optimizer, "optimizer", None) is not None:
+        yield from _torch_optimizers(optimizer.optimizer)
+
+
+def reset_optimizer_state(optimizer: Any) -> int:
+    """Give this rank's optimizer the state a fresh Adam starts with: moments zero and step count 0 together.
+
+    This is CheckFree's "fresh optimizer state" in every format (the paper discards the rebuilt stage's state). The
+    legacy and DeepSpeed repairs write it into the files already; a ``torch_dist`` checkpoint of the non-distributed
+    optimizer holds one step count for every stage (``common_step`` in common.pt), so only the moments can be zeroed
+    on disk, and the hook calls this after loading a rebuilt stage. Master parameters are kept.
+
+    Returns:
+        The number of parameter states reset.
+    """
+    n = 0
+    for opt in _torch_optimizers(optimizer):
+        for param_state in opt.state.values():
+            for key, value in list(param_state.items()):
+                if key == "step":
+                    param_state[key] = torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0
+                elif isinstance(value, torch.Tensor) and key not in ("master_param", "param"):
+                    value.zero_()
+            n += 1
+    return n
+
+
 def state_after_load(load_dir: Optional[str], iteration: Any, reports: Sequence[dict], state: CheckFreeState,
-                     lr_boost: float) -> None:
-    """After Megatron loaded: a rank whose stage was rebuilt now or in an earlier recovery trains with the LR boost
-    (the paper multiplies the rebuilt stage's LR by 1.1-1.2 for the rest of training; a repeat does not compound)."""
+                     lr_boost: float, optimizer: Any = None) -> None:
+    """After Megatron loaded: a stage rebuilt just now restarts with a fresh optimizer state
+    (:func:`reset_optimizer_state`), and a rank whose stage was rebuilt now or in an earlier recovery trains with the
+    LR boost (the paper multiplies the rebuilt stage's LR by 1.1-1.2 for the rest of training; a repeat does not
+    compound)."""
     from megatron.core import parallel_state as ps
 
-    rebuilt = {r["stage"] for report in reports for r in report["rebuilds"]}
+    now = {r["stage"] for report in reports for r in report["rebuilds"]}
+    rebuilt = set(now)
     if load_dir and iteration:
         iter_dir = os.path.join(load_dir, iteration_dir_name(iteration))
         rebuilt |= set(read_rebuilt_stages(iter_dir))
     state.rebuilt_stages = sorted(rebuilt)
     stage = ps.get_pipeline_model_parallel_rank()
+    if stage in now and optimizer is not None:
+        reset_optimizer_state(optimizer)
     if stage in rebuilt:
         state.lr_scale = lr_boost
         state.grad_norm = None  # the rebuilt stage has no measured gradient yet
@@ -239,4 +315,4 @@ def record_norms_around_step(optimizer: Any, model: Any, state: CheckFreeState) 
 
 
 __all__ = ["CheckFreeState", "boosted_step", "record_norms_around_step", "repair_before_load",
-           "save_checkfree_state", "stage_grad_norm", "state_after_load", "unwrap"]
+           "reset_optimizer_state", "save_checkfree_state", "stage_grad_norm", "state_after_load", "unwrap"]

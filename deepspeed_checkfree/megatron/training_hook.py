@@ -12,10 +12,10 @@ import functools
 import inspect
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..repair.base import STRATEGIES
-from ..repair.megatron_common import iteration_dir_name
+from ..repair.megatron_common import TRACKER, iteration_dir_name
 from .checkpoint import (CheckFreeState, record_norms_around_step, repair_before_load, save_checkfree_state,
                          state_after_load)
 
@@ -31,14 +31,18 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return parser
     g = parser.add_argument_group("checkfree", "rebuild a lost pipeline stage from its neighbours (CheckFree)")
     g.add_argument("--checkfree-repair", choices=("auto", "off"), default="auto",
-                   help="auto: on resume, rebuild a pipeline stage whose checkpoint shard is missing or unreadable "
-                        "from its neighbours before loading; off: load as Megatron would")
+                   help="auto: on resume, rebuild a pipeline stage whose checkpoint shard is missing, unreadable or "
+                        "holds NaN/inf from its neighbours before loading (an intact checkpoint is loaded as it is); "
+                        "off: load as Megatron would")
     g.add_argument("--checkfree-strategy", choices=STRATEGIES, default="gradnorm_average",
                    help="how a middle stage is rebuilt (default: the paper's gradient-norm weighted average)")
     g.add_argument("--checkfree-lr-boost", type=float, default=1.1,
                    help="a rebuilt stage trains with this multiple of the scheduled learning rate (paper: 1.1-1.2)")
     g.add_argument("--checkfree-events-file", default=None,
                    help="append JSON-lines detection/recovery records to this file")
+    g.add_argument("--checkfree-no-value-check", action="store_true",
+                   help="on resume, do not scan every stage tensor for NaN/inf (the scan reads the whole checkpoint "
+                        "once on global rank 0); missing, truncated and unreadable shards are still found")
     g.add_argument("--checkfree-no-replicas", action="store_true",
                    help="do not keep replicas of the first/last stage's embedding and head on their neighbour "
                         "(then a lost first stage needs tied embeddings and legacy format, and a lost last stage "
@@ -67,12 +71,44 @@ def _non_persistent_dir(args: Any, base_dir: str) -> str:
     return getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(base_dir, _NON_PERSISTENT_SUBDIR)
 
 
-def _load_dirs(args: Any, load_arg: str) -> list:
+def _tracker_iteration(directory: Optional[str]) -> Optional[str]:
+    """The tracker file's iteration (a number or ``release``), or None when there is no readable one."""
+    if not directory:
+        return None
+    try:
+        with open(os.path.join(directory, TRACKER), encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return text if text == "release" or text.isdigit() else None
+
+
+def load_targets(args: Any, load_arg: str = "load") -> List[Tuple[str, Optional[str]]]:
+    """The (directory, iteration) Megatron's ``load_checkpoint`` will read, by its own rules
+    (megatron/training/checkpointing.py ``load_checkpoint`` / ``_load_base_checkpoint`` at core_v0.16.1):
+
+    * ``--pretrained-checkpoint`` replaces a ``--load`` directory that has no tracker file;
+    * the iteration is the tracker's, or ``--ckpt-step`` when given (then even without a tracker);
+    * a global non-persistent checkpoint (``--non-persistent-ckpt-type global``) wins if it is not older.
+
+    Returns at most one target; none when Megatron would start from scratch.
+    """
     load_dir = getattr(args, load_arg, None)
-    dirs = [load_dir]
-    if load_dir:
-        dirs.append(_non_persistent_dir(args, load_dir))
-    return dirs
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    if pretrained and _tracker_iteration(load_dir) is None:
+        load_dir = pretrained
+    iteration: Optional[str] = _tracker_iteration(load_dir)
+    if getattr(args, "ckpt_step", None):
+        iteration = str(int(args.ckpt_step))
+    if load_dir and getattr(args, "non_persistent_ckpt_type", None) == "global":
+        np_dir = _non_persistent_dir(args, load_dir)
+        np_iter = _tracker_iteration(np_dir)
+        current = -1 if iteration is None else (0 if iteration == "release" else int(iteration))
+        if np_iter is not None and np_iter != "release" and int(np_iter) >= current:
+            return [(np_dir, np_iter)]
+    if not load_dir or iteration is None:
+        return []
+    return [(load_dir, iteration)]
 
 
 def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Optional[str]:
@@ -124,7 +160,8 @@ def install() -> CheckFreeState:
         # Every rank takes the same branch (same args, same directory on a shared filesystem).
         if iter_dir is not None:
             save_checkfree_state(iter_dir, model, state, iteration,
-                                 replicas=not _option(margs, "checkfree_no_replicas", False))
+                                 replicas=not _option(margs, "checkfree_no_replicas", False),
+                                 optimizer=optimizer if getattr(margs, "use_distributed_optimizer", False) else None)
         return result
 
     @functools.wraps(orig_load)
@@ -132,13 +169,15 @@ def install() -> CheckFreeState:
         margs = get_args()
         reports = []
         if _option(margs, "checkfree_repair", "auto") == "auto":
-            reports = repair_before_load(_load_dirs(margs, load_arg),
+            reports = repair_before_load(load_targets(margs, load_arg),
                                          strategy=_option(margs, "checkfree_strategy", "gradnorm_average"),
-                                         events_file=_option(margs, "checkfree_events_file", None))
+                                         events_file=_option(margs, "checkfree_events_file", None),
+                                         check_values=not _option(margs, "checkfree_no_value_check", False))
         result = orig_load(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
         iteration = result[0] if isinstance(result, tuple) else result
-        state_after_load(getattr(margs, load_arg, None), iteration, reports, state,
-                         float(_option(margs, "checkfree_lr_boost", 1.1)))
+        targets = load_targets(margs, load_arg)
+        state_after_load(targets[0][0] if targets else None, iteration, reports, state,
+                         float(_option(margs, "checkfree_lr_boost", 1.1)), optimizer)
         return result
 
     signature = inspect.signature(orig_pretrain)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..core.recovery import RecoveryPlan, plan_recovery, source_weights
-from ..errors import ConfigError, RecoveryError
+from ..errors import ConfigError, RecoveryError, UnsupportedSetupError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class IOLedger:
         self.bytes_read = 0
         self.bytes_written = 0
         self.bytes_copied = 0
+        self.bytes_checked = 0
         self.files_read: List[str] = []
         self._storages: set = set()
 
@@ -97,6 +98,13 @@ class IOLedger:
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unreadable
             raise RecoveryError(f"cannot read {path}: {type(err).__name__}: {err}. The file is corrupt or not a "
                                 f"PyTorch checkpoint; name its stage with --stage to rebuild it.") from err
+
+    def check_values(self, obj: Any, where: str) -> Optional[str]:
+        """Scan every floating-point tensor inside ``obj`` for NaN/inf (:func:`nonfinite_problem`), counting the bytes
+        scanned apart from the rebuild's reads. Returns the problem, or None."""
+        problem, nbytes = nonfinite_problem(obj)
+        self.bytes_checked += nbytes
+        return None if problem is None else " ".join(filter(None, (where, problem)))
 
     def save(self, obj: Any, path: str) -> None:
         """``torch.save`` atomically (temporary file, then rename)."""
@@ -143,6 +151,50 @@ def file_problem(path: str) -> Optional[str]:
     return None
 
 
+def _tensors(obj: Any, prefix: str = "") -> Iterable[Tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def nonfinite_problem(obj: Any, most: int = 3) -> Tuple[Optional[str], int]:
+    """Every floating-point tensor inside ``obj`` (nested dicts and lists, as checkpoints hold them) checked for NaN and
+    infinity: damage that leaves a file loadable (overwritten bytes inside a tensor record) shows up only here.
+
+    Returns:
+        (``"has non-finite values in fc.weight (4096 of 16384 elements), ..."`` or None, bytes scanned).
+    """
+    bad, nbytes = [], 0
+    for name, t in _tensors(obj):
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        nbytes += t.numel() * t.element_size()
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad.append(f"{name} ({int((~finite).sum())} of {t.numel()} elements)")
+    if not bad:
+        return None, nbytes
+    more = f" and {len(bad) - most} more tensors" if len(bad) > most else ""
+    return f"has non-finite values in {', '.join(bad[:most])}{more}", nbytes
+
+
+def damage_of(path: str, ledger: "IOLedger", check_values: bool = True) -> Optional[str]:
+    """Why a ``torch.save`` file of a stage cannot be used: missing, unreadable, or (when ``check_values``) holding
+    NaN/inf in a floating-point tensor; None when it is sound."""
+    why = file_problem(path)
+    if why is not None or not check_values:
+        return why
+    try:
+        return ledger.check_values(ledger.load(path), "")
+    except RecoveryError as err:
+        return f"unreadable: {err}"
+
+
 def directory_bytes(path: str, recursive: bool = True) -> int:
     """Size on disk of the files below ``path`` (only its own files when not ``recursive``)."""
     if not recursive:
@@ -161,6 +213,8 @@ class Inspection:
         stage_files: stage -> the files that hold it (relative to the iteration directory).
         shared_files: files that belong to no single stage (copied as they are).
         checkpoint_bytes: size of the whole iteration on disk.
+        unsupported: settings of the checkpoint CheckFree cannot rebuild under (``(name, value)``); they matter only
+            when a stage is damaged.
     """
 
     num_stages: int
@@ -168,6 +222,21 @@ class Inspection:
     stage_files: Dict[int, List[str]]
     shared_files: List[str]
     checkpoint_bytes: int
+    unsupported: Tuple[Tuple[str, Any], ...] = ()
+
+
+def unsupported_damage_error(damaged: Mapping[int, str], settings: Sequence[Tuple[str, Any]], source: str,
+                             iteration: str) -> "UnsupportedSetupError":
+    """The error for a damaged checkpoint saved under settings CheckFree cannot rebuild (an intact one loads anyway):
+    names the settings, the damage and the ways on."""
+    what = ", ".join(f"{k}={v}" for k, v in settings)
+    lost = "; ".join(f"stage {s}: {why}" for s, why in sorted(damaged.items()))
+    return UnsupportedSetupError(
+        f"{source} (iteration {iteration}) is damaged ({lost}) and was saved with {what}, under which CheckFree "
+        f"cannot rebuild a stage in this version. Options: resume without the hook's repair (--checkfree-repair off: "
+        f"the framework's own loader then reports the damage), load an older intact checkpoint (Megatron "
+        f"--ckpt-step N, or checkfree repair --iteration N), or inspect the plan with `checkfree repair {source} "
+        f"--dry-run`.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,9 +346,23 @@ def set_aside(path: str) -> None:
         os.replace(path, path + ".corrupt")
 
 
-def write_rebuilt_file(obj: Any, path: str, in_place: bool, ledger: IOLedger) -> str:
-    """``torch.save`` one file of a rebuilt stage (atomically); in place, the damaged file is set aside first.
-    Returns ``path``."""
+def check_rebuilt(obj: Any, stage: int, what: str, ledger: IOLedger) -> None:
+    """A rebuilt stage is checked like a loaded one before it is written.
+
+    Raises:
+        RecoveryError: the rebuild produced NaN or infinity (a source stage holds them too).
+    """
+    problem = ledger.check_values(obj, what)
+    if problem is not None:
+        raise RecoveryError(f"the rebuilt stage {stage} would be damaged too: {problem}. A source stage holds "
+                            f"non-finite values; name it with --stage to see the plan, or restore an older "
+                            f"checkpoint. Stage {stage}'s files were not written.")
+
+
+def write_rebuilt_file(obj: Any, path: str, in_place: bool, ledger: IOLedger, stage: int) -> str:
+    """``torch.save`` one file of ``stage``'s rebuild (atomically) after checking it holds only finite values; in
+    place, the damaged file is set aside first. Returns ``path``."""
+    check_rebuilt(obj, stage, os.path.basename(path), ledger)
     if in_place:
         set_aside(path)
     ledger.save(obj, path)

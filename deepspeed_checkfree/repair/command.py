@@ -32,9 +32,14 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--strategy", choices=STRATEGIES, default="gradnorm_average",
                    help="how a middle stage is rebuilt (default: the paper's gradient-norm weighted average)")
     p.add_argument("--format", dest="fmt", choices=FORMATS, help="skip format detection")
-    p.add_argument("--tag", help="DeepSpeed tag or Megatron iteration number to repair (default: the latest)")
+    p.add_argument("--iteration", "--tag", dest="tag", metavar="N",
+                   help="Megatron iteration (what --ckpt-step loads) or DeepSpeed tag to repair (default: the latest "
+                        "one, as the tracker file names it)")
     p.add_argument("--events-file", help="append JSON-lines detection/recovery records to this file")
     p.add_argument("--dry-run", action="store_true", help="detect and plan only, write nothing")
+    p.add_argument("--no-value-check", dest="check_values", action="store_false",
+                   help="skip the scan of every stage tensor for NaN/inf (it reads the whole checkpoint once); "
+                        "missing, truncated and unreadable files are still found")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -42,7 +47,8 @@ def add_subcommand(subparsers: Any) -> None:
 def _print_report(report: RepairReport) -> None:
     print(f"checkpoint {report.source} ({report.format}, iteration {report.iteration}, {report.num_stages} stages)")
     if not report.damaged:
-        print("no damaged stage found: every stage's files are present and readable. Nothing to do.")
+        checked = " and every tensor is finite" if report.bytes_checked else ""
+        print(f"no damaged stage found: every stage's files are present and readable{checked}. Nothing to do.")
         return
     for s, why in sorted(report.damaged.items()):
         print(f"  stage {s}: {why}")
@@ -52,6 +58,11 @@ def _print_report(report: RepairReport) -> None:
         verb = "would rebuild" if report.dry_run else "rebuilt"
         print(f"{verb} stage {r.stage} by {r.strategy} from stage(s) {list(r.sources)}; weights {{{weights}}}; "
               f"grad norms {{{norms}}}")
+        for ch in r.chunks:  # virtual pipeline stages: each model chunk has its own neighbours
+            srcs = ", ".join(f"stage {s} chunk {c}" for s, c in ch["sources"])
+            ws = ", ".join(f"{w:.4f}" for w in ch["weights"])
+            print(f"  model chunk {ch['chunk']} (virtual stage {ch['virtual_stage']}) by {ch['strategy']} from "
+                  f"{srcs}; weights [{ws}]")
         if r.note:
             print(f"  note: {r.note}")
     for w in report.warnings:
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = repair_checkpoint(args.checkpoint, output=args.output, in_place=args.in_place, stages=args.stage,
                                    strategy=args.strategy, fmt=args.fmt, tag=args.tag, events_file=args.events_file,
-                                   dry_run=args.dry_run)
+                                   dry_run=args.dry_run, check_values=args.check_values)
     except CheckFreeError as err:
         print(f"checkfree repair: error: {err}", file=sys.stderr)
         return 2

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, RecoveryError
 from ..events import EventLog, identity
-from .base import STRATEGIES, IOLedger, check_damage_is_repairable, plan_weights
+from .base import STRATEGIES, IOLedger, check_damage_is_repairable, plan_weights, unsupported_damage_error
 from .ds_pipeline import DeepSpeedCheckpoint
-from .megatron_common import TRACKER, resolve_iteration_dir
+from .megatron_common import TRACKER, iteration_dir_name, resolve_iteration_dir
 from .megatron_dist import MegatronDistCheckpoint
 from .megatron_legacy import MegatronLegacyCheckpoint
 
@@ -39,6 +39,7 @@ class StageRebuild:
     fallback: Optional[str] = None
     note: Optional[str] = None
     files: List[str] = field(default_factory=list)
+    chunks: List[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -59,13 +60,15 @@ class RepairReport:
     duration_s: float = 0.0
     warnings: List[str] = field(default_factory=list)
     dry_run: bool = False
+    bytes_checked: int = 0  # scanned for NaN/inf (the whole checkpoint once), apart from the rebuild's reads
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def detect_format(path: str) -> str:
-    """The checkpoint format of ``path`` (a save directory or one iteration/tag directory).
+def detect_format(path: str, tag: Optional[str] = None) -> str:
+    """The checkpoint format of ``path`` (a save directory or one iteration/tag directory), looking at iteration or
+    tag ``tag`` of a save directory when given.
 
     Raises:
         RecoveryError: ``path`` is not a checkpoint of a supported format.
@@ -75,6 +78,10 @@ def detect_format(path: str) -> str:
                             f"'latest'), a Megatron --save directory (with latest_checkpointed_iteration.txt), or one "
                             f"iteration directory of either.")
     names = set(os.listdir(path))
+    if tag is not None:
+        for sub in (str(tag), iteration_dir_name(tag) if str(tag).isdigit() or tag == "release" else None):
+            if sub and os.path.isdir(os.path.join(path, sub)):
+                return detect_format(os.path.join(path, sub))
     if TRACKER in names:
         return _megatron_kind(resolve_iteration_dir(path)[0])
     if any(n.startswith("mp_rank_") and os.path.isdir(os.path.join(path, n)) for n in names) or \
@@ -101,7 +108,7 @@ def _megatron_kind(iter_dir: str) -> str:
     return "megatron_legacy"
 
 
-def open_checkpoint(fmt: str, path: str, tag: Optional[str], ledger: IOLedger) -> Handler:
+def open_checkpoint(fmt: str, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> Handler:
     """The format handler for one iteration of a checkpoint (``inspect``, ``plan``, ``grad_norms``, ``rebuild``).
 
     Raises:
@@ -111,13 +118,13 @@ def open_checkpoint(fmt: str, path: str, tag: Optional[str], ledger: IOLedger) -
                 "megatron_torch_dist": MegatronDistCheckpoint}
     if fmt not in handlers:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return handlers[fmt](path, tag, ledger)
+    return handlers[fmt](path, tag, ledger, check_values)
 
 
 def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = False,
                       stages: Optional[Sequence[int]] = None, strategy: str = "gradnorm_average",
                       fmt: Optional[str] = None, tag: Optional[str] = None, events_file: Optional[str] = None,
-                      dry_run: bool = False) -> RepairReport:
+                      dry_run: bool = False, check_values: bool = True) -> RepairReport:
     """Detect and rebuild the damaged stage(s) of a pipeline checkpoint.
 
     Args:
@@ -131,6 +138,8 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         tag: the DeepSpeed tag or Megatron iteration to repair (default: the latest one).
         events_file: JSON-lines file to append detection and recovery records to.
         dry_run: detect and plan only; write nothing.
+        check_values: also scan every stage tensor for NaN/inf (damage that leaves a file loadable); reads the
+            whole checkpoint once.
 
     Returns:
         The report (also logged, and recorded as events).
@@ -138,6 +147,8 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
     Raises:
         ConfigError: contradictory arguments (no output, output and in-place, unknown strategy).
         RecoveryError: the checkpoint cannot be repaired (the message says why and what to do).
+        UnsupportedSetupError: a stage is damaged and the checkpoint was saved with settings repair does not handle
+            (an intact checkpoint with them is reported intact).
     """
     start = time.perf_counter()
     if strategy not in STRATEGIES:
@@ -148,8 +159,8 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
     if output is not None and os.path.abspath(output) == os.path.abspath(path):
         raise ConfigError(f"--output {output!r} is the checkpoint itself; use --in-place to rewrite it there.")
     ledger = IOLedger()
-    fmt = fmt or detect_format(path)
-    handler = open_checkpoint(fmt, path, tag, ledger)
+    fmt = fmt or detect_format(path, tag)
+    handler = open_checkpoint(fmt, path, tag, ledger, check_values)
     events = EventLog(events_file)
     step = int(handler.iteration) if str(handler.iteration).isdigit() else handler.iteration
     found = handler.inspect()
@@ -164,10 +175,13 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         events.write("detection", source="repair", format=fmt, checkpoint=handler.iter_dir, step=step,
                      stage=s, cause=why)
     report = RepairReport(fmt, handler.iter_dir, output or (handler.root if in_place else ""), str(handler.iteration),
-                          found.num_stages, damaged, [], checkpoint_bytes=found.checkpoint_bytes)
+                          found.num_stages, damaged, [], checkpoint_bytes=found.checkpoint_bytes,
+                          bytes_checked=ledger.bytes_checked)
     if not damaged:
         report.duration_s = round(time.perf_counter() - start, 4)
         return report
+    if found.unsupported:
+        raise unsupported_damage_error(damaged, found.unsupported, handler.iter_dir, str(handler.iteration))
     check_damage_is_repairable(damaged, found.num_stages)
     plans = [handler.plan(s, strategy) for s in sorted(damaged)]
     norms = handler.grad_norms()
@@ -176,7 +190,9 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         report.dry_run = True
         for p in plans:
             w, n, fb = weights[p.target]
-            report.rebuilds.append(StageRebuild(p.target, p.strategy, p.sources, w, n, damaged[p.target], fb))
+            chunks = handler.describe_chunks(p, w) if hasattr(handler, "describe_chunks") else []
+            report.rebuilds.append(StageRebuild(p.target, p.strategy, p.sources, w, n, damaged[p.target], fb,
+                                                chunks=chunks))
         report.duration_s = round(time.perf_counter() - start, 4)
         return report
 
@@ -186,17 +202,21 @@ def repair_checkpoint(path: str, output: Optional[str] = None, in_place: bool = 
         t0 = time.perf_counter()
         result = handler.rebuild(p, w, out_iter_dir, in_place=in_place)
         rebuild = StageRebuild(p.target, p.strategy, p.sources, w, n, damaged[p.target], fb, result.get("note"),
-                               result.get("files", []))
+                               result.get("files", []), result.get("chunks", []))
         report.rebuilds.append(rebuild)
         report.warnings.extend(result.get("warnings", []))
         logger.warning("%s rebuilt stage %d by %s from stage(s) %s with weights %s%s -> %s",
                        identity(stage=p.target), p.target, p.strategy, list(p.sources),
                        [round(x, 4) for x in w], f" ({fb})" if fb else "", out_iter_dir)
+        for ch in rebuild.chunks:
+            logger.warning("%s   model chunk %d (virtual stage %d) by %s from (stage, chunk) %s with weights %s",
+                           identity(stage=p.target), ch["chunk"], ch["virtual_stage"], ch["strategy"],
+                           [tuple(x) for x in ch["sources"]], [round(x, 4) for x in ch["weights"]])
         events.write("recovery", source="repair", format=fmt, checkpoint=out_iter_dir, step=step,
                      stage=p.target, strategy=p.strategy, sources=list(p.sources), weights=list(w),
-                     norms=list(n), fallback=fb, note=result.get("note"),
+                     norms=list(n), fallback=fb, note=result.get("note"), chunks=rebuild.chunks or None,
                      duration_s=round(time.perf_counter() - t0, 4))
     report.bytes_read, report.bytes_written = ledger.bytes_read, ledger.bytes_written
-    report.bytes_copied = ledger.bytes_copied
+    report.bytes_copied, report.bytes_checked = ledger.bytes_copied, ledger.bytes_checked
     report.duration_s = round(time.perf_counter() - start, 4)
     return report

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..core.recovery import ParamMapping, RecoveryPlan
-from ..errors import RecoveryError, UnsupportedSetupError
+from ..errors import RecoveryError
 from .base import IOLedger, Inspection, atomic_torch_save, atomic_write_bytes, copy_to_output, file_problem, \
     plan_stage
 
@@ -50,24 +50,34 @@ def resolve_iteration_dir(path: str, tag: Optional[str] = None) -> Tuple[str, st
     """
     path = os.path.abspath(path)
     tracker = os.path.join(path, TRACKER)
+    if tag is not None and str(tag) != "release" and not str(tag).isdigit():
+        raise RecoveryError(f"iteration {tag!r} is not an iteration number or 'release'.")
+    if tag is not None and os.path.isdir(os.path.join(path, iteration_dir_name(tag))):
+        # A named iteration (Megatron's --ckpt-step) is loaded whatever the tracker says, even without one.
+        return os.path.join(path, iteration_dir_name(tag)), path, str(int(tag) if str(tag).isdigit() else tag)
     if os.path.exists(tracker):
         if tag is None:
             with open(tracker, encoding="utf-8") as f:
                 tag = f.read().strip()
             if tag != "release" and not tag.isdigit():
                 raise RecoveryError(f"{tracker} holds {tag!r}, not an iteration number or 'release'; Megatron "
-                                    f"itself would refuse it. Pass --tag ITERATION.")
+                                    f"itself would refuse it. Pass --iteration N.")
         iter_dir = os.path.join(path, iteration_dir_name(tag))
         if not os.path.isdir(iter_dir):
             raise RecoveryError(f"iteration {tag} of {path} ({iter_dir}) does not exist; every stage of it is gone. "
-                                f"Pass --tag with an iteration that exists.")
+                                f"Pass --iteration with an iteration that exists.")
         return iter_dir, path, str(tag)
     name = os.path.basename(path)
     m = re.fullmatch(r"iter_(\d{7})", name)
     if m is None and name != "release":
-        raise RecoveryError(f"{path} has no {TRACKER} and is not an iteration directory (iter_NNNNNNN); point at "
-                            f"the Megatron --save directory or one of its iteration directories.")
-    return path, os.path.dirname(path), (str(int(m.group(1))) if m else "release")
+        where = f" and has no {iteration_dir_name(tag)}" if tag is not None else ""
+        raise RecoveryError(f"{path} has no {TRACKER}{where} and is not an iteration directory (iter_NNNNNNN); point "
+                            f"at the Megatron --save directory or one of its iteration directories.")
+    found = str(int(m.group(1))) if m else "release"
+    if tag is not None and str(int(tag) if str(tag).isdigit() else tag) != found:
+        raise RecoveryError(f"{path} is iteration {found}, not the iteration {tag} asked for; point at the save "
+                            f"directory to choose an iteration.")
+    return path, os.path.dirname(path), found
 
 
 def write_tracker(save_dir: str, iteration: str) -> None:
@@ -105,9 +115,20 @@ def stage_layer_counts(num_layers: int, num_stages: int, first: Optional[int] = 
     return [int(c) for c in counts]
 
 
+# The settings whose shard layout repair does not handle yet. An intact checkpoint saved with them loads as usual;
+# only a damaged one is refused (see repair.base.unsupported_damage_error).
+UNSUPPORTED_SETTINGS = ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                        "account_for_loss_in_pipeline_split")
+
+
 @dataclass(frozen=True)
 class MegatronLayout:
-    """The parallel layout of a Megatron checkpoint, from its saved ``args``."""
+    """The parallel layout of a Megatron checkpoint, from its saved ``args``.
+
+    ``layer_counts`` has one entry per *virtual* stage in virtual pipeline order (``vpp_size`` chunks per pipeline
+    rank: virtual stage ``v`` is chunk ``v // num_stages`` of rank ``v % num_stages``, as Megatron interleaves them);
+    it is empty when the layout is one this version cannot compute (then ``unsupported`` says why).
+    """
 
     num_stages: int
     tp_size: int
@@ -115,6 +136,13 @@ class MegatronLayout:
     layer_counts: Tuple[int, ...]
     tied_embeddings: bool
     position_embedding_type: str
+    vpp_size: int = 1
+    distributed_optimizer: bool = False
+    unsupported: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def num_virtual(self) -> int:
+        return self.num_stages * self.vpp_size
 
     @property
     def offsets(self) -> Tuple[int, ...]:
@@ -124,44 +152,64 @@ class MegatronLayout:
             acc += c
         return tuple(out)
 
-    def stage_of_layer(self, layer: int) -> int:
-        for s, (off, n) in enumerate(zip(self.offsets, self.layer_counts)):
+    def virtual_stage(self, stage: int, chunk: int) -> int:
+        return chunk * self.num_stages + stage
+
+    def virtual_of_layer(self, layer: int) -> int:
+        for v, (off, n) in enumerate(zip(self.offsets, self.layer_counts)):
             if off <= layer < off + n:
-                return s
+                return v
         raise RecoveryError(f"global layer {layer} is outside the {self.num_layers} layers of the checkpoint")
+
+    def stage_of_layer(self, layer: int) -> int:
+        return self.virtual_of_layer(layer) % self.num_stages
 
     @classmethod
     def from_args(cls, args: Any, source: str) -> "MegatronLayout":
-        """Read the layout from Megatron's saved argparse namespace.
+        """Read the layout from Megatron's saved argparse namespace. Never refuses a setting: the ones repair cannot
+        handle are listed in ``unsupported`` (they matter only when a stage is damaged).
 
         Raises:
-            UnsupportedSetupError: virtual pipeline stages, a custom pipeline layout, expert parallelism or the
-                distributed optimizer (their shard layouts are not handled by this version).
+            RecoveryError: no args, or layers that do not split over the stages (Megatron refuses those too).
         """
         if args is None:
             raise RecoveryError(f"{source} holds no 'args'; the pipeline layout cannot be known. Is this a checkpoint "
                                 f"written by Megatron-LM's save_checkpoint?")
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-        unsupported = [(name, get(name)) for name in ("virtual_pipeline_model_parallel_size",
-                                                      "pipeline_model_parallel_layout") if get(name)]
-        unsupported += [(name, get(name)) for name in ("account_for_embedding_in_pipeline_split",
-                                                       "account_for_loss_in_pipeline_split") if get(name)]
+        unsupported = [(name, get(name)) for name in UNSUPPORTED_SETTINGS if get(name)]
         if (get("expert_model_parallel_size", 1) or 1) > 1:
             unsupported.append(("expert_model_parallel_size", get("expert_model_parallel_size")))
-        if get("use_distributed_optimizer"):
-            unsupported.append(("use_distributed_optimizer", True))
-        if unsupported:
-            raise UnsupportedSetupError(
-                f"the checkpoint was written with {', '.join(f'{k}={v}' for k, v in unsupported)}; CheckFree repair "
-                f"supports one contiguous block of layers per pipeline stage, no expert parallelism and the "
-                f"non-distributed optimizer in this version. Convert the checkpoint or resume without those options.")
         num_stages = int(get("pipeline_model_parallel_size", 1) or 1)
+        vpp = int(get("virtual_pipeline_model_parallel_size", None) or 1)
         num_layers = int(get("num_layers"))
-        counts = stage_layer_counts(num_layers, num_stages, get("decoder_first_pipeline_num_layers"),
-                                    get("decoder_last_pipeline_num_layers"))
-        return cls(num_stages, int(get("tensor_model_parallel_size", 1) or 1), num_layers, tuple(counts),
+        counts: Tuple[int, ...] = ()
+        if not any(name == "pipeline_model_parallel_layout" for name, _ in unsupported):
+            counts = tuple(virtual_layer_counts(num_layers, num_stages, vpp, get("decoder_first_pipeline_num_layers"),
+                                                get("decoder_last_pipeline_num_layers")))
+        return cls(num_stages, int(get("tensor_model_parallel_size", 1) or 1), num_layers, counts,
                    not get("untie_embeddings_and_output_weights", False),
-                   str(get("position_embedding_type", "learned_absolute")))
+                   str(get("position_embedding_type", "learned_absolute")), vpp,
+                   bool(get("use_distributed_optimizer", False)), tuple(unsupported))
+
+
+def virtual_layer_counts(num_layers: int, num_stages: int, vpp: int, first: Optional[int] = None,
+                         last: Optional[int] = None) -> List[int]:
+    """Layers per virtual stage in virtual pipeline order, by megatron.core's rule
+    (``get_transformer_layer_offset`` / ``get_num_layers_to_build``): without virtual stages, see
+    :func:`stage_layer_counts`; with them the first/last *pipeline rank*'s layers (``--decoder-first/last-pipeline-
+    num-layers``) and the middle ranks' are each split evenly over that rank's ``vpp`` chunks.
+
+    Raises:
+        RecoveryError: the layers do not split evenly.
+    """
+    per_rank = stage_layer_counts(num_layers, num_stages, first, last)
+    if vpp == 1:
+        return per_rank
+    bad = [(s, n) for s, n in enumerate(per_rank) if n % vpp]
+    if bad:
+        raise RecoveryError(f"pipeline ranks {[s for s, _ in bad]} hold {[n for _, n in bad]} layers, which do not "
+                            f"split over {vpp} virtual stages; the checkpoint's args are inconsistent.")
+    return [per_rank[v % num_stages] // vpp for v in range(num_stages * vpp)]
 
 
 def is_layer_key(key: str) -> bool:
@@ -299,13 +347,34 @@ def read_replica(iter_dir: str, stage: int, tp_rank: int, ledger: IOLedger) -> O
 class MegatronIteration:
     """What the legacy and torch_dist readers share: one iteration directory, its layout, norms and output copy."""
 
-    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
+    # What a format's rebuild handles beyond one block of layers per rank and the non-distributed optimizer.
+    SUPPORTS_VIRTUAL_PIPELINE = False
+    SUPPORTS_DISTRIBUTED_OPTIMIZER = False
+
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> None:
         self.iter_dir, self.root, self.iteration = resolve_iteration_dir(path, tag)
         self.ledger = ledger
+        self.check_values = check_values
+        self.strategy = "gradnorm_average"
         self.layout: Optional[MegatronLayout] = None
 
+    def unsupported_settings(self) -> Tuple[Tuple[str, Any], ...]:
+        """The checkpoint's settings this format's rebuild does not handle (they matter only for a damaged one)."""
+        lay = self.layout
+        out = list(lay.unsupported)
+        if lay.vpp_size > 1 and not self.SUPPORTS_VIRTUAL_PIPELINE:
+            out.append(("virtual_pipeline_model_parallel_size", lay.vpp_size))
+        if lay.distributed_optimizer and not self.SUPPORTS_DISTRIBUTED_OPTIMIZER:
+            out.append(("use_distributed_optimizer", True))
+        return tuple(out)
+
     def plan(self, stage: int, strategy: str) -> RecoveryPlan:
+        self.strategy = strategy
         return plan_stage(stage, self.layout.num_stages, strategy)
+
+    def describe_chunks(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
+        """Per model chunk plans of a rank with several (virtual pipeline stages); empty otherwise."""
+        return []
 
     def grad_norms(self) -> Dict[int, float]:
         return read_norms(self.iter_dir, self.ledger)[0]
@@ -323,6 +392,6 @@ class MegatronIteration:
         """Record the rebuilt stage in the sidecar (its LR boost survives a resume) and the handler's result."""
         record_rebuilt(out_iter_dir, [target])
         notes = list(notes)
-        if self.layout.num_stages == 2:
+        if self.layout.num_stages == 2 and self.layout.vpp_size == 1:
             notes.append(TWO_STAGE_NOTE)
         return {"files": files, "note": "; ".join(dict.fromkeys(n for n in notes if n)) or None}

@@ -1,6 +1,7 @@
 """Test-only monkeypatches that let megatron-core 0.16.1 run pipeline parallelism on CPU with gloo.
 
-These are the five patches of shared/notes/megatron-on-cpu.md §2, each needed (dropping any one fails or hangs).
+These are the five patches of shared/notes/megatron-on-cpu.md §2, each needed (dropping any one fails or hangs),
+and a sixth for the distributed optimizer (and gradient clipping), which accept only ``torch.cuda.*Tensor`` types.
 They stay in tests: the library itself never fakes CUDA.
 """
 from __future__ import annotations
@@ -40,3 +41,14 @@ def apply() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _CudaToCpu().__enter__()                                              # 5: device="cuda" literals
+    # 6: DistributedOptimizer._build_model_and_main_param_groups and clip_grad_by_total_norm_fp32 check
+    #    param.type() against the torch.cuda tensor type names.
+    type_of = torch.Tensor.type
+    cuda_names = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                  "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+    def tensor_type(self, *args, **kwargs):
+        result = type_of(self, *args, **kwargs)
+        return cuda_names.get(result, result) if not args and not kwargs else result
+
+    torch.Tensor.type = tensor_type

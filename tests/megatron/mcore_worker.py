@@ -18,6 +18,53 @@ LR = 3e-3
 EPS = 1e-4  # CheckFree's epsilon (recovery.source_weights)
 
 
+def _inner(opt):
+    """The torch optimizers inside a Megatron optimizer."""
+    return [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+
+
+def damage(it: str, fmt: str, stage: int, how: str) -> None:
+    """Lose stage ``stage`` of iteration directory ``it``: delete its files, or write NaN into one of its tensors
+    (bytes overwritten inside a record: the file still loads). TP = DP = 1, so its global rank is the stage."""
+    import shutil
+
+    import torch
+
+    if how == "nan":
+        if fmt == "legacy":
+            path = os.path.join(it, f"mp_rank_00_{stage:03d}", "model_optim_rng.pt")
+            state = torch.load(path, weights_only=False)
+            next(v for k, v in state["model"].items() if k.endswith("linear_fc1.weight")).view(-1)[:1024] = float("nan")
+            torch.save(state, path)
+        else:  # overwrite one float tensor item of the stage's first file in place, keeping its length
+            import io
+            import pickle
+
+            md = pickle.load(open(os.path.join(it, ".metadata"), "rb"))
+            rel = f"__{stage}_0.distcp"
+            index, info = next((i, v) for i, v in md.storage_data.items() if v.relative_path == rel and
+                               i.offset is not None and "linear_fc1.weight" in i.fqn and "optimizer" not in i.fqn)
+            with open(os.path.join(it, rel), "r+b") as f:
+                f.seek(info.offset)
+                t = torch.load(io.BytesIO(f.read(info.length)))
+                t.view(-1)[:1024] = float("nan")
+                buf = io.BytesIO()
+                torch.save(t, buf)
+                assert len(buf.getvalue()) == info.length
+                f.seek(info.offset)
+                f.write(buf.getvalue())
+    elif fmt == "legacy":
+        shutil.rmtree(os.path.join(it, f"mp_rank_00_{stage:03d}"))
+    else:
+        for name in os.listdir(it):
+            if name.startswith(f"__{stage}_") and name.endswith(".distcp"):
+                os.remove(os.path.join(it, name))
+    # The lost node's sidecar goes with it.
+    p = os.path.join(it, "checkfree", f"stage_{stage:03d}.json")
+    if how == "delete" and os.path.exists(p):
+        os.remove(p)
+
+
 def main() -> None:
     import argparse
     import math
@@ -49,7 +96,8 @@ def main() -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from deepspeed_checkfree.megatron.checkpoint import (CheckFreeState, record_norms_around_step,
-                                                         repair_before_load, save_checkfree_state)
+                                                         repair_before_load, save_checkfree_state, state_after_load)
+    from deepspeed_checkfree.megatron.training_hook import load_targets
     from deepspeed_checkfree.repair import repair_checkpoint
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -188,20 +236,19 @@ def main() -> None:
         if rank == 0:
             shutil.copytree(pristine[fmt], work)
             it = os.path.join(work, iter_name)
-            if fmt == "legacy":
-                shutil.rmtree(os.path.join(it, f"mp_rank_00_{lost:03d}"))
-            else:  # the stage's rank wrote __{rank}_{k}.distcp (TP = DP = 1: global rank == stage)
-                for name in os.listdir(it):
-                    if name.startswith(f"__{lost}_") and name.endswith(".distcp"):
-                        os.remove(os.path.join(it, name))
-            # The lost node's sidecar goes with it.
-            for name in (f"stage_{lost:03d}.json",):
-                p = os.path.join(it, "checkfree", name)
-                if os.path.exists(p):
-                    os.remove(p)
+            if sc.get("ckpt_step"):
+                # An older iteration, loaded with --ckpt-step, is the damaged one; the latest stays intact.
+                older = os.path.join(work, f"iter_{steps - 1:07d}")
+                shutil.copytree(it, older)
+                it = older
+            damage(it, fmt, lost, sc.get("damage", "delete"))
         dist.barrier()
+        it_name = f"iter_{steps - 1:07d}" if sc.get("ckpt_step") else iter_name
         if how == "online":
-            reports = repair_before_load([work], events_file=os.path.join(out, "events.jsonl"))
+            # The targets the Megatron-LM hook computes from --load / --ckpt-step.
+            margs = argparse.Namespace(load=work, ckpt_step=steps - 1 if sc.get("ckpt_step") else None,
+                                       pretrained_checkpoint=None, non_persistent_ckpt_type=None)
+            reports = repair_before_load(load_targets(margs), events_file=os.path.join(out, "events.jsonl"))
             report = reports[0] if reports else None
         else:
             load_dir = work + "-repaired"
@@ -219,7 +266,7 @@ def main() -> None:
             dist.barrier()
 
         model, ddp, opt, sched = build()
-        it_dir = os.path.join(load_dir, iter_name)
+        it_dir = os.path.join(load_dir, it_name)
         if fmt == "legacy":
             loaded = torch.load(os.path.join(it_dir, f"mp_rank_00_{stage:03d}", "model_optim_rng.pt"),
                                 weights_only=False)
@@ -238,6 +285,9 @@ def main() -> None:
             iteration = loaded["iteration"]
         now = {k: v.detach().clone() for k, v in model.state_dict_for_save_checkpoint().items()
                if isinstance(v, torch.Tensor)}
+        # What the hook does after Megatron's loader: a stage rebuilt now restarts with a fresh optimizer state.
+        # (every rank gets the same reports in the hook; LR boost 1.0 keeps updates comparable across formats)
+        state_after_load(None, iteration, [{"rebuilds": [{"stage": lost}]}], CheckFreeState(), 1.0, opt)
         result = {"name": sc["name"], "rank": rank, "stage": stage, "lost": lost, "iteration": iteration,
                   "keys_equal": sorted(now) == sorted(saved) if stage != lost else None, "norms": norms,
                   "setup_s": setup_s, "own_norm": own_norm}
@@ -266,7 +316,13 @@ def main() -> None:
                 float((cur[i][k] - v).abs().max()) for i, s in saved_opt.items() for k, v in s.items()
                 if k in cur.get(i, {}) and v.dim() > 0)
         cont = CheckFreeState()
-        result["losses_after"] = train(ddp, opt, sched, cont, steps, 2)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        result["losses_after"] = train(ddp, opt, sched, cont, steps, 1)
+        # The rebuilt stage's first update, compared across formats by the test.
+        torch.save({k: v.detach() - before[k] for k, v in model.named_parameters()},
+                   os.path.join(out, f"{sc['name']}-rank{rank}-update.pt"))
+        result["adam_steps_after"] = sorted({float(st["step"]) for o in _inner(opt) for st in o.state.values()})
+        result["losses_after"] += train(ddp, opt, sched, cont, steps + 1, 1)
         result["finite"] = all(math.isfinite(x) for x in result["losses_after"])
         if report is not None:
             result["report"] = report
@@ -275,6 +331,10 @@ def main() -> None:
             json.dump(result, f, default=str)
         del model, ddp, opt, sched
         dist.barrier()
+    if spec.get("variants"):
+        from tests.megatron.mcore_variants import run_variants
+
+        run_variants(spec, out, damage, rng_state)
     dist.destroy_process_group()
 
 

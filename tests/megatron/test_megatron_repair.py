@@ -15,46 +15,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core")
 
 from deepspeed_checkfree.errors import RecoveryError  # noqa: E402
 from deepspeed_checkfree.repair import repair_checkpoint  # noqa: E402
-from tests.distributed.spawn import run_ranks  # noqa: E402
+from tests.megatron.conftest import PP2, PP4  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
-
-WORKER = Path(__file__).with_name("mcore_worker.py")
-PP4 = [
-    {"name": "legacy-middle-online", "format": "legacy", "lost": 2, "repair": "online"},
-    {"name": "legacy-first-offline", "format": "legacy", "lost": 0, "repair": "offline"},
-    {"name": "legacy-last-cli", "format": "legacy", "lost": 3, "repair": "cli"},
-    {"name": "dist-middle-offline", "format": "torch_dist", "lost": 1, "repair": "offline"},
-    {"name": "dist-first-online", "format": "torch_dist", "lost": 0, "repair": "online"},
-    {"name": "dist-last-online", "format": "torch_dist", "lost": 3, "repair": "online"},
-]
-PP2 = [
-    {"name": "legacy-first-online", "format": "legacy", "lost": 0, "repair": "online"},
-    {"name": "dist-last-offline", "format": "torch_dist", "lost": 1, "repair": "offline"},
-]
-
-
-def _run(tmp_path_factory, world: int, num_layers: int, scenarios: list) -> Path:
-    out = tmp_path_factory.mktemp(f"mcore-pp{world}")
-    spec = {"out": str(out), "num_layers": num_layers, "steps": 3, "scenarios": scenarios}
-    run_ranks(WORKER, world, [json.dumps(spec)], timeout_s=300, log_dir=out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pp4(tmp_path_factory):
-    return _run(tmp_path_factory, 4, 8, PP4)
-
-
-@pytest.fixture(scope="module")
-def pp2(tmp_path_factory):
-    return _run(tmp_path_factory, 2, 4, PP2)
-
 
 def _results(out: Path, name: str, world: int) -> list:
     return [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(world)]
@@ -64,7 +33,7 @@ def _check(results: list, sc: dict) -> None:
     lost = sc["lost"]
     num_stages = len(results)
     rebuilt = results[lost]
-    assert rebuilt["stage"] == lost and rebuilt["iteration"] == 3
+    assert rebuilt["stage"] == lost and rebuilt["iteration"] == 3  # (the --ckpt-step copy holds iteration 3 too)
     assert rebuilt["expected_keys_equal"], "the rebuilt stage must hold exactly the keys its model expects"
     # Bit-identical to the blend of the neighbours' pre-failure weights (CPU runs are deterministic).
     assert rebuilt["max_diff_rebuilt"] == 0.0
@@ -81,8 +50,12 @@ def _check(results: list, sc: dict) -> None:
         # torch_dist stores the tied output layer's Adam moments once, with stage 0's embedding: they restart too.
         if not tied_state:
             assert r["max_diff_optimizer"] == 0.0, f"stage {r['stage']}'s optimizer state changed"
-    if sc["format"] == "legacy":
-        assert rebuilt["optimizer_state_entries"] == 0, "the rebuilt stage restarts with fresh Adam moments"
+    assert rebuilt["optimizer_state_entries"] == 0, "the rebuilt stage restarts with fresh Adam moments"
+    # ... and a fresh step count: its first update after the rebuild is Adam's first (step 1), in every format.
+    assert rebuilt["adam_steps_after"] == [1.0]
+    assert results[lost - 1 if lost else 1]["adam_steps_after"] == [4.0]
+    if sc.get("damage") == "nan":
+        assert "non-finite" in next(r["report"] for r in results if "report" in r)["damaged"][str(lost)]
     losses = results[-1]["losses_after"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert all(abs(x - math.log(128)) < 0.5 for x in losses), losses
@@ -104,14 +77,35 @@ def test_two_stage_pipeline_copies_the_surviving_stage(pp2, sc):
     assert "2-stage pipeline" in next(r["report"] for r in results if "report" in r)["rebuilds"][0]["note"]
 
 
+def test_the_first_update_after_a_rebuild_is_the_same_in_legacy_and_torch_dist(pp4):
+    """One meaning of "fresh optimizer state": moments and step count reset together in both formats (torch_dist
+    keeps one shared step on disk; the hook resets the rebuilt stage's after loading), so the same rebuilt weights
+    take the same first step."""
+    legacy = torch.load(pp4 / "legacy-middle-online-rank2-update.pt")
+    dist = torch.load(pp4 / "dist-middle-online-rank2-update.pt")
+    assert legacy.keys() == dist.keys()
+    for k in legacy:
+        assert torch.allclose(legacy[k], dist[k], rtol=1e-4, atol=1e-7), k
+    assert max(float(v.abs().max()) for v in legacy.values()) > 0
+
+
+def test_ckpt_step_repairs_the_iteration_megatron_loads_and_leaves_the_latest_alone(pp4):
+    work = pp4 / "legacy-ckpt-step-online"
+    assert (work / "iter_0000002" / "mp_rank_00_001" / "model_optim_rng.pt").exists()
+    assert not (work / "iter_0000003" / "mp_rank_00_001" / "model_optim_rng.pt.corrupt").exists()
+    report = _results(pp4, "legacy-ckpt-step-online", 4)[0]["report"]
+    assert report["iteration"] == "2"
+
+
 def test_events_record_every_detection_and_recovery(pp4):
     events = [json.loads(line) for line in (pp4 / "events.jsonl").read_text().splitlines()]
     by_kind = {}
     for e in events:
         by_kind.setdefault(e["event"], []).append(e)
-    # online and cli scenarios write to the events file: legacy-middle, legacy-last (cli), dist-first, dist-last.
-    assert len(by_kind["detection"]) == len(by_kind["recovery"]) == 4
-    assert {e["stage"] for e in by_kind["recovery"]} == {2, 3, 0}
+    # online and cli scenarios write to the events file: legacy-middle, dist-middle, legacy-nan, dist-nan,
+    # ckpt-step, legacy-last (cli), dist-first, dist-last.
+    assert len(by_kind["detection"]) == len(by_kind["recovery"]) == 8
+    assert {e["stage"] for e in by_kind["recovery"]} == {0, 1, 2, 3}
 
 
 def test_repair_reads_the_neighbours_not_the_model(pp4):
@@ -131,10 +125,15 @@ def _copy(pp4: Path, fmt: str, tmp_path: Path) -> Path:
     return dst
 
 
-def test_intact_torch_dist_checkpoint_needs_nothing(pp4, tmp_path):
-    ckpt = _copy(pp4, "dist", tmp_path)
+@pytest.mark.parametrize("fmt", ["legacy", "dist"])
+def test_an_intact_checkpoint_needs_nothing_and_every_tensor_was_checked(pp4, tmp_path, fmt):
+    ckpt = _copy(pp4, fmt, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     report = repair_checkpoint(str(ckpt), in_place=True)
-    assert report.format == "megatron_torch_dist" and report.num_stages == 4 and not report.damaged
+    assert report.format == ("megatron_legacy" if fmt == "legacy" else "megatron_torch_dist")
+    assert report.num_stages == 4 and not report.damaged and not report.rebuilds
+    assert report.bytes_checked > 0.5 * report.checkpoint_bytes  # weights and Adam moments of every stage
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before, "an intact checkpoint is left untouched"
 
 
 def test_truncated_distcp_file_is_detected_as_its_stage(pp4, tmp_path):

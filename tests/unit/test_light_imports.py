@@ -17,6 +17,10 @@ CASES = {
     "megatron": "import deepspeed_checkfree.megatron",
     "megatron_training_hook": "import deepspeed_checkfree.megatron.training_hook",
     "megatron_checkpoint": "import deepspeed_checkfree.megatron.checkpoint",
+    "megatron_distopt": "import deepspeed_checkfree.megatron.distopt, deepspeed_checkfree.repair.megatron_distopt",
+    "checkfree_repair_command": "from deepspeed_checkfree import cli\n"
+                                "try:\n    cli.main(['repair', '--help'])\nexcept SystemExit as e:\n"
+                                "    assert e.code == 0, e.code",
     "checkfree_help": "from deepspeed_checkfree import cli\n"
                       "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code",
 }

@@ -67,6 +67,7 @@ def fake_megatron(monkeypatch):
         monkeypatch.setitem(sys.modules, "megatron", types.ModuleType("megatron"))
     monkeypatch.setitem(sys.modules, "megatron.training", MT)
     monkeypatch.setitem(sys.modules, "megatron.training.training", T)
+    # /nowhere holds no checkpoint, so the hook has no directory to read CheckFree's records from.
     monkeypatch.setattr(training_hook, "state_after_load", lambda *a, **k: calls.append(("after_load",) + a[:2]))
     return T, MT, calls
 
@@ -79,9 +80,9 @@ def test_install_wraps_the_names_pretrain_calls_and_passes_every_argument(fake_m
     T.save_checkpoint(10, "model", None, None, 0, non_persistent_ckpt=True)
     assert T.load_checkpoint("model", None, None, checkpointing_context={}, skip_load_to_model_and_opt=True) == (7, 0)
     MT.pretrain("data", "model", "type", "fwd", extra_args_provider=None)
-    assert calls == [("train_step", 5), ("save", 10, True), ("load", "load", True), ("after_load", "/nowhere", 7),
+    assert calls == [("train_step", 5), ("save", 10, True), ("load", "load", True), ("after_load", None, 7),
                      ("pretrain", ["checkfree_events_file", "checkfree_lr_boost", "checkfree_no_replicas",
-                                   "checkfree_repair", "checkfree_strategy"])]
+                                   "checkfree_no_value_check", "checkfree_repair", "checkfree_strategy"])]
 
 
 def test_runner_runs_the_script_as_main_with_its_directory_on_the_path(fake_megatron, tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ import torch
 
 from ...core.recovery import LayerSignature, ParamMapping, RecoveryPlan, blend, match_layers, plan_recovery
 from ...errors import RecoveryError, UnsupportedSetupError
-from ..base import IOLedger, Inspection, copy_to_output, directory_bytes, empty_optimizer_state, file_problem, \
-    write_rebuilt_file
+from ..base import (IOLedger, Inspection, copy_to_output, damage_of, directory_bytes, empty_optimizer_state,
+                    write_rebuilt_file)
 from .files import (LAYER_FILE, LAYER_TP_FILE, LAYERS_KEY, MP_FILE, NORM_KEY, NORMS_FILE, layer_file,
                     layer_file_signature, mp_file)
 
@@ -29,7 +29,7 @@ _RECORD_LAYERS = ("Save with client_state=deepspeed_checkfree.repair.ds_pipeline
 class DeepSpeedCheckpoint:
     """One tag of a DeepSpeed pipeline checkpoint."""
 
-    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> None:
         path = os.path.abspath(path)
         latest = os.path.join(path, "latest")
         if tag is None and os.path.exists(latest):
@@ -44,6 +44,8 @@ class DeepSpeedCheckpoint:
             self.root, self.iter_dir = os.path.dirname(path), path
         self.iteration = os.path.basename(self.iter_dir)
         self.ledger = ledger
+        self.check_values = check_values
+        self.unsupported: List[Tuple[str, Any]] = []
         self.num_stages = 0
         self.mode = "checkfree"
         self.mp: Dict[int, Dict[str, Any]] = {}
@@ -62,21 +64,28 @@ class DeepSpeedCheckpoint:
         """The signatures of the layers a (surviving) stage holds, from their files."""
         return tuple(layer_file_signature(i, self.layer(i)) for i in self.stage_layers[stage])
 
+    def _problem(self, name: str) -> Optional[str]:
+        return damage_of(os.path.join(self.iter_dir, name), self.ledger, self.check_values)
+
     def _scan(self) -> Tuple[Dict[int, Optional[str]], Dict[int, Optional[str]]]:
         layers, mps = {}, {}
-        for name in os.listdir(self.iter_dir):
-            if name.startswith("zero_pp_rank_") or name.startswith("bf16_zero_pp_rank_"):
-                raise UnsupportedSetupError(f"{name}: ZeRO optimizer checkpoints are not supported by this version "
-                                            f"(the optimizer state is partitioned over data-parallel ranks).")
+        for name in sorted(os.listdir(self.iter_dir)):
+            # Settings whose files repair does not rebuild: they matter only if a stage is damaged.
+            if name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")):
+                self._note_unsupported("zero_optimization", "partitioned optimizer files (zero_pp_rank_*)")
             if LAYER_TP_FILE.match(name):
-                raise UnsupportedSetupError(f"{name}: tensor-parallel layer files are not supported by this version.")
+                self._note_unsupported("tensor_parallel", "tensor-parallel layer files (layer_XX-model_YY-*)")
             m = LAYER_FILE.match(name)
             if m:
-                layers[int(m.group(1))] = file_problem(os.path.join(self.iter_dir, name))
+                layers[int(m.group(1))] = self._problem(name)
             m = MP_FILE.match(name)
             if m:
-                mps[int(m.group(1))] = file_problem(os.path.join(self.iter_dir, name))
+                mps[int(m.group(1))] = self._problem(name)
         return layers, mps
+
+    def _note_unsupported(self, name: str, value: str) -> None:
+        if (name, value) not in self.unsupported:
+            self.unsupported.append((name, value))
 
     def inspect(self) -> Inspection:
         layers, mps = self._scan()
@@ -90,8 +99,7 @@ class DeepSpeedCheckpoint:
         dims = first.get("checkpoint_parallel_dimensions") or {}
         self.num_stages = int(dims.get("pp_degree") or first.get("mp_world_size") or 0)
         if int(dims.get("tp_degree", 1) or 1) > 1:
-            raise UnsupportedSetupError(f"tensor parallel degree {dims['tp_degree']}: only pipeline-parallel "
-                                        f"DeepSpeed checkpoints are supported by this version.")
+            self._note_unsupported("tp_degree", dims["tp_degree"])
         if first.get("module") is not None:
             raise RecoveryError(f"{mp_file(good_mp[0])} holds a whole module: this is not a pipeline checkpoint "
                                 f"(PipelineModule saves per-layer files).")
@@ -110,7 +118,8 @@ class DeepSpeedCheckpoint:
         self._assign_layers(layers, damaged)
         stage_files = {s: [mp_file(s)] + [layer_file(i) for i in self.stage_layers.get(s, [])]
                        for s in range(self.num_stages)}
-        return Inspection(self.num_stages, damaged, stage_files, [], directory_bytes(self.iter_dir, recursive=False))
+        return Inspection(self.num_stages, damaged, stage_files, [], directory_bytes(self.iter_dir, recursive=False),
+                          tuple(self.unsupported))
 
     def _assign_layers(self, layers: Dict[int, Optional[str]], damaged: Dict[int, str]) -> None:
         """Which layer files each stage holds: recorded, or inferred from the surviving stages' parameter counts."""
@@ -256,13 +265,13 @@ class DeepSpeedCheckpoint:
             params[int(layer)][name] = blend(tensors, weights)
         for i in idxs:
             files.append(write_rebuilt_file(params[i], os.path.join(out_iter_dir, layer_file(i)), in_place,
-                                            self.ledger))
+                                            self.ledger, t))
         state = {k: v for k, v in self.mp[plan.sources[0]].items() if k != "optimizer"}
         state["optimizer"] = self._fresh_optimizer(plan, tgt_sig)
         state[NORM_KEY] = None  # not measured on the rebuilt stage yet
         if LAYERS_KEY in state:
             state[LAYERS_KEY] = [idxs[0], idxs[-1] + 1]
-        files.append(write_rebuilt_file(state, os.path.join(out_iter_dir, mp_file(t)), in_place, self.ledger))
+        files.append(write_rebuilt_file(state, os.path.join(out_iter_dir, mp_file(t)), in_place, self.ledger, t))
         notes = [m.note for m in mappings if m.note]
         return {"files": files, "note": "; ".join(notes) or None}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,21 +16,44 @@ import torch
 
 from ...core.recovery import LayerSignature, RecoveryPlan, blend, match_layers
 from ...errors import RecoveryError
-from ..base import IOLedger, Inspection, directory_bytes, set_aside
+from ..base import IOLedger, Inspection, check_rebuilt, directory_bytes, set_aside
 from ..megatron_common import (LAYER_PREFIX, REPLICA_FIX, MegatronIteration, MegatronLayout, layer_index_map,
                                read_replica, replica_file, replica_note)
+from ..megatron_distopt import require_layout
+from .distopt import DistOptItems, dp_group_of
 from .items import (COMMON, METADATA, parse_sharded_object, read_item, read_metadata, sharded_object_fqn, split_opt,
                     write_items)
 
 logger = logging.getLogger(__name__)
 
+# Why the rebuilt stage's Adam step count is not reset in the file (see docs of megatron.checkpoint.reset_rebuilt_
+# optimizer_state): megatron.core saves one "common_step" for all parameters of every stage, in common.pt.
+STEP_KEPT_NOTE = ("torch_dist keeps one Adam step count for every stage (common.pt, 'common_step'), so the rebuilt "
+                  "stage's moments are zero but its step is the shared one; the checkfree hook resets the rebuilt "
+                  "stage's step after loading (a truly fresh Adam state, as legacy and DeepSpeed repairs give). "
+                  "Without the hook its first update is about (1-beta1)/sqrt(1-beta2) times a fresh one's (3.2 with "
+                  "betas 0.9, 0.999).")
+DISTOPT_PREFIX = "optimizer.distributed."
+DISTOPT_PAD = 64  # megatron.core param_and_grad_buffer: parameter starts are padded to multiples of 64 elements
+_DISTCP = re.compile(r"__(\d+)_(\d+)\.distcp")
+
 
 class MegatronDistCheckpoint(MegatronIteration):
     """One iteration of a Megatron ``torch_dist`` checkpoint."""
 
-    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger) -> None:
-        super().__init__(path, tag, ledger)
+    SUPPORTS_DISTRIBUTED_OPTIMIZER = True
+
+    def unsupported_settings(self):
+        out = super().unsupported_settings()
+        if self.layout.distributed_optimizer and self.sharding_type not in (None, "dp_reshardable"):
+            out += (("distrib_optim_sharding_type", self.sharding_type),)
+        return out
+
+    def __init__(self, path: str, tag: Optional[str], ledger: IOLedger, check_values: bool = True) -> None:
+        super().__init__(path, tag, ledger, check_values)
         self.md = None
+        self.args = None
+        self.sharding_type: Optional[str] = None
         self._item_stage: Dict[Any, Optional[int]] = {}
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -40,10 +64,13 @@ class MegatronDistCheckpoint(MegatronIteration):
             raise RecoveryError(f"{path} is missing; it holds the checkpoint's args and iteration (written once by "
                                 f"global rank 0) and cannot be rebuilt from neighbours. Restore it from another copy.")
         common = self.ledger.load(path)
-        return common.get("args") if isinstance(common, dict) else None
+        if not isinstance(common, dict):
+            return None
+        self.sharding_type = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+        return common.get("args")
 
-    def _read_item(self, index) -> Any:
-        return read_item(self.iter_dir, self.md, index, self.ledger)
+    def _read_item(self, index, count: bool = True) -> Any:
+        return read_item(self.iter_dir, self.md, index, self.ledger, count)
 
     # -- which stage owns an item -----------------------------------------------------------------------------
 
@@ -60,7 +87,11 @@ class MegatronDistCheckpoint(MegatronIteration):
                 return lay.stage_of_layer(offsets[0])
             if key == "rng_state":
                 return offsets[0]
+            if dp_group_of(key) is not None:
+                return self.group_stage(dp_group_of(key)[0])
             return None
+        if dp_group_of(fqn) is not None:
+            return self.group_stage(dp_group_of(fqn)[0])
         _, param = split_opt(fqn)
         if param.startswith(LAYER_PREFIX):
             return lay.stage_of_layer(int(index.offset[0]))
@@ -70,11 +101,47 @@ class MegatronDistCheckpoint(MegatronIteration):
             return lay.num_stages - 1
         return None
 
+    def group_stage(self, group: int) -> int:
+        """The pipeline stage of the distributed optimizer's data-parallel group ``group``: megatron.core numbers
+        them by model-parallel rank, tp + TP * pp under the default rank order."""
+        return group // self.layout.tp_size
+
     # -- the handler interface used by repair_checkpoint -----------------------------------------------------
+
+    def _placed(self, index) -> Optional[int]:
+        try:
+            return self.stage_of(index)
+        except RecoveryError:  # a layer outside a layout this version cannot compute (custom pipeline layout)
+            return None
+
+    def _file_stage(self, rel: str) -> Optional[int]:
+        """The pipeline rank that wrote ``__{rank}_{k}.distcp`` under Megatron's default rank order
+        (tp-cp-ep-dp-pp: the pipeline rank is the slowest-varying); used where the items do not tell."""
+        m = _DISTCP.fullmatch(rel)
+        world = int(getattr(self.args, "world_size", 0) or 0)
+        if m is None or world <= 0 or world % self.layout.num_stages:
+            return None
+        return int(m.group(1)) // (world // self.layout.num_stages)
+
+    def _value_problem(self, rel: str, indices: List[Any]) -> Optional[str]:
+        bad = []
+        for index in indices:
+            if index.offset is None:
+                continue
+            if index.fqn.startswith(DISTOPT_PREFIX) and self._chunk_size(index)[0] < DISTOPT_PAD:
+                # The distributed optimizer's dp_reshardable buckets save their alignment padding (< 64 elements,
+                # torch.empty: any bytes) as chunks of their own; skipped, with the few parameters as small.
+                continue
+            value = self._read_item(index, count=False)
+            problem = self.ledger.check_values({index.fqn: value}, "")
+            if problem is not None:
+                bad.append(problem.replace("has non-finite values in ", ""))
+        return f"has non-finite values in {', '.join(bad[:3])}" if bad else None
 
     def inspect(self) -> Inspection:
         self.md = read_metadata(self.iter_dir, self.ledger)
-        self.layout = MegatronLayout.from_args(self._read_args(), os.path.join(self.iter_dir, COMMON))
+        self.args = self._read_args()
+        self.layout = MegatronLayout.from_args(self.args, os.path.join(self.iter_dir, COMMON))
         lay = self.layout
         for required in ("metadata.json",):
             if not os.path.exists(os.path.join(self.iter_dir, required)):
@@ -83,12 +150,15 @@ class MegatronDistCheckpoint(MegatronIteration):
         by_file: Dict[str, List[Any]] = defaultdict(list)
         for index, info in self.md.storage_data.items():
             by_file[info.relative_path].append(index)
-            self._item_stage[index] = self.stage_of(index)
+            self._item_stage[index] = self._placed(index)
         damaged: Dict[int, str] = {}
         stage_files: Dict[int, List[str]] = defaultdict(list)
         for rel, indices in sorted(by_file.items()):
             stages = {self._item_stage[i] for i in indices}
             owners = sorted(s for s in stages if s is not None)
+            unplaced = sorted(i.fqn for i in indices if self._item_stage[i] is None)
+            if (unplaced or not owners) and self._file_stage(rel) is not None:
+                owners = sorted(set(owners) | {self._file_stage(rel)})
             path = os.path.join(self.iter_dir, rel)
             end = max(self.md.storage_data[i].offset + self.md.storage_data[i].length for i in indices)
             why = None
@@ -96,19 +166,20 @@ class MegatronDistCheckpoint(MegatronIteration):
                 why = "missing"
             elif os.path.getsize(path) < end:
                 why = f"truncated ({os.path.getsize(path)} bytes, its items end at byte {end})"
+            elif self.check_values:
+                why = self._value_problem(rel, indices)
             for s in owners:
                 stage_files[s].append(rel)
             if why is None:
                 continue
-            unplaced = sorted(i.fqn for i in indices if self._item_stage[i] is None)
-            if unplaced or len(owners) != 1:
+            if len(owners) != 1:
                 raise RecoveryError(
                     f"{path} is {why} and holds items that cannot be matched to one pipeline stage (stages "
                     f"{owners}; unmatched items {unplaced[:5]}{' ...' if len(unplaced) > 5 else ''}). Only the "
                     f"files of a single stage can be rebuilt from its neighbours.")
             damaged[owners[0]] = "; ".join(filter(None, [damaged.get(owners[0]), f"{rel} {why}"]))
         return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"],
-                          directory_bytes(self.iter_dir))
+                          directory_bytes(self.iter_dir), self.unsupported_settings())
 
     def rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
         # The rebuild rewrites the storage offsets of the lost stage's items in the global index too.
@@ -161,6 +232,43 @@ class MegatronDistCheckpoint(MegatronIteration):
                                 f"expects a chunk of {tuple(size)}; the replica is from another model.")
         return value.reshape(size).clone()
 
+    def _distopt_values(self, plan: RecoveryPlan, indices: List[Any], values: Dict[Any, Any]) -> None:
+        """The lost stage's distributed-optimizer items (:class:`.distopt.DistOptItems`), once its model items are in
+        ``values``: its weights in its recorded bucket layout, zero moments, step 0."""
+        lay, target = self.layout, plan.target
+        layouts = {o["dp_group_idx"]: o for tp in range(lay.tp_size)
+                   for o in require_layout(self.iter_dir, target, tp, self.ledger)}
+        model = {(i.fqn, tuple(int(x) for x in i.offset)): v for i, v in values.items() if i.offset is not None}
+        objects = {parse_sharded_object(i.fqn)[0]: i for i in self.md.storage_data if i.offset is None}
+        replicas: Dict[int, Optional[Dict[str, torch.Tensor]]] = {}
+
+        def tensor_of(group: int, chunk: int, entry) -> torch.Tensor:
+            from torch.distributed.checkpoint.metadata import MetadataIndex
+
+            if entry["key"] is not None:
+                where = (entry["key"], tuple(entry["offset"]))
+                if where in model:
+                    return model[where]
+                index = MetadataIndex(entry["key"], where[1])
+                if index in self.md.storage_data and self._item_stage.get(index) != target:
+                    return self._read_item(index)  # the tied output layer is saved once, as stage 0's embedding
+            tp = group % lay.tp_size  # else the replica a neighbour keeps of the stage's embedding or head
+            if tp not in replicas:
+                replicas[tp] = read_replica(self.iter_dir, target, tp, self.ledger) or {}
+            if entry["name"] not in replicas[tp]:
+                raise RecoveryError(f"{entry['name']} of stage {target} is in its distributed-optimizer buckets but "
+                                    f"in no model item nor CheckFree replica. {REPLICA_FIX}")
+            return replicas[tp][entry["name"]]
+
+        items = DistOptItems(layouts, {g: g + (plan.sources[0] - target) * lay.tp_size for g in layouts}, tensor_of,
+                             lambda key: self._read_item(objects[key]))
+        for index in indices:
+            if index.offset is None:
+                values[index] = items.object_bytes(parse_sharded_object(index.fqn)[0])
+            else:
+                values[index] = items.tensor(index.fqn, index.offset, self._chunk_size(index),
+                                             self.md.state_dict_metadata[index.fqn].properties.dtype)
+
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -184,7 +292,11 @@ class MegatronDistCheckpoint(MegatronIteration):
         for index in lost:
             files[self.md.storage_data[index].relative_path].append(index)
         values: Dict[Any, Any] = {}
+        distopt = [i for i in lost if dp_group_of(parse_sharded_object(i.fqn)[0] if i.offset is None else i.fqn)]
+        skip = set(distopt)
         for index in lost:
+            if index in skip:
+                continue
             if index.offset is None:
                 key, offsets, shape = parse_sharded_object(index.fqn)
                 if key.startswith(LAYER_PREFIX):
@@ -209,6 +321,13 @@ class MegatronDistCheckpoint(MegatronIteration):
             else:
                 edge_index = MetadataIndex(param, index.offset)
                 values[index] = self._edge_value(target, edge_index, size, replicas, notes).to(dtype)
+        if distopt:
+            self._distopt_values(plan, distopt, values)
+        check_rebuilt({i.fqn: v for i, v in values.items() if isinstance(v, torch.Tensor)}, target,
+                      f"{self.iter_dir} items", self.ledger)
+        warnings = []
+        if any(split_opt(i.fqn)[0] is not None for i in lost):
+            warnings.append(STEP_KEPT_NOTE)
         written = []
         for rel, indices in files.items():
             indices.sort(key=lambda i: self.md.storage_data[i].offset)
@@ -221,4 +340,4 @@ class MegatronDistCheckpoint(MegatronIteration):
         md_path = os.path.join(out_iter_dir, METADATA)
         self.ledger.write_bytes(pickle.dumps(self.md), md_path)
         written.append(md_path)
-        return self.finish_rebuild(out_iter_dir, target, written, notes)
+        return {**self.finish_rebuild(out_iter_dir, target, written, notes), "warnings": warnings}

@@ -68,8 +68,9 @@ def read_metadata(iter_dir: str, ledger: IOLedger) -> Any:
     return md
 
 
-def read_item(iter_dir: str, md: Any, index: Any, ledger: IOLedger) -> Any:
-    """One storage item: the raw bytes of a ShardedObject, or the tensor of a chunk.
+def read_item(iter_dir: str, md: Any, index: Any, ledger: IOLedger, count: bool = True) -> Any:
+    """One storage item: the raw bytes of a ShardedObject, or the tensor of a chunk (counted as read by the rebuild
+    unless ``count`` is false: the damage scan counts its own bytes).
 
     Raises:
         RecoveryError: its file is shorter than the index says.
@@ -82,7 +83,8 @@ def read_item(iter_dir: str, md: Any, index: Any, ledger: IOLedger) -> Any:
     if len(data) != info.length:
         raise RecoveryError(f"{path} is truncated: item {index.fqn} needs bytes "
                             f"{info.offset}..{info.offset + info.length}")
-    ledger.add_read(len(data), path)
+    if count:
+        ledger.add_read(len(data), path)
     if index.offset is None:
         return data
     return torch.load(io.BytesIO(data), map_location=HOST, weights_only=True)
