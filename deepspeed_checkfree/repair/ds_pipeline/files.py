@@ -1,7 +1,7 @@
 """The files of a DeepSpeed pipeline checkpoint and what CheckFree adds to them: file names, the client state the
 engine saves (each stage's gradient norm and layer range) and a layer's signature as far as its file tells.
 
-Layout (shared/notes/deepspeed-on-cpu.md §3.8): ``save_dir/latest`` names the tag; ``tag/layer_XX-model_states.pt``
+Layout (DeepSpeed 0.19.8, `PipelineModule.save_state_dict`): ``save_dir/latest`` names the tag; ``tag/layer_XX-model_states.pt``
 holds one layer's state dict (global layer index XX) and ``tag/mp_rank_SS_model_states.pt`` stage SS's engine state.
 """
 from __future__ import annotations
