@@ -18,7 +18,7 @@ import torch
 from ..core.recovery import ParamMapping, RecoveryPlan
 from ..errors import RecoveryError
 from .base import IOLedger, Inspection, atomic_torch_save, atomic_write_bytes, copy_to_output, file_problem, \
-    plan_stage
+    plan_stage, plan_weights
 
 logger = logging.getLogger(__name__)
 
@@ -372,9 +372,37 @@ class MegatronIteration:
         self.strategy = strategy
         return plan_stage(stage, self.layout.num_stages, strategy)
 
+    def chunk_plans(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
+        """How each model chunk of the lost rank is rebuilt. Chunk c of rank s is virtual stage v = c * P + s
+        (Megatron's interleaving), rebuilt from its neighbours in *virtual* pipeline order (copies at either end of
+        the virtual pipeline), weighted by the gradient norms of the ranks that hold them (norms are per rank).
+        Without virtual stages: one chunk, ``plan`` itself.
+
+        Returns:
+            ``{"chunk", "virtual_stage", "plan" (over virtual stages), "weights", "sources": [(rank, chunk)]}`` each.
+        """
+        lay = self.layout
+        if lay.vpp_size == 1:
+            return [{"chunk": 0, "virtual_stage": plan.target, "plan": plan, "weights": tuple(weights),
+                     "sources": [(s, 0) for s in plan.sources]}]
+        norms = self.grad_norms()
+        out = []
+        for c in range(lay.vpp_size):
+            v = lay.virtual_stage(plan.target, c)
+            vplan = plan_stage(v, lay.num_virtual, self.strategy)
+            w, _, _ = plan_weights(vplan, {u: norms[u % lay.num_stages] for u in vplan.sources
+                                           if u % lay.num_stages in norms}, self.strategy, [])
+            out.append({"chunk": c, "virtual_stage": v, "plan": vplan, "weights": w,
+                        "sources": [(u % lay.num_stages, u // lay.num_stages) for u in vplan.sources]})
+        return out
+
     def describe_chunks(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
-        """Per model chunk plans of a rank with several (virtual pipeline stages); empty otherwise."""
-        return []
+        """The per-chunk plans of :meth:`chunk_plans` for the report; empty without virtual pipeline stages."""
+        if self.layout.vpp_size == 1:
+            return []
+        return [{"chunk": cp["chunk"], "virtual_stage": cp["virtual_stage"], "strategy": cp["plan"].strategy,
+                 "sources": [list(x) for x in cp["sources"]], "weights": list(cp["weights"])}
+                for cp in self.chunk_plans(plan, weights)]
 
     def grad_norms(self) -> Dict[int, float]:
         return read_norms(self.iter_dir, self.ledger)[0]

@@ -45,6 +45,21 @@ def expected_diff(now, all_saved, norms, lost, num_stages, vpp):
     return worst, plan
 
 
+def claim_args(it: str, fmt: str, changes: dict) -> None:
+    """Rewrite the saved args of every file that holds them (all the hook knows of a setting like a custom
+    pipeline layout)."""
+    import glob
+
+    import torch
+
+    files = [os.path.join(it, "common.pt")] if fmt == "torch_dist" else \
+        glob.glob(os.path.join(it, "mp_rank_*", "model_optim_rng.pt"))
+    for f in files:
+        state = torch.load(f, weights_only=False)
+        vars(state["args"]).update(changes)
+        torch.save(state, f)
+
+
 def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
     import torch
     import torch.distributed as dist
@@ -191,6 +206,8 @@ def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:
                 work = os.path.join(out, case)
                 if rank == 0:
                     shutil.copytree(pristine[fmt], work)
+                    if variant.get("claim"):  # settings the hook reads from the saved args only
+                        claim_args(os.path.join(work, iter_name), fmt, variant["claim"])
                     if lost is not None:
                         damage(os.path.join(work, iter_name), fmt, lost, "delete")
                 dist.barrier()

@@ -42,6 +42,7 @@ class MegatronDistCheckpoint(MegatronIteration):
     """One iteration of a Megatron ``torch_dist`` checkpoint."""
 
     SUPPORTS_DISTRIBUTED_OPTIMIZER = True
+    SUPPORTS_VIRTUAL_PIPELINE = True
 
     def unsupported_settings(self):
         out = super().unsupported_settings()
@@ -186,7 +187,7 @@ class MegatronDistCheckpoint(MegatronIteration):
         return super().rewritten_files(found, damaged) + [METADATA]
 
     def _layer_signatures(self, stage: int) -> Tuple[LayerSignature, ...]:
-        """Signatures of a stage's layers from the metadata alone (it survives even when the stage's files do)."""
+        """Signatures of a (virtual) stage's layers from the metadata alone (it survives the stage's files)."""
         lay = self.layout
         off, n = lay.offsets[stage], lay.layer_counts[stage]
         params: Dict[int, List[Tuple[str, Tuple[int, ...], str]]] = {k: [] for k in range(n)}
@@ -274,18 +275,27 @@ class MegatronDistCheckpoint(MegatronIteration):
 
         lay = self.layout
         target = plan.target
-        tgt_sig = self._layer_signatures(target)
-        layer_maps, notes = [], []
-        for s in plan.sources:
-            mapping = match_layers(tgt_sig, self._layer_signatures(s), target, s)
-            layer_maps.append(layer_index_map(mapping))
-            if mapping.note:
-                notes.append(mapping.note)
+        # Per virtual stage of the lost rank (one without virtual pipeline stages): its plan over virtual stages,
+        # weights, and which source layer stands for each of its layers. Layer signatures, offsets and counts are
+        # indexed by virtual stage.
+        chunks, notes = {}, []
+        for cp in self.chunk_plans(plan, weights):
+            v, vplan = cp["virtual_stage"], cp["plan"]
+            maps = []
+            for u in vplan.sources:
+                mapping = match_layers(self._layer_signatures(v), self._layer_signatures(u), v, u)
+                maps.append(layer_index_map(mapping))
+                if mapping.note:
+                    notes.append(mapping.note)
+            chunks[v] = (vplan, cp["weights"], maps)
         replicas: Dict[int, Optional[Dict[str, torch.Tensor]]] = {}
 
-        def source_layer(i: int, global_layer: int) -> int:
-            k = global_layer - lay.offsets[target]
-            return lay.offsets[plan.sources[i]] + layer_maps[i][k]
+        def layer_plan(global_layer: int):
+            """(source layers, weights) of one of the lost rank's layers."""
+            v = lay.virtual_of_layer(global_layer)
+            vplan, w, maps = chunks[v]
+            k = global_layer - lay.offsets[v]
+            return [lay.offsets[u] + m[k] for u, m in zip(vplan.sources, maps)], w
 
         lost = [i for i, s in self._item_stage.items() if s == target]
         files: Dict[str, List[Any]] = defaultdict(list)
@@ -300,7 +310,7 @@ class MegatronDistCheckpoint(MegatronIteration):
             if index.offset is None:
                 key, offsets, shape = parse_sharded_object(index.fqn)
                 if key.startswith(LAYER_PREFIX):
-                    offsets[0] = source_layer(0, offsets[0])
+                    offsets[0] = layer_plan(offsets[0])[0][0]
                 else:  # rng_state: the first source's generator states
                     offsets[0] = plan.sources[0]
                 values[index] = self._read_item(MetadataIndex(sharded_object_fqn(key, offsets, shape)))
@@ -313,11 +323,10 @@ class MegatronDistCheckpoint(MegatronIteration):
                 values[index] = torch.zeros(size, dtype=dtype)
                 continue
             if param.startswith(LAYER_PREFIX):
-                tensors = []
-                for i in range(len(plan.sources)):
-                    src_offset = torch.Size([source_layer(i, int(index.offset[0])), *index.offset[1:]])
-                    tensors.append(self._read_item(MetadataIndex(index.fqn, src_offset)))
-                values[index] = blend(tensors, weights).reshape(size).to(dtype).contiguous()
+                src_layers, w = layer_plan(int(index.offset[0]))
+                tensors = [self._read_item(MetadataIndex(index.fqn, torch.Size([src, *index.offset[1:]])))
+                           for src in src_layers]
+                values[index] = blend(tensors, w).reshape(size).to(dtype).contiguous()
             else:
                 edge_index = MetadataIndex(param, index.offset)
                 values[index] = self._edge_value(target, edge_index, size, replicas, notes).to(dtype)
@@ -340,4 +349,5 @@ class MegatronDistCheckpoint(MegatronIteration):
         md_path = os.path.join(out_iter_dir, METADATA)
         self.ledger.write_bytes(pickle.dumps(self.md), md_path)
         written.append(md_path)
-        return {**self.finish_rebuild(out_iter_dir, target, written, notes), "warnings": warnings}
+        return {**self.finish_rebuild(out_iter_dir, target, written, notes), "warnings": warnings,
+                "chunks": self.describe_chunks(plan, weights)}

@@ -14,8 +14,7 @@ import torch
 
 from ...core.recovery import RecoveryPlan
 from ...errors import RecoveryError
-from ..base import (IOLedger, Inspection, damage_of, directory_bytes, file_problem, plan_stage, plan_weights,
-                    write_rebuilt_file)
+from ..base import IOLedger, Inspection, damage_of, directory_bytes, file_problem, write_rebuilt_file
 from ..megatron_common import MegatronIteration, MegatronLayout
 from ..megatron_distopt import fresh_steps, legacy_param_state, require_layout
 from .stage_state import blend_layers, edge_parameters, fresh_optimizer_state, order_stage_state
@@ -119,28 +118,10 @@ class MegatronLegacyCheckpoint(MegatronIteration):
             return state["model"]
         return {f"{c}/{k}": v for c in range(self.layout.vpp_size) for k, v in state[self._chunk_key(c)].items()}
 
-    def _chunk_plans(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
-        """Chunk c of the lost rank is virtual stage v = c * P + rank (Megatron's interleaving); it is rebuilt from its
-        neighbours in *virtual* pipeline order, weighted by the gradient norms of the ranks holding them."""
-        lay = self.layout
-        if lay.vpp_size == 1:
-            return [{"chunk": 0, "virtual_stage": plan.target, "plan": plan, "sources": [(s, 0) for s in plan.sources],
-                     "weights": tuple(weights)}]
-        norms = self.grad_norms()
-        out = []
-        for c in range(lay.vpp_size):
-            v = lay.virtual_stage(plan.target, c)
-            vplan = plan_stage(v, lay.num_virtual, self.strategy)
-            w, _, fallback = plan_weights(vplan, {u: norms[u % lay.num_stages] for u in vplan.sources
-                                                  if u % lay.num_stages in norms}, self.strategy, [])
-            out.append({"chunk": c, "virtual_stage": v, "plan": vplan, "weights": w, "fallback": fallback,
-                        "sources": [(u % lay.num_stages, u // lay.num_stages) for u in vplan.sources]})
-        return out
-
     def rebuild(self, plan: RecoveryPlan, weights: Sequence[float], out_iter_dir: str, in_place: bool) -> dict:
         lay = self.layout
         files, notes = [], []
-        chunk_plans = self._chunk_plans(plan, weights)
+        chunk_plans = self.chunk_plans(plan, weights)
         for tp in range(lay.tp_size):
             state: Dict[str, Any] = {}
             for cp in chunk_plans:
@@ -190,10 +171,3 @@ class MegatronLegacyCheckpoint(MegatronIteration):
         out = os.path.join(out_iter_dir, self.shard_rel(tp, target, name=OPTIM_FILE))
         os.makedirs(os.path.dirname(out), exist_ok=True)
         return write_rebuilt_file(legacy_param_state(layout, tensor_of), out, in_place, self.ledger, target)
-
-    def describe_chunks(self, plan: RecoveryPlan, weights: Sequence[float]) -> List[dict]:
-        if self.layout.vpp_size == 1:
-            return []
-        return [{"chunk": cp["chunk"], "virtual_stage": cp["virtual_stage"], "strategy": cp["plan"].strategy,
-                 "sources": [list(x) for x in cp["sources"]], "weights": list(cp["weights"])}
-                for cp in self._chunk_plans(plan, weights)]
