@@ -1,15 +1,13 @@
-"""CheckFree+ inside the engine: every other micro-batch takes the route with the first two and the last two stages
-swapped, so the loss lives on two ranks and the (de)embedding has two copies that must stay identical.
-
-:class:`PlusRouting` is mixed into :class:`~deepspeed_checkfree.pipe.engine.CheckFreeEngine`: it runs the
-CheckFree+ schedule with each micro-batch's route, aggregates the loss over both loss ranks, gives every tied weight
-a gradient, and keeps a rebuilt edge copy in step with the copy it was rebuilt from. The schedule itself is pure
-(:mod:`deepspeed_checkfree.core.schedule`).
+"""CheckFree+ inside the engine (:class:`PlusRouting`, mixed into ``CheckFreeEngine``): runs the route-aware 1F1B
+schedule of :mod:`deepspeed_checkfree.core.schedule` with each micro-batch's route (odd ones swap the edge pairs),
+aggregates the loss and additional losses of the two loss ranks, gives every tied weight a gradient, and keeps a
+rebuilt (de)embedding copy in step with the copy it was rebuilt from.
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from collections import OrderedDict
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,9 +34,13 @@ def check_plus_setup(model, config_class) -> None:
             f"CheckFree+ runs every other micro-batch out of order, so it needs gradient_accumulation_steps >= 2; "
             f"the config has {gas}. Raise gradient_accumulation_steps (and lower the micro-batch size).")
     if config_class.float16_config.enabled:
+        # Two ranks compute the loss (P-1 and P-2) and both must scale it by the same dynamic loss scale and skip
+        # the same overflowed steps; DeepSpeed's CPU accelerator, where this plugin is verified, has no fp16, so
+        # that agreement is untested and fp16 stays refused rather than silently trusted.
         raise UnsupportedSetupError(
-            "checkfree.mode='checkfree_plus' runs in fp32 or bf16 (with or without ZeRO-1), not fp16: its dynamic "
-            "loss scaling has not been made to work with the swapped micro-batches. Use bf16 or fp32.")
+            "checkfree.mode='checkfree_plus' runs in fp32 or bf16 (with or without ZeRO-1), not fp16: under "
+            "CheckFree+ two ranks (stages P-2 and P-1) compute the loss, and fp16's dynamic loss scaling has not "
+            "been verified to agree on both (DeepSpeed's CPU accelerator has no fp16 to test it). Use bf16 or fp32.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +118,7 @@ class PlusRouting:
         try:
             for step_cmds in pipe_schedule:
                 for cmd in step_cmds:
-                    mb = cmd.kwargs.get("buffer_id")
+                    mb = getattr(cmd, "micro_batch_id", None)
                     if mb is not None:
                         self._enter_role(cf_schedule.role(self.stage_id, mb, self.num_stages))
                     self._exec_routed(cmd, mb)
@@ -131,31 +133,70 @@ class PlusRouting:
         elif kind is schedule.RecvActivation:
             ds_internals.set_recv_buffer(self, self._recv_bufs.get(self.prev_stage))
         elif kind is schedule.BackwardPass and self._role.is_last:
-            # All forwards run before the backwards, so each micro-batch's loss is kept until its backward.
+            # A micro-batch's loss is kept from its forward to its backward (other passes run in between).
             self.loss = self._mb_losses.pop(mb)
-        ds_internals.run_instruction(self, cmd)
+        # DeepSpeed's handlers take only ``buffer_id`` (a reused slot); the route came from ``micro_batch_id``.
+        ds_internals.run_instruction(self, cmd if mb is None else kind(cmd.buffer_id))
         if kind is schedule.SendActivation:
             self._meta_sent_to.add(self.next_stage)
         elif kind is schedule.RecvActivation:
             self._recv_bufs[self.prev_stage] = ds_internals.recv_buffer(self)
         elif kind is schedule.ForwardPass and self._role.is_last:
             self._mb_losses[mb] = self.loss
+        elif kind is schedule.BackwardPass and self._role.is_last:
+            # DeepSpeed frees a pass's outputs after its backward except where the loss is computed; here that
+            # slot is reused by another micro-batch, so drop the head's outputs now instead of at the overwrite.
+            self.pipe_buffers["outputs"][cmd.buffer_id] = None
+
+    def _additional_loss_names(self) -> List[str]:
+        # The loss ranks accumulated them during the forwards; the others ask their module, exactly as the stock
+        # engine's non-last stages do to size the broadcast.
+        source = self.total_additional_losses or self.module.get_additional_losses() or {}
+        return list(source.keys())
 
     def _aggregate_total_loss(self):
         if not self._plus:
             return PipelineEngine._aggregate_total_loss(self)
-        # The loss is computed on two ranks (P-1 on even micro-batches, P-2 on odd): sum their partial totals
-        # over the pipeline, then scale by the accumulation steps exactly as the base engine does.
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        # The loss is computed on two ranks (P-1 on even micro-batches, P-2 on odd): sum their partial totals over
+        # the pipeline, then scale by the accumulation steps and average over data parallelism, as the stock engine
+        # does with its one loss rank. The count of additional losses (and its square: all ranks agree exactly when
+        # sum(n^2) * ranks == sum(n)^2) travels along, so a mismatch fails on every rank instead of hanging.
+        pipe_group = self.grid.get_pipe_parallel_group()
+        names = self._additional_loss_names()
+        partial = self.total_additional_losses or {}
+        not_scalar = [name for name, value in partial.items() if value.numel() != 1]
+        # [loss total, n, n^2, non-scalar additional losses]: every rank decides on the same reduced numbers.
+        summary = torch.zeros(4, dtype=torch.float32, device=self.device)
         if self.total_loss is not None:
-            total += self.total_loss.detach().float()
-        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
-        loss = ds_internals.scale_loss_by_gas(self, total)
-        self.dp_group_loss = loss.clone()
+            summary[0] = self.total_loss.detach().float()
+        summary[1], summary[2], summary[3] = len(names), len(names) ** 2, len(not_scalar)
+        dist.all_reduce(summary, group=pipe_group)
+        ranks = dist.get_world_size(group=pipe_group)
+        total_n, total_n2, total_bad = (int(v) for v in summary[1:].tolist())
+        if total_n2 * ranks != total_n ** 2:
+            raise UnsupportedSetupError(
+                f"get_additional_losses() of the model must return the same loss names on every pipeline stage "
+                f"(the stock engine relies on it too): stage {self.stage_id} has {names}, but the stages disagree "
+                f"on how many there are (sum {total_n} over {ranks} stages). Return the same keys everywhere "
+                f"(with zeros where a stage computes none).")
+        if total_bad:
+            raise UnsupportedSetupError(
+                f"get_additional_losses() must return scalar tensors (the stock engine reduces them as scalars "
+                f"too); {total_bad} are not" + (f", here {not_scalar}" if not_scalar else " on another stage"))
+        extra = torch.zeros(len(names), dtype=torch.float32, device=self.device)
+        if names:
+            for i, name in enumerate(names):
+                if name in partial:
+                    extra[i] = partial[name].detach().float().reshape(())
+            dist.all_reduce(extra, group=pipe_group)
+        scaled = ds_internals.scale_loss_by_gas(self, torch.cat([summary[:1], extra]))
+        self.dp_group_loss = scaled[0].clone()
         if self.is_data_parallel:
-            dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
-            loss /= self.dp_world_size
-        return loss
+            dist.all_reduce(scaled, group=self.grid.get_data_parallel_group())
+            scaled /= self.dp_world_size
+        self.agg_additional_losses = (OrderedDict((name, scaled[1 + i].clone()) for i, name in enumerate(names))
+                                      if names else None)
+        return scaled[0].clone()
 
     def _exec_reduce_tied_grads(self):
         if self._plus:

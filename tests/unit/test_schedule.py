@@ -1,13 +1,12 @@
-"""The CheckFree+ schedule: routes, roles, completeness, and send/receive pairing with blocking sends."""
+"""The CheckFree+ schedule: routes, roles, completeness, the in-flight bound and the idealised step length (the
+blocking-send simulation of every depth and micro-batch count is in test_schedule_deadlock.py)."""
 from __future__ import annotations
 
-from collections import defaultdict
-
 import pytest
-from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicroBatch, OptimizerStep, RecvActivation,
-                                             RecvGrad, SendActivation, SendGrad)
+from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass, LoadMicroBatch, OptimizerStep, RecvActivation
 
-from deepspeed_checkfree.core.schedule import CheckFreePlusTrainSchedule, data_stages, role, route, route_hops
+from deepspeed_checkfree.core.schedule import (DURATION, CheckFreePlusTrainSchedule, data_stages, max_in_flight,
+                                               pass_clocks, role, route, route_hops)
 
 
 def test_routes_swap_the_edge_pairs_on_odd_micro_batches():
@@ -45,100 +44,73 @@ def _programs(stages, mbs):
 def test_every_micro_batch_visits_every_stage_once_forward_and_backward(stages, mbs):
     progs = _programs(stages, mbs)
     for s, prog in progs.items():
-        fwd = [c.buffer_id for c in prog if isinstance(c, ForwardPass)]
-        bwd = [c.buffer_id for c in prog if isinstance(c, BackwardPass)]
+        fwd = [c.micro_batch_id for c in prog if isinstance(c, ForwardPass)]
+        bwd = [c.micro_batch_id for c in prog if isinstance(c, BackwardPass)]
         assert sorted(fwd) == list(range(mbs)) and sorted(bwd) == list(range(mbs))
-        last_fwd = max(i for i, c in enumerate(prog) if isinstance(c, ForwardPass))
-        assert all(not isinstance(c, BackwardPass) for c in prog[:last_fwd]), "forwards precede backwards"
+        for mb in range(mbs):
+            f = next(i for i, c in enumerate(prog) if isinstance(c, ForwardPass) and c.micro_batch_id == mb)
+            b = next(i for i, c in enumerate(prog) if isinstance(c, BackwardPass) and c.micro_batch_id == mb)
+            assert f < b
         assert isinstance(prog[-1], OptimizerStep)
-        loads = [c.buffer_id for c in prog if isinstance(c, LoadMicroBatch)]
+        loads = [c.micro_batch_id for c in prog if isinstance(c, LoadMicroBatch)]
         assert loads == (list(range(mbs)) if s in data_stages(stages) else [])
 
 
-def simulate(progs, stages):
-    """Execute all ranks' programs with rendezvous semantics (a send completes only together with the matching
-    receive, as gloo's does). Returns the messages per (sender, receiver); raises AssertionError on a deadlock or a
-    mismatched pair."""
-    pc = {s: 0 for s in progs}
-    channel_log = defaultdict(list)
+def test_backwards_interleave_with_forwards_once_the_pipeline_is_full():
+    """1F1B, not GPipe: with many micro-batches, stage 0 runs its first backward long before its last forward."""
+    prog = _programs(6, 32)[0]
+    first_bwd = next(i for i, c in enumerate(prog) if isinstance(c, BackwardPass))
+    last_fwd = max(i for i, c in enumerate(prog) if isinstance(c, ForwardPass))
+    assert first_bwd < last_fwd
+    assert sum(isinstance(c, ForwardPass) for c in prog[:first_bwd]) == max_in_flight(0, 6, 32)
 
-    def comm(s):
-        c = progs[s][pc[s]]
-        r = role(s, c.buffer_id, stages) if hasattr(c, "buffer_id") else None
-        if isinstance(c, SendActivation):
-            return ("send", r.next_stage, "act", c.buffer_id)
-        if isinstance(c, RecvActivation):
-            return ("recv", r.prev_stage, "act", c.buffer_id)
-        if isinstance(c, SendGrad):
-            return ("send", r.prev_stage, "grad", c.buffer_id)
-        if isinstance(c, RecvGrad):
-            return ("recv", r.next_stage, "grad", c.buffer_id)
-        return None
 
-    while any(pc[s] < len(progs[s]) for s in progs):
-        progressed = False
-        for s in progs:
-            while pc[s] < len(progs[s]) and comm(s) is None:  # local work
-                pc[s] += 1
-                progressed = True
-        for s in progs:
-            if pc[s] >= len(progs[s]):
-                continue
-            op = comm(s)
-            if op is None or op[0] != "send":
-                continue
-            peer = op[1]
-            if pc[peer] < len(progs[peer]):
-                peer_op = comm(peer)
-                if peer_op and peer_op[0] == "recv" and peer_op[1] == s:
-                    assert peer_op[2:] == op[2:], f"stage {s} sends {op} while {peer} expects {peer_op}"
-                    channel_log[(s, peer)].append(op[2:])
-                    pc[s] += 1
-                    pc[peer] += 1
-                    progressed = True
-        assert progressed, f"deadlock: {[(s, comm(s)) for s in progs if pc[s] < len(progs[s])]}"
-    return channel_log
+@pytest.mark.parametrize("stages,expected", [(4, [4, 4, 2, 2]), (5, [7, 7, 4, 2, 2]), (6, [8, 8, 5, 4, 2, 2]),
+                                             (7, [9, 9, 6, 5, 4, 2, 2])])
+def test_the_in_flight_bound_per_stage(stages, expected):
+    assert [max_in_flight(s, stages, 64) for s in range(stages)] == expected
+    assert [max_in_flight(s, stages, 3) for s in range(stages)] == [min(3, e) for e in expected]
+    # DeepSpeed's 1F1B holds stages - stage_id: one more in the middle, two more on the first pair (none for 4).
+    assert max(expected) - stages == (0 if stages == 4 else 2)
+    assert all(expected[s] == stages - s + 1 for s in range(2, stages - 2))
 
 
 @pytest.mark.parametrize("stages", [4, 5, 6, 8])
-@pytest.mark.parametrize("mbs", [2, 3, 4, 8])
-def test_sends_and_receives_pair_up_and_cannot_deadlock_with_blocking_sends(stages, mbs):
-    channel_log = simulate(_programs(stages, mbs), stages)
-    for mb in range(mbs):
-        r = route(mb, stages)
-        for a, b in zip(r, r[1:]):
-            assert ("act", mb) in channel_log[(a, b)] and ("grad", mb) in channel_log[(b, a)]
+def test_buffers_do_not_grow_with_the_micro_batch_count(stages):
+    small = [CheckFreePlusTrainSchedule(16, stages, s).num_pipe_buffers() for s in range(stages)]
+    large = [CheckFreePlusTrainSchedule(64, stages, s).num_pipe_buffers() for s in range(stages)]
+    assert small == large
+    assert all(n <= max_in_flight(s, stages, 64) + 1 for s, n in enumerate(large))
 
 
-def test_the_simulator_detects_a_rank_that_walks_micro_batches_in_another_order():
-    progs = _programs(4, 4)
-    fwd_end = max(i for i, c in enumerate(progs[2]) if isinstance(c, SendActivation) or isinstance(c, ForwardPass))
-    head, tail = progs[2][:fwd_end + 1], progs[2][fwd_end + 1:]
-    progs[2] = list(reversed(head)) + tail  # stage 2 posts its micro-batches backwards
-    with pytest.raises(AssertionError, match="deadlock|expects"):
-        simulate(progs, 4)
+def test_instructions_name_their_micro_batch_and_a_slot_below_the_buffer_count():
+    for s in range(6):
+        sched = CheckFreePlusTrainSchedule(9, 6, s)
+        for c in [c for step in sched.steps() for c in step]:
+            if hasattr(c, "buffer_id"):
+                assert 0 <= c.micro_batch_id < 9
+                # A read-and-drop load (the stage neither embeds that micro-batch nor computes its loss) has none.
+                assert (c.buffer_id is None and isinstance(c, LoadMicroBatch)) or \
+                    0 <= c.buffer_id < sched.num_pipe_buffers()
 
 
-@pytest.mark.parametrize("stages", [4, 5, 6, 8])
-@pytest.mark.parametrize("mbs", [2, 3, 4, 8])
-def test_a_received_gradient_is_used_before_the_next_one_arrives(stages, mbs):
-    """The engine receives gradients into one reused buffer, so each must be consumed first."""
-    for prog in _programs(stages, mbs).values():
-        pending = None
-        for c in prog:
-            if isinstance(c, RecvGrad):
-                assert pending is None, f"gradient of micro-batch {pending} overwritten before its backward"
-                pending = c.buffer_id
-            elif isinstance(c, BackwardPass) and c.buffer_id == pending:
-                pending = None
-        assert pending is None
+def test_planned_step_length_is_within_four_clocks_of_deepspeeds_1f1b():
+    """On the plan's clocks (a forward one, a backward two) DeepSpeed's 1F1B takes 3 (M + P - 1)."""
+    for stages in range(4, 17):
+        for mbs in (2, 3, 8, 9, 32, 64):
+            clocks = max(t + DURATION[kind] for (kind, _, _), t in pass_clocks(mbs, stages).items())
+            stock = 3 * (mbs + stages - 1)
+            assert clocks <= stock + 4, (stages, mbs)
+            if stages == 4:
+                assert clocks <= stock
 
 
-def test_the_swapped_pair_computes_concurrently_on_the_first_two_stages():
-    """Stage 0 embeds micro-batch 0 while stage 1 embeds micro-batch 1: each rank's first pass needs no receive."""
+def test_the_swapped_pair_computes_concurrently_on_the_first_two_stages_of_four():
+    """With 4 stages the odd route permutes every position: stage 0 embeds micro-batch 0 while stage 1 embeds
+    micro-batch 1, so neither rank's first pass waits for a receive."""
     progs = _programs(4, 4)
     for s in (0, 1):
         first_pass = next(c for c in progs[s] if isinstance(c, ForwardPass))
         before = progs[s][:progs[s].index(first_pass)]
         assert not any(isinstance(c, RecvActivation) for c in before)
-        assert first_pass.buffer_id == s
+        assert first_pass.micro_batch_id == s
