@@ -64,15 +64,13 @@ def _stage_parts(params: dict):
     return oracle.stage_parts(params, EMBED_KEY, HEAD_KEY)
 
 
-def _reference_run(recs, num_stages, steps):
-    """Train the same model in one process, routing micro-batches exactly as CheckFree+ does; returns the losses,
-    the trained modules, and per step each stage's gradient norm (its blocks, plus the embedding on stages 0 and 1
-    and the head on stages P-2 and P-1: each replica's gradient is the sum over both copies, as the reference's)."""
-    torch.manual_seed(0)
+def reference_model(recs, num_stages):
+    """The demo GPT as standalone modules, initialised from every stage's recorded initial parameters: the
+    embedding (stage 0), each stage's blocks, the head (stage P-1), and all their parameters in that order."""
     embed, head = gpt.Embedding(MODEL), gpt.Head(MODEL)
     stages = []
     for s in range(num_stages):
-        emb_p, block_ps, head_p = _stage_parts(recs[s]["initial_params"])
+        emb_p, block_ps, head_p = oracle.stage_parts(recs[s]["initial_params"], EMBED_KEY, HEAD_KEY)
         if s == 0:
             embed.load_state_dict(emb_p)
         if s == num_stages - 1:
@@ -85,6 +83,15 @@ def _reference_run(recs, num_stages, steps):
         stages.append(blocks)
     params = list(embed.parameters()) + [p for st in stages for b in st for p in b.parameters()] + \
         list(head.parameters())
+    return embed, stages, head, params
+
+
+def _reference_run(recs, num_stages, steps):
+    """Train the same model in one process, routing micro-batches exactly as CheckFree+ does; returns the losses,
+    the trained modules, and per step each stage's gradient norm (its blocks, plus the embedding on stages 0 and 1
+    and the head on stages P-2 and P-1: each replica's gradient is the sum over both copies, as the reference's)."""
+    torch.manual_seed(0)
+    embed, stages, head, params = reference_model(recs, num_stages)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     batches = StepBatches(load_corpus(), seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
                           micro_batches=MICRO_BATCHES)

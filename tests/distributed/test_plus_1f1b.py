@@ -15,6 +15,7 @@ from deepspeed_checkfree.pipe.plus_module import EMBED_KEY, HEAD_KEY
 
 from ..harness import oracle
 from ..harness.ranks import run_scenarios
+from .test_plus import reference_model
 from ..harness.scenarios import LR, MICRO_BATCH, MODEL, plus
 
 pytestmark = pytest.mark.distributed
@@ -54,22 +55,7 @@ def _stage_parts(params: dict):
 def _reference(recs, num_stages, micro_batches, steps):
     """Train the same model in one process, every micro-batch on its CheckFree+ route, in micro-batch order.
     Returns per-step mean losses and mean squared logits, and the final embedding, stages and head."""
-    embed, head = gpt.Embedding(MODEL), gpt.Head(MODEL)
-    stages = []
-    for s in range(num_stages):
-        emb_p, block_ps, head_p = _stage_parts(recs[s]["initial_params"])
-        if s == 0:
-            embed.load_state_dict(emb_p)
-        if s == num_stages - 1:
-            head.load_state_dict(head_p)
-        blocks = []
-        for bp in block_ps:
-            b = gpt.Block(MODEL)
-            b.load_state_dict(bp)
-            blocks.append(b)
-        stages.append(blocks)
-    params = list(embed.parameters()) + [p for st in stages for b in st for p in b.parameters()] + \
-        list(head.parameters())
+    embed, stages, head, params = reference_model(recs, num_stages)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     batches = StepBatches(load_corpus(), seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
                           micro_batches=micro_batches)
