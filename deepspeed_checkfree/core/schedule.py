@@ -101,11 +101,16 @@ def _period_offsets(num_stages: int) -> Tuple[Tuple[List[int], List[int]], Tuple
     C = 3P + 4 and the odd micro-batch's backward three clocks before the even one's; the two micro-batches of a
     pair cross each edge pair side by side (stage P-2 runs one while P-1 runs the other), and every message has a
     clock between its production and its consumption where both ends are between passes, so a blocking send never
-    waits for a pass to end. P = 4, where the odd route moves every stage, runs both micro-batches of a pair at once.
+    waits for a pass to end. P = 4, where the odd route moves every stage, runs both micro-batches of a pair at once;
+    P = 5 has its own table (see :func:`max_in_flight`).
     """
     P = num_stages
     if P == 4:
         return ([0, 1, 2, 3], [0, 1, 2, 3]), ([10, 8, 6, 4], [10, 8, 6, 4])
+    if P == 5:
+        # One middle stage: it takes the two micro-batches of a pair on adjacent clocks, so neither edge pair
+        # needs the three-clock shift (found by the same search; W = 6 on the first pair instead of P + 2 = 7).
+        return ([0, 1, 2, 4, 5], [0, 1, 3, 4, 5]), ([16, 14, 10, 8, 6], [16, 14, 12, 8, 6])
     C = 3 * P + 4
     fwd0 = list(range(P - 2)) + [P + 1, P + 2]
     fwd1 = [0, 1] + [p + 3 for p in range(2, P - 2)] + [P + 1, P + 2]
@@ -157,27 +162,39 @@ def pass_clocks(micro_batches: int, num_stages: int) -> Mapping[Pass, int]:
 
 
 def max_in_flight(stage_id: int, num_stages: int, micro_batches: int) -> int:
-    """The most micro-batches whose activations ``stage_id`` holds at once (forward done, backward not yet).
+    """The most micro-batches whose activations ``stage_id`` holds at once (forward done, backward not yet), exactly.
 
-    ``min(micro_batches, W)`` with W, for P = ``num_stages``:
+    ``min(micro_batches, W)`` with W, for P = ``num_stages`` (DeepSpeed's 1F1B holds ``P - s``):
 
-    ====================  =======  ==========
-    stage                 P = 4    P >= 5
-    ====================  =======  ==========
-    0 and 1               4        P + 2
-    2 <= s <= P - 3       -        P - s + 1
-    P - 2 and P - 1       2        2
-    ====================  =======  ==========
+    ====================  =======  =======  ==========
+    stage                 P = 4    P = 5    P >= 6
+    ====================  =======  =======  ==========
+    0 and 1               4        6        P + 2
+    2 <= s <= P - 3       -        4        P - s + 1
+    P - 2 and P - 1       2        2        2
+    ====================  =======  =======  ==========
 
-    DeepSpeed's 1F1B holds P - s. In the middle a backward runs one micro-batch (three clocks) later on average,
-    the price of the edge pairs' side-by-side crossing; the first pair holds two more because it runs both
-    positions 0 and 1 and waits for its gradients in turn. The most on any stage is P + 2 against P (P = 4: 4).
+    One exception: for an odd P >= 7 with exactly P + 2 micro-batches the first pair holds P + 1 (the drain
+    starts before the last forward would need the slot). ``tests/unit/test_schedule_deadlock.py`` checks the value
+    exactly for every P 4..16 and micro-batch count 2..64.
+
+    Why the first pair holds P + 2 for P >= 6, and why no schedule of this kind holds less (derived by exhaustive
+    search, ``tests/unit/test_schedule_bound.py``): in a steady state at 1F1B's throughput every stage is busy all
+    six clocks of a pair, so each stage's four passes tile them. A middle stage can do so without waiting only if
+    micro-batches reach it every three clocks (its tiling must survive the three-clock shift between neighbours),
+    while each edge pair runs both positions; moving between the two costs waits, at least six clocks per pair of
+    micro-batches at the last pair alone, and every such wait lengthens the lifetime of that micro-batch on stages
+    0 and 1. Over all period-6 plans the fewest total waits is 12 and the smallest ``max(W_0, W_1)`` is P + 2
+    (plans with W_0 = P + 1 exist, but then W_1 = P + 2). Only P = 5, whose single middle stage may take a pair on
+    adjacent clocks, gets P + 1 (P = 4 has no middle: P).
     """
     P, s = num_stages, stage_id
     if P == 4:
         bound = (4, 4, 2, 2)[s]
+    elif P == 5:
+        bound = (6, 6, 4, 2, 2)[s]
     elif s in (0, 1):
-        bound = P + 2
+        bound = P + 1 if (P % 2 == 1 and micro_batches == P + 2) else P + 2
     elif s <= P - 3:
         bound = P - s + 1
     else:
@@ -295,11 +312,12 @@ class CheckFreePlusTrainSchedule(PipeSchedule):
     """Training schedule with CheckFree+ routes, in DeepSpeed's 1F1B memory class.
 
     Stage s holds the activations of at most :func:`max_in_flight` micro-batches whatever the micro-batch count
-    (P + 2 on stages 0 and 1, P - s + 1 in the middle, 2 on the last pair; P = 4: 4, 4, 2, 2; DeepSpeed's 1F1B:
-    P - s) and uses :meth:`num_pipe_buffers` buffers, at most one more (where a gradient waits to be sent). On the
-    plan's clocks a step takes at most four clocks more than DeepSpeed's ``3 (M + P - 1)`` (none for P = 4); run
-    with blocking sends on an ideal pipeline it takes as long as 1F1B for an even P, a few percent more for an odd
-    one (``tests/unit/test_schedule_timing.py``). ``buffer_id`` is a slot; ``micro_batch_id`` names the
+    (exactly ``min(M, W)``: W = P + 2 on stages 0 and 1, P - s + 1 in the middle, 2 on the last pair for P >= 6;
+    P = 4: 4, 4, 2, 2; P = 5: 6, 6, 4, 2, 2; DeepSpeed's 1F1B: P - s; the first pair's P + 2 is the least any
+    period-6 plan at 1F1B's throughput achieves) and uses :meth:`num_pipe_buffers` buffers, at most one more (where
+    a gradient waits to be sent). On the plan's clocks a step takes at most four clocks more than DeepSpeed's
+    ``3 (M + P - 1)`` (none for P = 4 and 5); run with blocking sends on an ideal pipeline it takes as long as 1F1B
+    for P = 5 and every even P, a few percent more for an odd P >= 7 (``tests/unit/test_schedule_timing.py``). ``buffer_id`` is a slot; ``micro_batch_id`` names the
     micro-batch, whose route the engine looks up with :func:`role`.
     """
 

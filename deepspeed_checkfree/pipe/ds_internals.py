@@ -32,8 +32,10 @@ ENGINE_METHODS: Dict[str, tuple] = {
     "_reserve_pipe_buffers": ("self", "num_buffers"),      # called
     "_scale_loss_by_gas": ("self", "prescaled_loss", "eval_micro_batches"),  # called
 }
-# PipelineEngine attributes the CheckFree+ routing reads and writes between instructions (per peer, not per engine).
-ENGINE_ATTRIBUTES = ("first_output_send", "pipe_recv_buf", "_INSTRUCTION_MAP")
+# PipelineEngine attributes the CheckFree+ routing reads and writes between instructions (the activation metadata and
+# receive buffer per peer, the buffer slots, the losses of the two loss ranks) and the dispatch table.
+ENGINE_ATTRIBUTES = ("first_output_send", "pipe_recv_buf", "_INSTRUCTION_MAP", "pipe_buffers", "fwd_outputs", "loss",
+                     "total_loss", "dp_group_loss", "total_additional_losses", "agg_additional_losses")
 # PipelineModule: CheckFreePlusPipelineModule overrides/calls these; stage_layers reads the layout attributes.
 MODULE_METHODS: Dict[str, tuple] = {"_partition_layers": ("self", "method"), "_set_bounds": ("self", "start", "stop")}
 MODULE_ATTRIBUTES = ("_local_start", "_local_stop", "_layer_specs", "_modules", "_topo")
@@ -52,6 +54,11 @@ def run_instruction(engine: PipelineEngine, cmd: Any) -> None:
 
 def reserve_pipe_buffers(engine: PipelineEngine, num_buffers: int) -> None:
     engine._reserve_pipe_buffers(num_buffers)
+
+
+def drop_outputs(engine: PipelineEngine, buffer_id: int) -> None:
+    """Free the forward outputs (and with them the autograd graph) held in slot ``buffer_id``."""
+    engine.pipe_buffers["outputs"][buffer_id] = None
 
 
 def scale_loss_by_gas(engine: PipelineEngine, loss: torch.Tensor) -> torch.Tensor:

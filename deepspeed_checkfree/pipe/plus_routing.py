@@ -146,7 +146,7 @@ class PlusRouting:
         elif kind is schedule.BackwardPass and self._role.is_last:
             # DeepSpeed frees a pass's outputs after its backward except where the loss is computed; here that
             # slot is reused by another micro-batch, so drop the head's outputs now instead of at the overwrite.
-            self.pipe_buffers["outputs"][cmd.buffer_id] = None
+            ds_internals.drop_outputs(self, cmd.buffer_id)
 
     def _additional_loss_names(self) -> List[str]:
         # The loss ranks accumulated them during the forwards; the others ask their module, exactly as the stock

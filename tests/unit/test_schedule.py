@@ -65,14 +65,21 @@ def test_backwards_interleave_with_forwards_once_the_pipeline_is_full():
     assert sum(isinstance(c, ForwardPass) for c in prog[:first_bwd]) == max_in_flight(0, 6, 32)
 
 
-@pytest.mark.parametrize("stages,expected", [(4, [4, 4, 2, 2]), (5, [7, 7, 4, 2, 2]), (6, [8, 8, 5, 4, 2, 2]),
+@pytest.mark.parametrize("stages,expected", [(4, [4, 4, 2, 2]), (5, [6, 6, 4, 2, 2]), (6, [8, 8, 5, 4, 2, 2]),
                                              (7, [9, 9, 6, 5, 4, 2, 2])])
 def test_the_in_flight_bound_per_stage(stages, expected):
     assert [max_in_flight(s, stages, 64) for s in range(stages)] == expected
     assert [max_in_flight(s, stages, 3) for s in range(stages)] == [min(3, e) for e in expected]
-    # DeepSpeed's 1F1B holds stages - stage_id: one more in the middle, two more on the first pair (none for 4).
-    assert max(expected) - stages == (0 if stages == 4 else 2)
+    # DeepSpeed's 1F1B holds stages - stage_id: one more in the middle, on the first pair none for 4 stages, one
+    # for 5 and two from 6 on.
+    assert max(expected) - stages == {4: 0, 5: 1}.get(stages, 2)
     assert all(expected[s] == stages - s + 1 for s in range(2, stages - 2))
+
+
+def test_an_odd_depth_with_two_more_micro_batches_than_stages_holds_one_less_on_the_first_pair():
+    assert [max_in_flight(s, 7, 9) for s in (0, 1)] == [8, 8]
+    assert [max_in_flight(s, 7, 10) for s in (0, 1)] == [9, 9]
+    assert [max_in_flight(s, 6, 8) for s in (0, 1)] == [8, 8]
 
 
 @pytest.mark.parametrize("stages", [4, 5, 6, 8])

@@ -78,9 +78,9 @@ def passes(forward: float = 1.0, backward: float = 2.0, head: float = 0.0, plus:
 def test_step_time_is_that_of_1f1b_on_an_ideal_pipeline(stages, mbs):
     stock = step_time(stock_programs(stages, mbs), passes(stages=stages))
     plus = step_time(plus_programs(stages, mbs), passes(plus=True, stages=stages))
-    # Even depths tie 1F1B exactly (4 stages beat it); an odd depth's first pair waits three clocks per pair
-    # for a gradient, which the drain does not fully hide.
-    assert plus / stock <= (1.0 + 1e-9 if stages % 2 == 0 else 1.06), plus / stock
+    # Even depths and 5 tie 1F1B exactly (4 stages beat it); at an odd depth >= 7 the first pair waits three clocks
+    # per pair for a gradient, which the drain does not fully hide.
+    assert plus / stock <= (1.0 + 1e-9 if stages % 2 == 0 or stages == 5 else 1.06), plus / stock
 
 
 @pytest.mark.parametrize("stages", [4, 5, 6, 8])
