@@ -6,7 +6,8 @@ The driver starts the stock `deepspeed` launcher once per depth (4 and 6 stages)
 (same model, same initial weights) and, for 8 and then 32 micro-batches, times rounds of one step of each engine in
 alternating order on the same batches. Memory is one step's peak above the rank's memory just before it: VmHWM
 after resetting it (/proc/self/clear_refs) minus RSS on CPU, with glibc's mmap threshold fixed so freed tensors
-leave RSS; max_memory_allocated minus memory_allocated on GPU. Writes per-stage medians and ratios as JSON.
+leave RSS; max_memory_allocated minus memory_allocated on GPU. Writes per-stage medians and ratios as JSON, with
+the micro-batches of activations each stage holds (exact for both schedules) and the memory per held micro-batch.
 """
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ def driver(args: argparse.Namespace) -> None:
             print(f"{stages:>6}  {mbs:>13}  {r['max_peak_mib']['stock']:>10.1f} / {r['max_peak_mib']['plus']:<8.1f}"
                   f"                {r['memory_ratio']:>12.3f}  {r['median_step_s']['stock']:.3f} / "
                   f"{r['median_step_s']['plus']:.3f}       {r['median_time_ratio']:.3f}")
+    print("per stage: peak MiB (micro-batches held)")
+    for stages, res in results.items():
+        for mbs, r in res["by_micro_batches"].items():
+            for k in ("stock", "plus"):
+                cells = "  ".join(f"{m:7.1f} ({h})" for m, h in zip(r["peak_mib_per_stage"][k],
+                                                                 r["held_micro_batches_per_stage"][k]))
+                print(f"{stages:>6}  {mbs:>3}  {k:<5}  {cells}")
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -70,6 +78,7 @@ def rank_main(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import deepspeed_checkfree  # noqa: F401  (registers the engine)
+    from deepspeed_checkfree.core.schedule import max_in_flight
     from deepspeed_checkfree.models import gpt
     from deepspeed_checkfree.models.corpus import StepBatches, load_corpus
 
@@ -140,8 +149,13 @@ def rank_main(args: argparse.Namespace) -> None:
         dist.all_gather(gathered, med_peak)
         mib = {k: [round(float(g[i]) / 2**20, 2) for g in gathered] for i, k in enumerate(("stock", "plus"))}
         ratios = [p / s for p, s in zip(times["plus"], times["stock"])]
+        # What dominates each stage's peak: the micro-batches whose activations it holds (stock 1F1B: P - s, and
+        # CheckFree+: max_in_flight, both exact) times the memory of one of them there.
+        held = {"stock": [min(mbs, stages - s) for s in range(stages)],
+                "plus": [max_in_flight(s, stages, mbs) for s in range(stages)]}
         out["by_micro_batches"][str(mbs)] = {
-            "rounds": args.rounds, "peak_mib_per_stage": mib,
+            "rounds": args.rounds, "peak_mib_per_stage": mib, "held_micro_batches_per_stage": held,
+            "mib_per_held_micro_batch": {k: [round(m / h, 2) for m, h in zip(mib[k], held[k])] for k in mib},
             "max_peak_mib": {k: max(v) for k, v in mib.items()},
             "memory_ratio": round(max(mib["plus"]) / max(mib["stock"]), 3),
             "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
