@@ -130,6 +130,7 @@ class EtcdEndpoints:
         self.current = 0
         self.auth_lock = threading.Lock()
         self.authenticated = False
+        self.authentications = 0  # how many auth tokens this client got (a new one after each expiry)
 
     def names(self) -> str:
         return self.url.endpoint_names()
@@ -207,6 +208,8 @@ class EtcdEndpoints:
                             auth=False)
             self.session.headers["Authorization"] = out["token"]
             self.authenticated = True
+            self.authentications += 1
+            logger.debug("etcd user %s authenticated at %s (token %d)", self.username, self.url, self.authentications)
 
     def txn(self, compare: Sequence[dict], success: Sequence[dict], failure: Sequence[dict],
             deadline: float) -> Dict[str, Any]:

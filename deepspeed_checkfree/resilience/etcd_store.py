@@ -107,10 +107,10 @@ class EtcdStore(dist.Store):
             found += [int(r["response_range"].get("count", 0)) > 0 for r in out.get("responses", [])]
         return found
 
-    def _wait(self, keys: Sequence[str], timeout: Optional[timedelta]) -> None:
+    def _wait(self, keys: Sequence[str], timeout: Optional[timedelta], deadline: Optional[float] = None) -> None:
         encoded = [self._key(k) for k in keys]
         wait_s = (self.timeout if timeout is None else timeout).total_seconds()
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + wait_s if deadline is None else deadline
         pause = POLL_FIRST_S
         while True:
             present = self._present(encoded, deadline)
@@ -174,11 +174,12 @@ class EtcdStore(dist.Store):
             StoreUnreachable: no etcd endpoint answered within the timeout.
         """
         deadline = self._deadline()
-        record = self._range(self._key(key), deadline)
-        if record is None:
-            self._wait([key], timedelta(seconds=max(0.0, deadline - time.monotonic())))
+        while True:
             record = self._range(self._key(key), deadline)
-        return unb64(record.get("value", "")) if record else b""
+            if record is not None:
+                return unb64(record.get("value", ""))
+            # (a key deleted between the wait and the read is waited for again)
+            self._wait([key], self.timeout, deadline)
 
     def add(self, key: str, amount: int) -> int:
         """Add ``amount`` to the integer at ``key`` (0 when unset), atomically; return the new value."""

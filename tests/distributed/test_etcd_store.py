@@ -210,7 +210,8 @@ def test_an_unreachable_cluster_raises_a_clear_error_within_the_timeout(new_etcd
 
 
 def test_with_etcd_auth_only_holders_of_the_token_reach_the_jobs_keys(new_etcd_cluster):
-    cluster = new_etcd_cluster(members=1)
+    # A 1 s auth-token TTL, so the test also sees the store get a new token when its old one expired.
+    cluster = new_etcd_cluster(members=1, extra_args=("--auth-token-ttl", "1"))
     token, other = fresh_token(), fresh_token()
     enable_auth(cluster.url, "root-pw")
     for t in (token, other):
@@ -218,6 +219,9 @@ def test_with_etcd_auth_only_holders_of_the_token_reach_the_jobs_keys(new_etcd_c
     job = store_on(cluster, token, token_auth=True)
     job.set("secret", "s")
     assert job.get("secret") == b"s" and job.add("n", 2) == 2 and job.delete_prefix("n") == 1
+    assert job.etcd.authentications == 1
+    time.sleep(2.5)  # past the TTL: etcd has dropped the token
+    assert job.get("secret") == b"s" and job.etcd.authentications == 2
     with pytest.raises(StoreAccessDenied, match="user name is empty"):
         store_on(cluster, token).get("secret")  # the right token but no etcd user: auth is on
     with pytest.raises(StoreAccessDenied, match="authentication failed"):
