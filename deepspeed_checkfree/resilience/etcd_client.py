@@ -91,7 +91,8 @@ class EtcdEndpoints:
 
     Args:
         url: the parsed store URL (``etcds://`` for TLS).
-        ca_cert: PEM file of the CA that signed etcd's server certificates (TLS; default: the system's CAs).
+        ca_cert: PEM file of the CA that signed etcd's server certificates (TLS; default: certifi's CAs; the
+            environment's CA bundle and proxy variables are ignored).
         client_cert, client_key: PEM files of this client's certificate and key, for etcd started with
             ``--client-cert-auth`` (TLS).
         username, password: an etcd user, for etcd with authentication enabled (``etcdctl auth enable``).
@@ -119,6 +120,9 @@ class EtcdEndpoints:
         self.url = url
         self.exceptions = etcd3gw.exceptions
         self.session = requests.Session()
+        # Not from the environment: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override ``ca_cert`` (its
+        # issue 3829), and a cluster-internal etcd must not be reached through $HTTPS_PROXY.
+        self.session.trust_env = False
         if ca_cert:
             self.session.verify = ca_cert
         if client_cert:

@@ -41,7 +41,8 @@ class EtcdStore(dist.Store):
             member: a request fails over to the next when one does not answer.
         token: the job token (``$CHECKFREE_JOB_TOKEN``).
         timeout: how long ``get``/``wait`` wait for keys, and how long any call retries while no endpoint answers.
-        ca_cert: PEM file of the CA of etcd's server certificates (TLS; default: the system's CAs).
+        ca_cert: PEM file of the CA of etcd's server certificates (TLS; default: certifi's CAs; the environment's
+            ``REQUESTS_CA_BUNDLE`` and proxy variables are ignored).
         client_cert, client_key: this process's certificate and key, for etcd with ``--client-cert-auth``.
         username, password: an etcd user, for etcd with authentication enabled.
         token_auth: authenticate as the job's own user, whose name and password derive from the token; an

@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from deepspeed_checkfree.core.rejoin import MemberInfo
+from deepspeed_checkfree.errors import CheckFreeError
 from deepspeed_checkfree.resilience.etcd_access import enable_auth, grant_job_access
 from deepspeed_checkfree.resilience.etcd_client import EtcdEndpoints, b64, prefix_end, unb64
 from deepspeed_checkfree.resilience.etcd_store import (EtcdStore, StoreAccessDenied, StoreKeyTimeout,
                                                        StoreUnreachable)
+from deepspeed_checkfree.resilience.membership import Membership, request_join, review_join_requests
 from deepspeed_checkfree.resilience.store_address import (etcd_job_password, etcd_job_user, etcd_key_prefix,
                                                           parse_store_url)
 
-from ..harness.etcd import etcd_cluster, new_etcd_cluster  # noqa: F401 (fixtures)
+from ..harness.etcd import TLSFiles, etcd_cluster, new_etcd_cluster  # noqa: F401 (fixtures)
 from ..harness.ports import reserve_ports
 from ..harness.ranks import run_ranks
 
@@ -233,3 +236,43 @@ def test_with_etcd_auth_only_holders_of_the_token_reach_the_jobs_keys(new_etcd_c
     with pytest.raises(StoreAccessDenied, match="permission denied"):
         intruder.post("kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}, time.monotonic() + 5)
     assert store_on(cluster, other, token_auth=True).num_keys() == 0
+
+
+def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
+    """The supervisor's Membership and join admission, over EtcdStore instead of the embedded TCPStore."""
+    token = fresh_token()
+    stores = [store_on(etcd_cluster, token) for _ in range(2)]
+    members = [Membership(s, token, rank, 2, join_timeout_s=10) for rank, s in enumerate(stores)]
+    infos = [MemberInfo(rank=r, fresh=True, completed_steps=0, incarnation=0, pid=100 + r) for r in range(2)]
+    threading.Thread(target=members[1].arrive, args=(0, infos[1])).start()
+    assert members[0].arrive(0, infos[0]) == {0: infos[0], 1: infos[1]}
+    assert members[1].last_generation() == 0
+    members[0].record("note", {"a": 1})
+    assert members[1].fact("note") == {"a": 1}
+    for m in members:
+        m.finish()
+    assert members[0].finished() == 2
+    joiner = threading.Thread(target=request_join, args=(stores[1], token, 1, 10))
+    joiner.start()
+    deadline = time.monotonic() + 10
+    reviewed, decided = 0, []
+    while not decided and time.monotonic() < deadline:
+        reviewed, decided = review_join_requests(stores[0], token, 2, reviewed)
+    joiner.join(10)
+    assert [(d[0]["rank"], d[1]) for d in decided] == [(1, True)]
+
+
+def test_over_tls_the_store_needs_the_ca_and_a_client_certificate(new_etcd_cluster, tmp_path):
+    tls = TLSFiles(tmp_path / "tls")
+    cluster = new_etcd_cluster(members=1, tls=tls)
+    assert cluster.url.startswith("etcds://")
+    store = store_on(cluster, ca_cert=str(tls.ca_cert), client_cert=str(tls.client_cert),
+                     client_key=str(tls.client_key))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    with pytest.raises(StoreUnreachable, match="TLS"):  # no client certificate: etcd ends the handshake
+        store_on(cluster, timeout_s=0.5, ca_cert=str(tls.ca_cert)).get("k")
+    with pytest.raises(StoreUnreachable, match="TLS certificate verification failed"):  # not our CA: certifi's
+        store_on(cluster, timeout_s=0.5, client_cert=str(tls.client_cert), client_key=str(tls.client_key)).get("k")
+    with pytest.raises(CheckFreeError, match="plain HTTP: write etcds://"):
+        EtcdStore(cluster.url.replace("etcds://", "etcd://"), fresh_token(), ca_cert=str(tls.ca_cert))

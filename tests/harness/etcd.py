@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -40,7 +41,8 @@ class EtcdCluster:
         client_ports: each member's client port on 127.0.0.1, in member order.
     """
 
-    def __init__(self, root: Path, members: int = 3, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, members: int = 3, extra_args: Sequence[str] = (),
+                 tls: Optional["TLSFiles"] = None) -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError(f"no etcd binary on PATH: {INSTALL_HINT}")
@@ -53,6 +55,8 @@ class EtcdCluster:
         self.procs: List[Optional[subprocess.Popen]] = [None] * members
         self.logs = [root / f"m{i}.log" for i in range(members)]
         self.cluster_token = f"checkfree-test-{self.ports.port}"
+        self.tls = tls  # clients must then use https and present a certificate the test CA signed
+        self.scheme = "https" if tls else "http"
 
     @property
     def endpoints(self) -> List[str]:
@@ -60,16 +64,18 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        return "etcd://" + ",".join(self.endpoints)
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
     def _command(self, i: int) -> List[str]:
         peers = ",".join(f"m{j}=http://127.0.0.1:{p}" for j, p in enumerate(self.peer_ports))
-        client, peer = f"http://127.0.0.1:{self.client_ports[i]}", f"http://127.0.0.1:{self.peer_ports[i]}"
+        client, peer = f"{self.scheme}://127.0.0.1:{self.client_ports[i]}", f"http://127.0.0.1:{self.peer_ports[i]}"
+        tls = ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key), "--client-cert-auth",
+               "--trusted-ca-file", str(self.tls.ca_cert)] if self.tls else []
         return [self.binary, "--name", f"m{i}", "--data-dir", str(self.root / f"m{i}.etcd"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", peers, "--initial-cluster-token", self.cluster_token,
-                "--initial-cluster-state", "new", *TEST_FLAGS, *self.extra_args]
+                "--initial-cluster-state", "new", *TEST_FLAGS, *tls, *self.extra_args]
 
     def start_member(self, i: int) -> None:
         """Start (or restart, on its existing data directory) member ``i``."""
@@ -85,18 +91,25 @@ class EtcdCluster:
         self.wait_healthy(timeout_s)
         return self
 
+    def _open(self, request, timeout: float):
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_cert))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
+        return urllib.request.urlopen(request, timeout=timeout, context=context)
+
     def healthy(self, i: int) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_ports[i]}/health", timeout=1) as r:
+            with self._open(f"{self.scheme}://127.0.0.1:{self.client_ports[i]}/health", timeout=1) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
 
     def status(self, i: int) -> dict:
         """Member ``i``'s status (its ``leader`` and own ``header.member_id``) from the v3 gateway."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.client_ports[i]}/v3/maintenance/status", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=2) as r:
+        req = urllib.request.Request(f"{self.scheme}://127.0.0.1:{self.client_ports[i]}/v3/maintenance/status",
+                                     data=b"{}", headers={"Content-Type": "application/json"})
+        with self._open(req, timeout=2) as r:
             return json.loads(r.read())
 
     def leader(self) -> int:
@@ -148,6 +161,29 @@ class EtcdCluster:
         assert not left, f"etcd processes left running: {[p.pid for p in left]}"
 
 
+class TLSFiles:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca_cert, ca_key = root / "ca.pem", root / "ca.key"
+        self.server_cert, self.server_key = root / "server.pem", root / "server.key"
+        self.client_cert, self.client_key = root / "client.pem", root / "client.key"
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        self._run(["req", "-x509", *key, "-keyout", ca_key, "-out", self.ca_cert, "-days", "1", "-subj", "/CN=test-ca"])
+        for cert, cert_key, name, usage in ((self.server_cert, self.server_key, "127.0.0.1", "serverAuth,clientAuth"),
+                                           (self.client_cert, self.client_key, "checkfree-test-client", "clientAuth")):
+            csr, ext = root / f"{name}.csr", root / f"{name}.ext"
+            ext.write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+            self._run(["req", *key, "-keyout", cert_key, "-out", csr, "-subj", f"/CN={name}"])
+            self._run(["x509", "-req", "-in", csr, "-CA", self.ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+                       "-out", cert, "-days", "1", "-extfile", ext])
+
+    @staticmethod
+    def _run(args: list) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+
 def _require_binary() -> None:
     if etcd_binary() is None:
         if os.environ.get("CI") == "true":
@@ -168,14 +204,14 @@ def etcd_cluster(tmp_path_factory) -> Iterator[EtcdCluster]:
 
 @pytest.fixture
 def new_etcd_cluster(tmp_path) -> Iterator:
-    """A factory of clusters owned by one test (to kill members of): ``new_etcd_cluster(members=3)``."""
+    """A factory of clusters owned by one test (to kill members of): ``new_etcd_cluster(members=3, tls=None)``."""
     _require_binary()
     made: List[EtcdCluster] = []
 
-    def make(members: int = 3, extra_args: Sequence[str] = ()) -> EtcdCluster:
+    def make(members: int = 3, extra_args: Sequence[str] = (), tls: Optional[TLSFiles] = None) -> EtcdCluster:
         root = tmp_path / f"etcd{len(made)}"
         root.mkdir()
-        made.append(EtcdCluster(root, members, extra_args))
+        made.append(EtcdCluster(root, members, extra_args, tls))
         return made[-1].start()
 
     try:
