@@ -17,6 +17,8 @@ setup(
                     # megatron-core ships only megatron.core; Megatron-LM's megatron.training (from a checkout) also
                     # imports six and regex (pyyaml is required above; pydantic comes with deepspeed).
                     "megatron": ["megatron-core==0.16.1", "psutil", "six", "regex"],
-                    "experiment": ["matplotlib"]},
+                    "experiment": ["matplotlib"],
+                    # The job's store in etcd (resilience/etcd_store.py): etcd's v3 gRPC JSON gateway client.
+                    "etcd": ["etcd3gw==2.7.0"]},
     entry_points={"console_scripts": ["checkfree=deepspeed_checkfree.cli:main"]},
 )

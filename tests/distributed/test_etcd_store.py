@@ -1,0 +1,278 @@
+"""The etcd job store against a real 3-member etcd cluster on loopback: c10d semantics (checked against
+TCPStore's), atomic counters from several processes, a gloo rendezvous and all_reduce on it, isolation between
+job tokens, one member killed (the store keeps working, a rendezvous still forms), every member stopped (a clear
+error within the timeout), and etcd's users and roles keeping a job's keys to holders of its token.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from deepspeed_checkfree.core.rejoin import MemberInfo
+from deepspeed_checkfree.errors import CheckFreeError
+from deepspeed_checkfree.resilience.etcd_access import enable_auth, grant_job_access
+from deepspeed_checkfree.resilience.etcd_client import EtcdEndpoints, b64, prefix_end, unb64
+from deepspeed_checkfree.resilience.etcd_store import (EtcdStore, StoreAccessDenied, StoreKeyTimeout,
+                                                       StoreUnreachable)
+from deepspeed_checkfree.resilience.membership import Membership, request_join, review_join_requests
+from deepspeed_checkfree.resilience.store_address import (etcd_job_password, etcd_job_user, etcd_key_prefix,
+                                                          parse_store_url)
+
+from ..harness.etcd import TLSFiles, etcd_cluster, new_etcd_cluster  # noqa: F401 (fixtures)
+from ..harness.ports import reserve_ports
+from ..harness.ranks import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("etcd_store_worker.py")
+BACKEND = "gloo"  # the tests choose the backend; the library never does
+
+
+def fresh_token() -> str:
+    return uuid.uuid4().hex
+
+
+def store_on(cluster, token=None, timeout_s: float = 10.0, **kw) -> EtcdStore:
+    return EtcdStore(cluster.url, token or fresh_token(), timeout=timedelta(seconds=timeout_s), **kw)
+
+
+def read_ranks(out: Path, world_size: int) -> list:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def test_values_are_binary_safe_and_get_waits_until_the_key_is_set(etcd_cluster):
+    store = store_on(etcd_cluster)
+    store.set("bytes", b"\x00\xff\x80 gloo address")
+    assert store.get("bytes") == b"\x00\xff\x80 gloo address"
+    store.set("text", "é")
+    assert store.get("text") == "é".encode()
+    writer = store.clone()
+    threading.Timer(0.5, writer.set, args=("late", b"v")).start()
+    t0 = time.monotonic()
+    assert store.get("late") == b"v"
+    assert 0.4 < time.monotonic() - t0 < 3
+
+
+def test_get_of_a_key_nobody_sets_times_out_naming_the_key_and_the_endpoints(etcd_cluster):
+    store = store_on(etcd_cluster, timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(StoreKeyTimeout) as err:
+        store.get("never/set")
+    assert 0.9 < time.monotonic() - t0 < 2.5
+    assert "'never/set'" in str(err.value) and etcd_cluster.endpoints[0] in str(err.value)
+    assert isinstance(err.value, dist.DistStoreError)  # what c10d's own stores raise
+
+
+def test_store_operations_follow_tcpstore(etcd_cluster):
+    """The same calls on TCPStore and on the etcd store give the same answers."""
+    with reserve_ports(1) as ports:
+        tcp = dist.TCPStore("127.0.0.1", ports.port, is_master=True, wait_for_workers=False,
+                            timeout=timedelta(seconds=10))
+        etcd = store_on(etcd_cluster)
+        answers = []
+        for store in (tcp, etcd):
+            a = [store.compare_set("cs", "", "first"), store.compare_set("cs", "wrong", "x"),
+                 store.compare_set("cs", "first", "second"), store.compare_set("unset", "expected", "x"),
+                 store.check(["unset"]), store.add("n", 5), store.add("n", -2), store.add("n", 0), store.get("n")]
+            store.set("e", "")
+            a += [store.compare_set("e", "", "filled"), store.check(["cs", "n"]), store.check(["cs", "nope"]),
+                  store.delete_key("n"), store.delete_key("n"), store.check(["n"])]
+            store.append("ap", "x")
+            store.append("ap", "y")
+            store.multi_set(["m1", "m2"], ["1", b"2"])
+            a += [store.get("ap"), store.multi_get(["m1", "m2"])]
+            answers.append(a)
+        del tcp
+    assert answers[0] == answers[1]
+    assert etcd.num_keys() == 5  # cs, e, ap, m1, m2 (the add receipts are gone)
+
+
+def test_wait_returns_when_every_key_is_set_and_times_out_naming_the_missing_ones(etcd_cluster):
+    store = store_on(etcd_cluster)
+    store.set("w/a", "1")
+    threading.Timer(0.3, store.clone().set, args=("w/b", "2")).start()
+    store.wait(["w/a", "w/b"])
+    t0 = time.monotonic()
+    with pytest.raises(StoreKeyTimeout, match="'w/c', 'w/d'"):
+        store.wait(["w/a", "w/c", "w/d"], timedelta(seconds=0.5))
+    assert 0.4 < time.monotonic() - t0 < 2
+
+
+def test_delete_prefix_removes_a_generations_keys_only(etcd_cluster):
+    store = store_on(etcd_cluster)
+    for generation in (0, 1):
+        group = dist.PrefixStore(f"g/{generation}", store)
+        for k in ("a", "b", "c"):
+            group.set(k, "v")
+    store.set("g/10/a", "other generation sharing the digits")
+    assert store.num_keys() == 7
+    assert store.delete_prefix("g/0/") == 3
+    assert not store.check(["g/0/a"]) and store.check(["g/1/a", "g/10/a"])
+    assert store.num_keys() == 4
+    assert store.delete_prefix("") == 4 and store.num_keys() == 0
+
+
+def test_two_job_tokens_see_none_of_each_others_keys(etcd_cluster):
+    token_a = fresh_token()
+    job_a, job_b = store_on(etcd_cluster, token_a), store_on(etcd_cluster)
+    job_a.set("shared/name", "a")
+    job_a.add("counter", 3)
+    assert not job_b.check(["shared/name"]) and job_b.num_keys() == 0
+    assert job_b.add("counter", 1) == 1
+    assert job_b.delete_prefix("") == 1
+    assert job_a.get("shared/name") == b"a" and job_a.num_keys() == 2
+    # Neither the token nor anything but its hash reaches etcd.
+    raw = EtcdEndpoints(parse_store_url(etcd_cluster.url))
+    out = raw.post("kv/range", {"key": b64(b"\0"), "range_end": b64(b"\0"), "keys_only": True},
+                   time.monotonic() + 5)
+    keys = [kv["key"] for kv in out.get("kvs", [])]
+    assert keys and not any(token_a.encode() in unb64(k) for k in keys)
+
+
+def test_add_from_three_processes_counts_every_increment_once(etcd_cluster, tmp_path):
+    token, adds, world = fresh_token(), 25, 3
+    run_ranks(WORKER, world, ["counter", etcd_cluster.url, token, str(tmp_path), str(adds)], timeout_s=120,
+              log_dir=tmp_path)
+    recs = read_ranks(tmp_path, world)
+    returned = sorted(v for r in recs for v in r["added"])
+    assert returned == list(range(1, world * adds + 1)), "every add must return a distinct, gapless count"
+    assert int(store_on(etcd_cluster, token).get("counter")) == world * adds
+    winners = {r["compare_set"] for r in recs}
+    assert len(winners) == 1 and winners <= {f"rank{r}" for r in range(world)}
+
+
+def test_gloo_rendezvous_and_all_reduce_on_the_etcd_store(etcd_cluster, tmp_path):
+    token, world = fresh_token(), 3
+    run_ranks(WORKER, world, ["allreduce", etcd_cluster.url, token, str(tmp_path), BACKEND, "g/0"],
+              timeout_s=120, log_dir=tmp_path)
+    assert [r["sum"] for r in read_ranks(tmp_path, world)] == [6.0] * world
+    # Every key of the rendezvous is under the group's prefix, and goes with it.
+    store = store_on(etcd_cluster, token)
+    written = store.num_keys()
+    assert written > 0 and store.delete_prefix("g/0/") == written and store.num_keys() == 0
+
+
+def timed(call) -> float:
+    t0 = time.monotonic()
+    call()
+    return time.monotonic() - t0
+
+
+def test_losing_one_member_of_three_keeps_the_store_and_rendezvous_working(new_etcd_cluster, tmp_path):
+    cluster = new_etcd_cluster()
+    token = fresh_token()
+    store = store_on(cluster, token, timeout_s=10)
+    store.set("before", "1")
+    # A follower this store talks to dies: the next member answers at once (connection refused is immediate).
+    follower = next(i for i in range(3) if i != cluster.leader())
+    store.etcd.current = follower
+    cluster.kill(follower)
+    follower_s = timed(lambda: store.set("after follower", "2"))
+    assert follower_s < 0.5, f"the first call after losing a follower took {follower_s:.2f} s"
+    cluster.start_member(follower)
+    cluster.wait_healthy()
+    # The leader dies while this store talks to it. A write that reaches a follower during the election is lost
+    # with the leader; the store asks the next member after request_timeout_s (2 s) instead of waiting for
+    # etcd's own ~5 s timeout.
+    leader = cluster.leader()
+    store.etcd.current = leader
+    cluster.kill(leader)
+    leader_s = timed(lambda: store.set("after leader", "3"))
+    assert leader_s < 3, f"the first call after losing the leader took {leader_s:.2f} s"
+    assert store.get("before") == b"1" and store.get("after follower") == b"2" and store.add("n", 1) == 1
+    print(f"first call after killing a follower: {follower_s:.3f} s, the leader: {leader_s:.3f} s")
+    # A new process group still forms on the two survivors.
+    run_ranks(WORKER, 2, ["allreduce", cluster.url, token, str(tmp_path), BACKEND, "g/1"], timeout_s=120,
+              log_dir=tmp_path)
+    assert [r["sum"] for r in read_ranks(tmp_path, 2)] == [3.0, 3.0]
+
+
+def test_an_unreachable_cluster_raises_a_clear_error_within_the_timeout(new_etcd_cluster):
+    cluster = new_etcd_cluster()
+    timeout_s = 2.0
+    store = store_on(cluster, timeout_s=timeout_s)
+    store.set("k", "v")
+    cluster.stop_all()
+    for call in (lambda: store.set("k", "w"), lambda: store.get("k"), lambda: store.add("n", 1)):
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnreachable) as err:
+            call()
+        elapsed = time.monotonic() - t0
+        assert timeout_s - 0.1 < elapsed < timeout_s + 1.5, elapsed
+        message = str(err.value)
+        assert message.startswith("etcd unreachable at etcd://") and "check that the etcd cluster is up" in message
+        assert all(f"{e}: connection refused" in message for e in cluster.endpoints), message
+    print(f"unreachable error after {elapsed:.3f} s (timeout {timeout_s} s)")
+
+
+def test_with_etcd_auth_only_holders_of_the_token_reach_the_jobs_keys(new_etcd_cluster):
+    # A 1 s auth-token TTL, so the test also sees the store get a new token when its old one expired.
+    cluster = new_etcd_cluster(members=1, extra_args=("--auth-token-ttl", "1"))
+    token, other = fresh_token(), fresh_token()
+    enable_auth(cluster.url, "root-pw")
+    for t in (token, other):
+        grant_job_access(cluster.url, t, admin_password="root-pw")
+    job = store_on(cluster, token, token_auth=True)
+    job.set("secret", "s")
+    assert job.get("secret") == b"s" and job.add("n", 2) == 2 and job.delete_prefix("n") == 1
+    assert job.etcd.authentications == 1
+    time.sleep(2.5)  # past the TTL: etcd has dropped the token
+    assert job.get("secret") == b"s" and job.etcd.authentications == 2
+    with pytest.raises(StoreAccessDenied, match="user name is empty"):
+        store_on(cluster, token).get("secret")  # the right token but no etcd user: auth is on
+    with pytest.raises(StoreAccessDenied, match="authentication failed"):
+        store_on(cluster, token, username=etcd_job_user(token), password="guessed").get("secret")
+    # Another job's user, asking for this job's prefix directly, is denied by etcd itself.
+    prefix = etcd_key_prefix(token).encode()
+    intruder = EtcdEndpoints(parse_store_url(cluster.url), username=etcd_job_user(other),
+                             password=etcd_job_password(other))
+    with pytest.raises(StoreAccessDenied, match="permission denied"):
+        intruder.post("kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}, time.monotonic() + 5)
+    assert store_on(cluster, other, token_auth=True).num_keys() == 0
+
+
+def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
+    """The supervisor's Membership and join admission, over EtcdStore instead of the embedded TCPStore."""
+    token = fresh_token()
+    stores = [store_on(etcd_cluster, token) for _ in range(2)]
+    members = [Membership(s, token, rank, 2, join_timeout_s=10) for rank, s in enumerate(stores)]
+    infos = [MemberInfo(rank=r, fresh=True, completed_steps=0, incarnation=0, pid=100 + r) for r in range(2)]
+    threading.Thread(target=members[1].arrive, args=(0, infos[1])).start()
+    assert members[0].arrive(0, infos[0]) == {0: infos[0], 1: infos[1]}
+    assert members[1].last_generation() == 0
+    members[0].record("note", {"a": 1})
+    assert members[1].fact("note") == {"a": 1}
+    for m in members:
+        m.finish()
+    assert members[0].finished() == 2
+    joiner = threading.Thread(target=request_join, args=(stores[1], token, 1, 10))
+    joiner.start()
+    deadline = time.monotonic() + 10
+    reviewed, decided = 0, []
+    while not decided and time.monotonic() < deadline:
+        reviewed, decided = review_join_requests(stores[0], token, 2, reviewed)
+    joiner.join(10)
+    assert [(d[0]["rank"], d[1]) for d in decided] == [(1, True)]
+
+
+def test_over_tls_the_store_needs_the_ca_and_a_client_certificate(new_etcd_cluster, tmp_path):
+    tls = TLSFiles(tmp_path / "tls")
+    cluster = new_etcd_cluster(members=1, tls=tls)
+    assert cluster.url.startswith("etcds://")
+    store = store_on(cluster, ca_cert=str(tls.ca_cert), client_cert=str(tls.client_cert),
+                     client_key=str(tls.client_key))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    with pytest.raises(StoreUnreachable, match="TLS"):  # no client certificate: etcd ends the handshake
+        store_on(cluster, timeout_s=0.5, ca_cert=str(tls.ca_cert)).get("k")
+    with pytest.raises(StoreUnreachable, match="TLS certificate verification failed"):  # not our CA: certifi's
+        store_on(cluster, timeout_s=0.5, client_cert=str(tls.client_cert), client_key=str(tls.client_key)).get("k")
+    with pytest.raises(CheckFreeError, match="plain HTTP: write etcds://"):
+        EtcdStore(cluster.url.replace("etcds://", "etcd://"), fresh_token(), ca_cert=str(tls.ca_cert))
