@@ -73,7 +73,8 @@ class ExitDecision:
 
 
 def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, job_has_progress: bool,
-                    group_formed: bool, restarts: int, max_restarts: int) -> ExitDecision:
+                    group_formed: bool, restarts: int, max_restarts: int, trainer_finished: bool = False
+                    ) -> ExitDecision:
     """What the supervisor does when its active trainer exited with ``returncode``.
 
     Args:
@@ -84,8 +85,9 @@ def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, jo
         group_formed: the trainer had taken part in a formed process group (its peers may be blocked on it).
         restarts: replacements started so far for losses of this rank.
         max_restarts: the supervisor's ``--max-restarts``.
+        trainer_finished: the trainer recorded that it completed the job (before it crashed while exiting).
     """
-    if returncode == 0:
+    if returncode == 0 or trainer_finished:
         return ExitDecision(FINISH, "the trainer completed the job")
     if returncode == stopped_code:
         return ExitDecision(STOP_JOB, "the trainer stopped the job on purpose (its log and the events file say why)")

@@ -92,7 +92,7 @@ def activated(environ: MutableMapping[str, str], incarnation: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def heartbeat_line(timeout_s: float) -> bytes:
-    """One beat."""
+    """One beat; ``math.inf`` says "done: do not judge me any more" (the trainer finished and is exiting)."""
     return f"{timeout_s:.3f}\n".encode()
 
 
@@ -100,6 +100,11 @@ def last_heartbeat_timeout(data: bytes) -> Optional[float]:
     """The timeout carried by the last complete beat in ``data``; None if it holds none."""
     lines = data.split(b"\n")[:-1]
     return float(lines[-1]) if lines else None
+
+
+def finished_fact(rank: int) -> str:
+    """Fact: ``rank``'s trainer completed the job (a crash while it exits is then no loss)."""
+    return f"finished/{rank}"
 
 
 LEASE_INTERVAL_S = 1.0  # a supervisor renews its rank's lease this often

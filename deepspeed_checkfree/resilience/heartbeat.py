@@ -6,6 +6,7 @@ trainer trains on unsupervised.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ class Heartbeat:
         self.fd, self.interval_s, self.timeout_s, self.supervisor_pid = fd, interval_s, timeout_s, supervisor_pid
         os.set_blocking(fd, False)  # a stalled reader must never block the beating thread
         self.thread = threading.Thread(target=self._run, name="checkfree-heartbeat", daemon=True)
+        self.done = threading.Event()
 
     @classmethod
     def from_env(cls, interval_s: float, timeout_s: float) -> Optional["Heartbeat"]:
@@ -46,9 +48,18 @@ class Heartbeat:
         beat.thread.start()
         return beat
 
+    def finish(self) -> None:
+        """The trainer is done (finished or stopping): tell the supervisor not to judge its silence any more, since
+        the interpreter's shutdown may take longer than the timeout."""
+        self.done.set()
+        try:
+            os.write(self.fd, heartbeat_line(math.inf))
+        except OSError:
+            pass
+
     def _run(self) -> None:
         line = heartbeat_line(self.timeout_s)
-        while True:
+        while not self.done.is_set():
             if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
                 self._orphaned(f"its supervisor (pid {self.supervisor_pid}) is gone")
             try:
@@ -57,7 +68,7 @@ class Heartbeat:
                 pass  # the supervisor is slow to read: its problem, not a reason to stop beating
             except BrokenPipeError:
                 self._orphaned("its supervisor closed the heartbeat pipe (it died)")
-            time.sleep(self.interval_s)
+            self.done.wait(self.interval_s)
 
     def _orphaned(self, why: str) -> None:
         # No cleanup: the main thread may be blocked in a collective. Exiting closes this rank's connections, so its

@@ -29,7 +29,7 @@ from ..errors import CheckFreeError
 # names since version 0.1.)
 from .contract import (DONE_KEY, FRESH_START_KEY, JOIN_REQUESTS, LEASE_TIMEOUT_S, PROGRESS_FACT,  # noqa: F401
                        STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
-                       death_fact, fact_key, formed_key, group_store_prefix, incarnation_fact, join_request_key,
+                       death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact, join_request_key,
                        join_verdict_key, key_prefix, lease_key, member_key, pid_fact, rank_generation_key,
                        token_mac)
 
@@ -159,7 +159,12 @@ class Membership:
 
     def finish(self) -> None:
         """Count this trainer as done with the job (and with the store)."""
+        self.record(finished_fact(self.rank), True)
         self.store.add(self.key(DONE_KEY), 1)
+
+    def rank_finished(self, rank: int) -> bool:
+        """Whether ``rank``'s trainer completed the job."""
+        return self.fact(finished_fact(rank)) is not None
 
     def finished(self) -> int:
         """How many trainers are done with the job."""

@@ -321,7 +321,12 @@ class Supervisor:
         if self.keep_spare:
             self.spare = self._start(None)
         try:
-            return self._supervise(incarnation)
+            try:
+                return self._supervise(incarnation)
+            except Exception as err:  # noqa: BLE001 - a store failure anywhere in the loop means the same
+                if policy.classify(err) != policy.COMMUNICATION or isinstance(err, StoreLost):
+                    raise
+                raise StoreLost(str(err)) from err
         except Terminated as why:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup below
@@ -357,11 +362,17 @@ class Supervisor:
                 continue
             rc = self.active.poll()
             self.active.pipe.close()
-            decision = policy.on_trainer_exit(
-                rc, stopped_code=STOPPED_EXIT_CODE, job_stopped=self.membership.stopped() is not None,
-                job_has_progress=self.membership.has_progress(),
-                group_formed=self.membership.formed(self.membership.last_generation(self.rank)),
-                restarts=restarts, max_restarts=self.args.max_restarts)
+            if rc == 0:
+                break  # (without asking the store, which rank 0's supervisor may already have closed)
+            try:
+                decision = policy.on_trainer_exit(
+                    rc, stopped_code=STOPPED_EXIT_CODE, job_stopped=self.membership.stopped() is not None,
+                    job_has_progress=self.membership.has_progress(),
+                    group_formed=self.membership.formed(self.membership.last_generation(self.rank)),
+                    restarts=restarts, max_restarts=self.args.max_restarts,
+                    trainer_finished=self.membership.rank_finished(self.rank))
+            except (RuntimeError, OSError) as err:
+                raise StoreLost(str(err)) from err
             if decision.action == policy.FINISH:
                 break
             if decision.action == policy.STOP_JOB:

@@ -108,12 +108,17 @@ class ResilientTrainer:
             The engine of the last generation.
         """
         try:
-            return self._train(num_steps, train_step, on_step)
+            engine = self._train(num_steps, train_step, on_step)
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
+            return engine
         except Exception as err:  # noqa: BLE001 - every exception that reaches here stops the job, with its cause
             kind = classify(err)
             if kind == COMMUNICATION:
                 raise  # outside a generation (the job's store is gone): the supervisor decides
             stage = self.engine.stage_id if self.engine is not None else None
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
             stop_job(err, kind, rank=self.rank, stage=stage, step=self.step, events=self.events,
                      membership=self.membership, generation=self.generation)
 

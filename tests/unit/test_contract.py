@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 
 import pytest
@@ -74,6 +75,7 @@ def test_the_heartbeat_carries_its_timeout_and_the_environment_names_the_pipe_an
     assert contract.last_heartbeat_timeout(contract.heartbeat_line(4.0) * 3) == 4.0
     assert contract.last_heartbeat_timeout(contract.heartbeat_line(2.5) + b"4.0") == 2.5, "a partial beat is ignored"
     assert contract.last_heartbeat_timeout(b"") is None
+    assert contract.last_heartbeat_timeout(contract.heartbeat_line(4.0) + contract.heartbeat_line(math.inf)) == math.inf
     env = contract.trainer_env(rank=0, world_size=1, local_rank=0, master_addr="h", master_port=1, store_port=2,
                                incarnation=0, heartbeat_fd=7, supervisor_pid=99)
     assert env[contract.HEARTBEAT_FD_ENV] == "7" and env[contract.SUPERVISOR_PID_ENV] == "99"

@@ -65,6 +65,7 @@ def test_a_supervisor_replaces_a_dead_trainer_and_never_respawns_a_stopped_one()
     assert decide(78) == policy.STOP_JOB, "exit code 78: the trainer stopped the job on purpose"
     assert decide(-9, job_stopped=True) == policy.STOP_JOB
     assert decide(-9, restarts=100, max_restarts=100) == policy.STOP_JOB
+    assert decide(-11, trainer_finished=True) == policy.FINISH, "a crash while exiting after the job is no loss"
     assert "--max-restarts=3" in policy.on_trainer_exit(
         1, stopped_code=78, job_stopped=False, job_has_progress=True, group_formed=True, restarts=3,
         max_restarts=3).reason
@@ -86,6 +87,7 @@ def test_a_trainer_is_hung_after_its_timeout_of_silence_and_not_before_its_first
     assert policy.heartbeat_overdue(10.0, last_beat=None, timeout_s=None) is None
     assert policy.heartbeat_overdue(10.0, last_beat=7.0, timeout_s=4.0) is None
     assert policy.heartbeat_overdue(12.0, last_beat=7.0, timeout_s=4.0) == 5.0
+    assert policy.heartbeat_overdue(1e9, last_beat=7.0, timeout_s=float("inf")) is None, "a finished trainer"
 
 
 def verdict(**kw):
