@@ -29,9 +29,9 @@ from ..errors import CheckFreeError
 # names since version 0.1.)
 from .contract import (DONE_KEY, FRESH_START_KEY, JOIN_REQUESTS, LEASE_TIMEOUT_S, PROGRESS_FACT,  # noqa: F401
                        STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
-                       death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact, join_request_key,
-                       join_verdict_key, key_prefix, lease_key, member_key, pid_fact, rank_generation_key,
-                       token_mac)
+                       death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact,
+                       join_request_key, join_verdict_key, key_prefix, lease_key, member_key, pid_fact,
+                       rank_generation_key, token_mac)
 
 
 class JoinRefused(CheckFreeError):

@@ -6,10 +6,10 @@
 It starts the training script as a child and, when the child dies, starts a replacement that rebuilds its stage
 from the neighbours, so the launcher never sees a failure. It kills a child that stops beating (hung) and replaces
 it alike; it ends its children when it is told to end or when any rank stops the job (nothing is respawned after
-exit code 78); and a child ends itself when its supervisor dies. The fault table of the README lists every case. Rank 0's supervisor also hosts the job's persistent
-store (bound to the master address only) and admits machines that join with the job token for a rank whose
-supervisor is gone. A new machine that
-replaces a lost one runs the same command with ``--join``:
+exit code 78); and a child ends itself when its supervisor dies. The fault table of the README lists every case.
+Rank 0's supervisor also hosts the job's persistent store (bound to the master address only) and admits machines
+that join with the job token for a rank whose supervisor is gone. A new machine that replaces a lost one runs the
+same command with ``--join``:
 
     CHECKFREE_JOB_TOKEN=... python -m deepspeed_checkfree.supervisor --join --rank 2 --world-size 4 \
         --master-addr HOST --master-port PORT launch/train.py --deepspeed_config cfg.json ...
@@ -284,7 +284,7 @@ class Supervisor:
             self.membership.acknowledge_stop()
         except (RuntimeError, OSError) as err:  # the store went first (rank 0 ended): the stop is known anyway
             stop = {"rank": self.rank, "cause": "supervisor", "reason": f"{reason} (store unreachable: {err})"}
-        logger.error("%s the job stopped (rank %s, %s): %s. Not restarting the trainer.", self._prefix(),
+        logger.error("%s the job stopped (rank %s, %s): %s; not restarting it", self._prefix(),
                      stop["rank"], stop["cause"], stop["reason"])
         self.events.write("job_stopped", rank=self.rank, stopped_by=stop["rank"], cause=stop["cause"],
                           reason=stop["reason"], trainer_returncode=returncode)
