@@ -7,7 +7,9 @@ A training script hands over two functions and the step count::
     trainer.train(num_steps, lambda engine, step: engine.train_batch(batches.iterator(step)))
 
 and is started by the per-rank supervisor (``python -m deepspeed_checkfree.supervisor``), which respawns it when
-it dies. Data must be addressable by step (the replayed step sees the same batches).
+it dies. Data must be addressable by step (the replayed step sees the same batches). Only a communication failure
+is recovered; any other exception stops the whole job with exit code 78 (see
+:mod:`deepspeed_checkfree.core.fault_policy`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import CheckFreeConfig
+from ..core.fault_policy import COMMUNICATION, classify
 from ..core.rejoin import MemberInfo, RankTimes, RejoinPlan, joining_generation, measure_outage, plan_rejoin
 from ..errors import CheckFreeError
 from ..events import EventLog, identity
@@ -33,17 +36,17 @@ from ..pipe.engine import CheckFreeEngine
 from ..pipe.progress import StageProgress
 # (SPARE_ENV, SUPERVISED_ENV, STOPPED_EXIT_CODE and supervised are also this module's names since version 0.1.)
 from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
-                       STORE_PORT_ENV, SUPERVISED_ENV, dump_file, incarnation_from_env, is_spare, read_activation,
-                       supervised)
+                       STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
+                       read_activation, supervised)
+from .heartbeat import Heartbeat
 from .membership import Membership, connect_store, job_token
+from .stopping import stop_job
 
 logger = logging.getLogger(__name__)
 
 
 def _is_comm_failure(err: BaseException) -> bool:
-    # gloo: "Connection closed by peer", "Connection reset by peer", "Timed out waiting ... for send/recv";
-    # NCCL: "NCCL error", watchdog timeouts; torch wraps them in RuntimeError/DistBackendError/DistNetworkError.
-    return isinstance(err, (RuntimeError, dist.DistError, ConnectionError, TimeoutError))
+    return classify(err) == COMMUNICATION
 
 
 class ResilientTrainer:
@@ -77,8 +80,11 @@ class ResilientTrainer:
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
-            os.environ[INCARNATION_ENV] = str(incarnation)  # for the training script, as for a respawned trainer
+            activated(os.environ, incarnation)  # for the training script, as for a respawned trainer
         self.incarnation = incarnation_from_env()
+        # From now on the supervisor may kill this trainer if it stops beating (hung), and it ends itself if the
+        # supervisor goes away.
+        self.heartbeat = Heartbeat.from_env(self.config.heartbeat_s, self.config.detection_timeout_s)
         self.token = job_token()
         self.store_addr = os.environ[STORE_ADDR_ENV]
         self.store_port = int(os.environ[STORE_PORT_ENV])
@@ -86,6 +92,8 @@ class ResilientTrainer:
         self.generation = -1
         self.events = EventLog(self.config.events_file)
         self.failures = 0
+        self.membership: Optional[Membership] = None
+        self.step: Optional[int] = None
 
     def train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
               on_step: Optional[Callable[[CheckFreeEngine, int, object], None]] = None) -> CheckFreeEngine:
@@ -100,19 +108,27 @@ class ResilientTrainer:
             The engine of the last generation.
         """
         try:
-            return self._train(num_steps, train_step, on_step)
-        except CheckFreeError as err:
-            # Nothing to rebuild from, adjacent stages lost under on_adjacent_failure='stop', nobody joined in
-            # time...: stop the whole job with the reason instead of restarting the trainer over and over.
-            logger.error("%s stopping: %s", identity(rank=self.rank), err)
-            self.events.write("stopped", rank=self.rank, generation=self.generation, reason=str(err))
-            raise SystemExit(STOPPED_EXIT_CODE) from err
+            engine = self._train(num_steps, train_step, on_step)
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
+            return engine
+        except Exception as err:  # noqa: BLE001 - every exception that reaches here stops the job, with its cause
+            kind = classify(err)
+            if kind == COMMUNICATION:
+                raise  # outside a generation (the job's store is gone): the supervisor decides
+            stage = self.engine.stage_id if self.engine is not None else None
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
+            stop_job(err, kind, rank=self.rank, stage=stage, step=self.step, events=self.events,
+                     membership=self.membership, generation=self.generation)
 
     def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
-        generation = joining_generation(self.incarnation, membership.last_generation())
+        self.membership = membership
+        latest = membership.latest_generation()
+        generation = joining_generation(latest, latest >= 0 and membership.formed(latest))
         state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
         detected_at: Optional[float] = None     # first detection since the last completed step
         last_success_at: Optional[float] = None  # when this rank last completed a step
@@ -125,6 +141,7 @@ class ResilientTrainer:
             engine = None
             engine_holds_state = False
             step = state["progress"].global_steps if state else 0
+            self.step = step
             try:
                 self._form_group(membership, generation)
                 self.generation = generation
@@ -136,14 +153,21 @@ class ResilientTrainer:
                 engine.incarnation = self.incarnation
                 self._arm_detection()
                 t_rejoined = time.time()
-                plan = plan_rejoin(generation, members, self._stage_of(engine))
+                plan = plan_rejoin(generation, members, self._stage_of(engine), membership.has_progress())
+                if plan.cold_start and generation > 0 and self.rank == 0:
+                    logger.warning("%s no step had completed: the job starts over from initialisation in "
+                                   "generation %d", identity(rank=self.rank), generation)
+                    self.events.write("fresh_start", rank=self.rank, generation=generation)
                 step = self._resume(engine, plan, state)
+                self.step = step
                 engine_holds_state = True
                 t_rebuilt = time.time()
                 first = True
                 while step < num_steps:
                     loss = train_step(engine, step)
-                    if first and generation > 0:
+                    if first:
+                        membership.record_progress()  # once per generation: cheap
+                    if first and not plan.cold_start:
                         self._report_outage(membership, plan, members, RankTimes(
                             detected=detected_at, last_success=last_success_at, arrived=t_arrived,
                             rejoined=t_rejoined, rebuilt=t_rebuilt, resumed=time.time()))
@@ -152,10 +176,11 @@ class ResilientTrainer:
                     if on_step is not None:
                         on_step(engine, step, loss)
                     step += 1
+                    self.step = step
                 break
             except Exception as err:  # noqa: BLE001 - only communication failures are recovered, see below
                 if not _is_comm_failure(err):
-                    raise
+                    raise  # train() stops the job with it
                 detected_at = detected_at or time.time()
                 self.failures += 1
                 stage = engine.stage_id if engine is not None else None
