@@ -49,6 +49,11 @@ def _to_cpu(obj):
     return obj
 
 
+def _no_update(*args, **kwargs) -> None:
+    """The torch optimizer's step while a rank replays a step it already applied."""
+    return None
+
+
 class CheckFreeEngine(PlusRouting, PipelineEngine):
     """A ``PipelineEngine`` that can lose a stage and rebuild it from its neighbours.
 
@@ -114,12 +119,28 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
             # This rank already applied this step before a failure interrupted the others: its update is not
             # applied twice; the replay only carried activations and gradients for the stages that had not.
             self._replayed_steps -= 1
-            if self.optimizer_is_wrapped():
-                self.optimizer.zero_grad()
-            else:
-                self.zero_grad()
+            self._step_without_update(lr_kwargs)
             return
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+
+    def _step_without_update(self, lr_kwargs) -> None:
+        """DeepSpeed's optimizer step with the update left out, for a rank that already applied it.
+
+        The step's collectives still run, so the ranks that do apply it are not left waiting: the global gradient
+        norm of ``gradient_clipping`` (all stages), and the bf16/ZeRO wrappers' norm and all-gathers. The torch
+        optimizer's ``step`` is a no-op meanwhile (weights, moments and step counts stay), the wrappers copy back the
+        unchanged fp32 masters, and the progress record (counters, LR schedule and boost) is put back as it was.
+        """
+        progress = self.progress()
+        optimizer = self.basic_optimizer
+        optimizer.step = _no_update  # an instance attribute hides the class's step (and its hooks)
+        try:
+            PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        finally:
+            del optimizer.step
+        norm = self._stage_grad_norm
+        self.load_progress(progress)
+        self._stage_grad_norm = norm
 
     _INSTRUCTION_MAP = ds_internals.instruction_map({
         schedule.OptimizerStep: _exec_optimizer_step,
