@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--die-at", action="append", default=[], metavar="PHASE:RANK",
                    help="the first trainer of RANK SIGKILLs itself in PHASE: 'startup' (before joining the job) or "
                         "'build' (inside the first engine build); repeatable")
+    p.add_argument("--min-step-s", type=float, default=0.0, metavar="SECONDS",
+                   help="pace the steps: each takes at least this long (to watch a demo, or to leave a test time "
+                        "to act while the job trains)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(p)
@@ -153,7 +156,9 @@ def run(args, guard: ScriptGuard, rank: int, out: Path) -> None:
             injected.add("comm")
             raise torch.distributed.DistNetworkError(f"injected transient communication error in step {step} on "
                                                      f"rank {rank} (--inject-comm-error)")
-        return float(engine.train_batch(engine.checkfree_batches.iterator(step)))
+        loss = float(engine.train_batch(engine.checkfree_batches.iterator(step)))
+        time.sleep(max(0.0, args.min_step_s - (time.perf_counter() - clock["t"])))
+        return loss
 
     def on_step(engine, step, loss):
         dt = time.perf_counter() - clock["t"]

@@ -86,6 +86,7 @@ class HeartbeatPipe:
         os.set_blocking(self.read_fd, False)
         self.last_beat: Optional[float] = None  # time.monotonic() of the last beat
         self.timeout_s: Optional[float] = None
+        self.done = False  # the trainer said it finished (or is stopping)
 
     def started(self) -> None:
         """The child holds the write end now: close ours (the child then sees a broken pipe if we die)."""
@@ -96,7 +97,7 @@ class HeartbeatPipe:
     def poll(self, now: float) -> Optional[float]:
         """Read the beats that arrived; return the seconds of silence if the trainer is overdue (hung), else None."""
         data = b""
-        while True:
+        while self.read_fd is not None:
             try:
                 chunk = os.read(self.read_fd, 65536)
             except BlockingIOError:
@@ -107,6 +108,7 @@ class HeartbeatPipe:
         timeout = last_heartbeat_timeout(data)
         if timeout is not None:
             self.last_beat, self.timeout_s = now, timeout
+            self.done = self.done or math.isinf(timeout)
         return heartbeat_overdue(now, self.last_beat, self.timeout_s)
 
     def close(self) -> None:

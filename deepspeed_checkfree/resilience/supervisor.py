@@ -333,6 +333,10 @@ class Supervisor:
             logger.warning("%s told to end (%s): ending the trainer and the spare", self._prefix(), why)
             return 128 + signal.SIGTERM
         except StoreLost as err:
+            if self._finished_before_the_store_closed():
+                logger.info("%s the job's store closed after this rank's trainer finished: the job is complete",
+                            self._prefix())
+                return 0
             logger.error("%s lost the job's store at %s:%d (%s): rank 0's supervisor or machine is gone, which "
                          "ends the job. Ending this rank's trainer.", self._prefix(), self.master_addr,
                          self.store_port, err)
@@ -341,6 +345,20 @@ class Supervisor:
             for child in (self.spare, self.active):
                 if child is not None:
                     child.end(grace_s=STOP_GRACE_S)
+
+    def _finished_before_the_store_closed(self) -> bool:
+        """Whether the active trainer had said it finished and then exits cleanly: rank 0's supervisor closes the
+        store as soon as every trainer counts as finished, which may come before this supervisor sees the exit."""
+        child = self.active
+        if child is None:
+            return False
+        child.pipe.poll(time.monotonic())
+        if not child.pipe.done:
+            return False
+        try:
+            return child.popen.wait(timeout=3 * STOP_GRACE_S) == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def _supervise(self, incarnation: int) -> int:
         restarts = 0

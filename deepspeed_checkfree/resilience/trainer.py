@@ -197,6 +197,9 @@ class ResilientTrainer:
                 engine = None
                 self._teardown()
                 generation += 1
+        # The supervisor hears first: once every trainer counts as finished, rank 0's supervisor closes the store.
+        if self.heartbeat is not None:
+            self.heartbeat.finish()
         membership.finish()
         return self.engine
 

@@ -281,8 +281,8 @@ def test_trainer_deaths_at_start_up_and_in_the_first_engine_build_start_the_job_
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_transient_error_dead_spare_refused_joins_and_a_hung_trainer_in_one_job(job_factory):
-    steps = 400  # ~80 ms each: long enough for the joins and the hang below
-    job = job_factory(steps=steps, yaml_section=True, train_args=["--inject-comm-error", "1:3"])
+    steps = 400  # at least 0.2 s each: long enough for the joins and the hang below, however fast the machine
+    job = job_factory(steps=steps, yaml_section=True, train_args=["--inject-comm-error", "1:3", "--min-step-s", "0.2"])
     job.wait_for_step(5)
     # A transient communication error on rank 1 (step 3): the group re-forms and the step is replayed, no rebuild.
     transient = [e for e in job.events() if e["event"] == "outage"]
