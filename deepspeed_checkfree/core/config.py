@@ -104,6 +104,10 @@ class CheckFreeConfig(ConfigSection):
     join_timeout_s: float = Field(600.0, gt=0.0, description="How long the survivors wait for a replacement (a "
                                   "respawned trainer, or a new machine running the join command).")
     max_failures: int = Field(100, ge=0, description="Give up after this many re-formations of the process group.")
+    spare_builds_engine: bool = Field(False, description="Under the supervisor: the warm spare builds its "
+                                      "stage's engine (model, optimizer) before it is needed, so that a replacement "
+                                      "only joins the group and rebuilds. It then holds a second copy of the stage "
+                                      "on the machine: leave it off when the stage fills the accelerator's memory.")
     heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "
                                                   "trainer tells its supervisor it is alive. A trainer silent for "
                                                   "detection_timeout_s is killed as hung and replaced. Default: "

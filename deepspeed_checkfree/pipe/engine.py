@@ -85,9 +85,33 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
         self.events = EventLog(cf.events_file)
         self._stage_grad_norm: Optional[torch.Tensor] = None
         self.recoveries: List[dict] = []
+        self.stage_signatures: Optional[list] = None
+        if not ds_internals.world_is_solo():  # else (a replacement built before its peers exist): in rebind()
+            self._gather_signatures()
+
+    def _gather_signatures(self) -> None:
         self.stage_signatures = gather_signatures(stage_signature(self.module), self.stage_id, self.num_stages,
                                                   group=self.grid.get_pipe_parallel_group())
         self._check_recoverable()
+
+    def release_process_groups(self) -> None:
+        """Let go of the process groups of a failed world (see :func:`~.ds_internals.release_process_groups`);
+        :meth:`rebind` binds the engine to the next one."""
+        ds_internals.release_process_groups(self)
+
+    def rebind(self) -> None:
+        """Continue in a re-formed world: called on every rank after ``init_process_group`` of a new generation.
+
+        The engine keeps its module, optimizer (fp32 masters and moments), LR scheduler and counters; only the process
+        groups are created anew (pipeline, data-parallel, tied-weight and p2p) and the engine, module and optimizer
+        re-bound to them. What an interrupted step left behind (activations, partial gradients, the peers' tensor
+        metadata) is dropped. No stage tensor is copied, so a survivor's memory does not grow. A replacement built
+        its engine in the solo world (:func:`~.ds_internals.form_solo_world`) and re-binds the same way.
+        """
+        ds_internals.rebind_process_groups(self)
+        ds_internals.reset_step_state(self)
+        self._reset_route_state()
+        self._gather_signatures()
 
     def _check_recoverable(self) -> None:
         """Plan and match the rebuild of every stage the mode protects, so a mismatch stops training now."""

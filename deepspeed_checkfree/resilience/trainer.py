@@ -74,9 +74,13 @@ class ResilientTrainer:
         self.backend = backend
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
+        self.engine: Optional[CheckFreeEngine] = None
         if is_spare():
-            # A warm spare: everything is imported and prepared; wait until the supervisor activates it in place
-            # of a trainer that died, which saves the replacement the seconds of start-up.
+            # A warm spare: everything is imported and prepared (with spare_builds_engine, the engine too, in the
+            # solo world); wait until the supervisor activates it in place of a trainer that died, which saves the
+            # replacement the seconds of start-up.
+            if self.config.spare_builds_engine:
+                self.engine = self._build(solo=True)
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
@@ -88,7 +92,8 @@ class ResilientTrainer:
         self.token = job_token()
         self.store_addr = os.environ[STORE_ADDR_ENV]
         self.store_port = int(os.environ[STORE_PORT_ENV])
-        self.engine: Optional[CheckFreeEngine] = None
+        if self.engine is not None:
+            self.engine.incarnation = self.incarnation
         self.generation = -1
         self.events = EventLog(self.config.events_file)
         self.failures = 0
@@ -129,28 +134,20 @@ class ResilientTrainer:
         self.membership = membership
         latest = membership.latest_generation()
         generation = joining_generation(latest, latest >= 0 and membership.formed(latest))
-        state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
+        holds_state = False     # this rank's engine holds its stage's state (a survivor keeps it in place)
         detected_at: Optional[float] = None     # first detection since the last completed step
         last_success_at: Optional[float] = None  # when this rank last completed a step
         while True:
-            info = MemberInfo(self.rank, fresh=state is None,
-                              completed_steps=state["progress"].global_steps if state else 0,
+            engine = self.engine
+            info = MemberInfo(self.rank, fresh=not holds_state,
+                              completed_steps=engine.global_steps if holds_state else 0,
                               incarnation=self.incarnation, pid=os.getpid())
             members = membership.arrive(generation, info)
             t_arrived = time.time()
-            engine = None
-            engine_holds_state = False
-            step = state["progress"].global_steps if state else 0
+            step = engine.global_steps if holds_state else 0
             self.step = step
             try:
-                self._form_group(membership, generation)
-                self.generation = generation
-                engine = self.build_engine()
-                if not isinstance(engine, CheckFreeEngine) or not engine.checkfree.enabled:
-                    raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
-                                         "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
-                self.engine = engine
-                engine.incarnation = self.incarnation
+                engine = self._engine_for(membership, generation, members)
                 self._arm_detection()
                 t_rejoined = time.time()
                 plan = plan_rejoin(generation, members, self._stage_of(engine), membership.has_progress())
@@ -158,9 +155,9 @@ class ResilientTrainer:
                     logger.warning("%s no step had completed: the job starts over from initialisation in "
                                    "generation %d", identity(rank=self.rank), generation)
                     self.events.write("fresh_start", rank=self.rank, generation=generation)
-                step = self._resume(engine, plan, state)
+                step = self._resume(engine, plan, survivor=holds_state)
                 self.step = step
-                engine_holds_state = True
+                holds_state = True
                 t_rebuilt = time.time()
                 first = True
                 while step < num_steps:
@@ -182,21 +179,10 @@ class ResilientTrainer:
                 if not _is_comm_failure(err):
                     raise  # train() stops the job with it
                 detected_at = detected_at or time.time()
-                self.failures += 1
-                stage = engine.stage_id if engine is not None else None
-                logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step),
-                               generation, str(err).splitlines()[0][:300])
-                self.events.write("failure_detected", step=step, stage=stage, rank=self.rank,
-                                  generation=generation, error=str(err).splitlines()[0][:300])
-                if self.failures > self.config.max_failures:
-                    raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures="
-                                         f"{self.config.max_failures}") from err
-                # A survivor keeps what it held; a replacement whose rebuild did not finish stays fresh.
-                if engine_holds_state:
-                    state = engine.export_state()
-                engine = None
-                self._teardown()
-                generation += 1
+                why = (str(err).splitlines() or [type(err).__name__])[0][:300]
+                # (err goes with this block, and with it the frames that hold the failed world's groups)
+            self._on_failure(why, generation, step)
+            generation += 1
         # The supervisor hears first: once every trainer counts as finished, rank 0's supervisor closes the store.
         if self.heartbeat is not None:
             self.heartbeat.finish()
@@ -207,21 +193,74 @@ class ResilientTrainer:
         """Global rank -> pipeline stage, for every rank."""
         return {r: ds_internals.stage_of_rank(engine.grid, r) for r in range(self.world_size)}
 
-    def _resume(self, engine: CheckFreeEngine, plan: RejoinPlan, state: Optional[dict]) -> int:
-        """Carry out ``plan``: restore this rank's state, take the replayed step's schedule state, restore ranks
-        from their data-parallel replicas and rebuild the lost stages; return the step to run next."""
+    def _engine_for(self, membership: Membership, generation: int, members: Dict[int, MemberInfo]) -> CheckFreeEngine:
+        """Form this generation's process group and return the engine bound to it.
+
+        A survivor keeps its engine and re-binds it. A replacement joining survivors builds its engine first in a
+        solo world (no peer is needed: the survivors are not building one) and re-binds it like them. When no rank
+        holds any state (generation 0, or a fresh start) every rank builds its engine in the new group together.
+        """
+        survivors = any(not m.fresh for m in members.values())
+        if not survivors and self.engine is not None:
+            self._drop_engine()  # everyone starts from initialisation together
+        if survivors and self.engine is None:
+            self.engine = self._build(solo=True)
+        self._form_group(membership, generation)
+        self.generation = generation
+        if self.engine is None:
+            self.engine = self._build(solo=False)
+        else:
+            self.engine.rebind()
+        return self.engine
+
+    def _build(self, solo: bool) -> CheckFreeEngine:
+        if solo:
+            ds_internals.form_solo_world(self.rank, self.world_size)
+            deepspeed.init_distributed(dist_backend=self.backend)
+        try:
+            engine = self.build_engine()
+        finally:
+            if solo:
+                dist.destroy_process_group()
+        if not isinstance(engine, CheckFreeEngine) or not engine.checkfree.enabled:
+            raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
+                                 "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
+        engine.incarnation = getattr(self, "incarnation", None)
+        return engine
+
+    def _drop_engine(self) -> None:
+        self.engine = None
+        gc.collect()
+
+    def _on_failure(self, why: str, generation: int, step: int) -> None:
+        """Let the failed world go (its groups first, so that every peer still waiting on this rank learns of the
+        failure at once), then log and record the failure."""
+        if self.engine is not None and self.engine.grid is not None:
+            self.engine.release_process_groups()
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.failures += 1
+        stage = self.engine.stage_id if self.engine is not None else None
+        logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step), generation, why)
+        self.events.write("failure_detected", step=step, stage=stage, rank=self.rank, generation=generation,
+                          error=why)
+        if self.failures > self.config.max_failures:
+            raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures={self.config.max_failures}")
+
+    def _resume(self, engine: CheckFreeEngine, plan: RejoinPlan, survivor: bool) -> int:
+        """Carry out ``plan``: take the replayed step's schedule state, restore ranks from their data-parallel
+        replicas and rebuild the lost stages; return the step to run next. A survivor's engine holds its state."""
         if plan.cold_start:
             return engine.global_steps
         step, source = plan.step, plan.schedule_source
-        if state is not None:
-            engine.import_state(state)
         # A replacement takes the replayed step's schedule (LR scheduler, un-boosted LRs, sample count) from a
         # survivor that has not applied it yet.
         payload: List[Optional[StageProgress]] = [None]
         if self.rank == source:
             payload = [engine.progress().schedule_for_replacement(step)]
         dist.broadcast_object_list(payload, src=source)
-        if state is None:
+        if not survivor:
             engine.load_progress(payload[0])
         cause = f"process lost (ranks {list(plan.fresh_ranks)}, generation {plan.generation})"
         dump = os.environ.get(DUMP_ENV)
@@ -280,12 +319,6 @@ class ResilientTrainer:
         ds_internals.install_timed_p2p(timeout)
         if self.engine is not None:
             self.engine.p2p_timeout = timeout
-
-    def _teardown(self) -> None:
-        self.engine = None
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------------------
     # Verification aid

@@ -42,7 +42,8 @@ SCENARIOS = [
     {"name": "plan_names_missing_stage", "steps": 1, "checkfree": lose(5, 1), "expect_error": True},
 ]
 TRAINED_WITH_CHECKFREE = [sc for sc in SCENARIOS
-                          if sc["checkfree"] and sc["checkfree"]["enabled"] and "expect_error" not in sc]
+                          if sc["checkfree"] and sc["checkfree"]["enabled"] and "expect_error" not in sc
+                          and "ahead" not in sc]  # (a replayed step records two gradients for one norm)
 
 
 @pytest.fixture(scope="module")
