@@ -235,7 +235,7 @@ def rebind_process_groups(engine: PipelineEngine) -> None:
         optimizer.dp_process_group = engine.seq_data_parallel_group
         optimizer.real_dp_process_group = [engine.seq_data_parallel_group] * len(optimizer.real_dp_process_group)
         optimizer.mpu = grid
-        if getattr(optimizer, "model_parallel_group", None) is not None:
+        if hasattr(optimizer, "model_parallel_group"):  # ZeRO: the norm's group (None without an mpu)
             optimizer.model_parallel_group = grid.get_model_parallel_group()
     stale = stale_group_references(engine)
     if stale:
@@ -266,12 +266,19 @@ def release_process_groups(engine: PipelineEngine) -> None:
     if hasattr(optimizer, "dp_process_group"):
         optimizer.dp_process_group = optimizer.mpu = None
         optimizer.real_dp_process_group = [None] * len(optimizer.real_dp_process_group)
-        if getattr(optimizer, "model_parallel_group", None) is not None:
+        if hasattr(optimizer, "model_parallel_group"):
             optimizer.model_parallel_group = None
     held = stale_group_references(engine, live=set())
     if held:  # not fatal (the peers then wait for their timeout), but a sign DeepSpeed moved a reference
         logger.warning("%s still hold a process group after release_process_groups: peers waiting on this rank "
                        "learn of the failure only at their timeout", ", ".join(held))
+
+
+def abort_world() -> None:
+    """Abort every communicator of the current world (NCCL: ``ncclCommAbort``), from any thread; a pending
+    operation then fails at once. (gloo's abort does not wake a pending operation: there the failing ranks' release
+    of their groups is what closes the connections.)"""
+    c10d._abort_process_group()
 
 
 def _live_groups() -> set:
@@ -314,6 +321,9 @@ def reset_step_state(engine: PipelineEngine) -> None:
     engine._grad_layer_buf = []
     engine.first_output_send = engine.first_gradient_send = True
     engine._force_grad_boundary = False
+    for timer in getattr(engine.timers, "timers", {}).values():  # a step's timers left running (train_batch's)
+        if timer.started_:
+            timer.reset()
     optimizer = engine.optimizer
     engine.module.zero_grad(set_to_none=True)
     if hasattr(optimizer, "clear_hp_grads"):  # BF16_Optimizer: fp32 accumulation buffers

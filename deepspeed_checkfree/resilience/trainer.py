@@ -38,6 +38,8 @@ from ..pipe.progress import StageProgress
 from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
                        STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
                        read_activation, supervised)
+from .death_watch import DeathWatch
+from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
 from .membership import Membership, connect_store, job_token
 from .stopping import stop_job
@@ -132,6 +134,13 @@ class ResilientTrainer:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
         self.membership = membership
+        self.death_watch = self.watch_membership = None
+        if self.backend != "gloo":  # gloo learns of a death by its closed connections (see release_process_groups)
+            # Its own store connection: the main thread's may be blocked.
+            self.watch_membership = Membership(
+                connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
+                self.rank, self.world_size, self.config.join_timeout_s)
+            self.death_watch = DeathWatch(ds_internals.abort_world)
         latest = membership.latest_generation()
         generation = joining_generation(latest, latest >= 0 and membership.formed(latest))
         holds_state = False     # this rank's engine holds its stage's state (a survivor keeps it in place)
@@ -205,8 +214,12 @@ class ResilientTrainer:
             self._drop_engine()  # everyone starts from initialisation together
         if survivors and self.engine is None:
             self.engine = self._build(solo=True)
-        self._form_group(membership, generation)
+        self._form_group(membership, generation, members)
         self.generation = generation
+        if self.death_watch is not None:
+            arrived = {r: m.incarnation for r, m in members.items()}
+            watcher = self.watch_membership
+            self.death_watch.arm(lambda: replaced_members(arrived, watcher.incarnation))
         if self.engine is None:
             self.engine = self._build(solo=False)
         else:
@@ -233,18 +246,20 @@ class ResilientTrainer:
         gc.collect()
 
     def _on_failure(self, why: str, generation: int, step: int) -> None:
-        """Let the failed world go (its groups first, so that every peer still waiting on this rank learns of the
-        failure at once), then log and record the failure."""
-        if self.engine is not None and self.engine.grid is not None:
-            self.engine.release_process_groups()
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Record a detected failure, then let the failed world go (its groups first, so that gloo can close the
+        connections the peers still waiting on this rank wait on)."""
         self.failures += 1
         stage = self.engine.stage_id if self.engine is not None else None
         logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step), generation, why)
         self.events.write("failure_detected", step=step, stage=stage, rank=self.rank, generation=generation,
                           error=why)
+        if self.death_watch is not None:
+            self.death_watch.disarm()
+        if self.engine is not None and self.engine.grid is not None:
+            self.engine.release_process_groups()
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         if self.failures > self.config.max_failures:
             raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures={self.config.max_failures}")
 
@@ -297,15 +312,21 @@ class ResilientTrainer:
     # The process group of a generation
     # ------------------------------------------------------------------------------------------------------
 
-    def _form_group(self, membership: Membership, generation: int) -> None:
+    def _form_group(self, membership: Membership, generation: int, members: Dict[int, MemberInfo]) -> None:
         # Building the engine runs collectives while a fresh process may still pay first-use costs that the
         # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
         # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
         # with torch's default timeout, so that default is set too.
         startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
         ds_internals.set_default_group_timeout(startup)
-        dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
-                                world_size=self.world_size, timeout=startup)
+        # A member that dies while the group forms ends the wait at once, not after the start-up timeout.
+        arrived = {r: m.incarnation for r, m in members.items()}
+        store = GenerationStore(membership.group_store(generation),
+                                lambda: replaced_members(arrived, membership.incarnation), generation, startup)
+        # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
+        self._group_store = store
+        dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=startup)
         # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
         # torch.distributed, so it follows the group of each new generation).
         deepspeed.init_distributed(dist_backend=self.backend)
