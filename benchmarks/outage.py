@@ -85,6 +85,51 @@ def run_checkfree(args, out: Path) -> dict:
             "final_loss": float(r[-1]["loss"])}
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM) so far."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def middle_stage_state_bytes(d_model: int, layers: int, stages: int) -> int:
+    """Weights plus Adam's two moments (fp32) of one middle stage of launch/train.py's model."""
+    from deepspeed_checkfree.models import gpt
+    block = gpt.Block(gpt.GPTConfig(vocab_size=256, seq_len=16, d_model=d_model, n_heads=4, n_layers=layers))
+    return 3 * 4 * sum(p.numel() for p in block.parameters()) * (layers // stages)
+
+
+def run_memory(args, out: Path) -> dict:
+    """Survivors' peak memory across a recovery: the peak RSS of stages 1 and 3 (a middle stage and the last) just
+    before stage 2 is killed (their steady-state training peak) and two steps after training resumed. In-place
+    recovery keeps each survivor's engine, so the second peak should not exceed the first by more than the
+    transfers of the rebuild."""
+    size = ["--d-model", str(args.memory_d_model), "--seq-len", "16"]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "--module",
+           "deepspeed_checkfree.supervisor", "--pid-dir", str(out / "pids"),
+           *train_cmd(args.checkfree_config, out, args.memory_steps, size)]
+    log = open(out / "job.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    kill_at = args.memory_steps // 2
+    wait_rows(out, kill_at, proc)
+    survivors = {r: int(Path(pid_file(str(out / "pids"), r)).read_text()) for r in (1, 3)}
+    before = {r: peak_rss_bytes(pid) for r, pid in survivors.items()}
+    os.kill(int(Path(pid_file(str(out / "pids"), 2)).read_text()), signal.SIGKILL)
+    done_before = len(rows(out))
+    wait_rows(out, done_before + 2, proc)
+    after = {r: peak_rss_bytes(pid) for r, pid in survivors.items()}
+    if proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"CheckFree job failed; see {out}/job.log")
+    state = middle_stage_state_bytes(args.memory_d_model, 8, 4)
+    excess = {r: after[r] - before[r] for r in survivors}
+    outage = [json.loads(line) for line in open(out / "events.jsonl") if '"outage"' in line][0]
+    return {"d_model": args.memory_d_model, "stage_state_bytes": state, "steady_peak_rss_bytes": before,
+            "recovery_peak_rss_bytes": after, "excess_bytes": excess,
+            "excess_over_stage_state": {r: e / state for r, e in excess.items()},
+            "phases_s": {k: outage[k] for k in ("detected_s", "rejoined_s", "rebuilt_s", "resumed_s")}}
+
+
 def run_checkpoint_restart(args, out: Path) -> dict:
     ckpt = out / "ckpt"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()),
@@ -126,10 +171,13 @@ def main() -> None:
     p.add_argument("--baseline-config", default="configs/baseline.json")
     p.add_argument("--workdir", default="runs/bench_outage")
     p.add_argument("--out", default="benchmarks/results/outage.json")
+    p.add_argument("--memory-d-model", type=int, default=1024, help="d_model of the survivors' memory run")
+    p.add_argument("--memory-steps", type=int, default=16)
     args = p.parse_args()
     work = REPO / args.workdir
     results = {}
-    for name, fn in (("checkfree", run_checkfree), ("checkpoint_restart", run_checkpoint_restart)):
+    runs = (("checkfree", run_checkfree), ("checkpoint_restart", run_checkpoint_restart), ("memory", run_memory))
+    for name, fn in runs:
         out = work / name
         subprocess.run(["rm", "-rf", str(out)], check=True)
         out.mkdir(parents=True)
@@ -139,8 +187,10 @@ def main() -> None:
     step = statistics.median([cf["step_time_s"], ck["step_time_s"]])
     summary = {
         "benchmark": "outage after kill -9 of stage 2 (4 stages, CPU): CheckFree vs checkpoint-restart",
-        "kill_after_steps": args.kill_step, "checkpoint_every": args.save_every, **results,
+        "kill_after_steps": args.kill_step, "checkpoint_every": args.save_every,
+        "checkfree": cf, "checkpoint_restart": ck,
         "outage_ratio": ck["outage_s"] / cf["outage_s"],
+        "memory": results["memory"],
         "lost_work_s": {"checkfree": cf["outage_s"] + cf["lost_steps"] * step,
                         "checkpoint_restart": ck["outage_s"] + ck["lost_steps"] * step},
     }

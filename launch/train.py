@@ -10,6 +10,10 @@ with NCCL (the backend is the accelerator's unless --backend says otherwise).
 To survive real process loss, start it through the supervisor (and set CHECKFREE_JOB_TOKEN):
 
     deepspeed --num_gpus 4 --module deepspeed_checkfree.supervisor launch/train.py --deepspeed_config ...
+
+An error that is not a lost peer (an invalid config, a bug in a step) stops the job with exit code 78 and a
+``stopped`` event, under the supervisor or not. The --inject-* and --die-at flags are fault-injection aids for
+demos and tests.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,7 +40,8 @@ import deepspeed  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import deepspeed_checkfree  # noqa: E402,F401  (registers the CheckFree engine with deepspeed.initialize)
 from deepspeed_checkfree.models import gpt  # noqa: E402
-from deepspeed_checkfree.resilience.contract import supervised  # noqa: E402
+from deepspeed_checkfree.resilience.contract import incarnation_from_env, is_spare, supervised  # noqa: E402
+from deepspeed_checkfree.resilience.stopping import ScriptGuard  # noqa: E402
 from deepspeed_checkfree.resilience.trainer import ResilientTrainer  # noqa: E402
 from deepspeed_checkfree.core.config import CheckFreeConfig  # noqa: E402
 from deepspeed_checkfree.models.corpus import StepBatches, load_corpus, split_corpus  # noqa: E402
@@ -56,35 +62,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", default=None, help="checkpoint-restart baseline (not under the supervisor): resume "
                    "from the latest DeepSpeed checkpoint here, and save one every --save-every steps")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (with --ckpt-dir)")
+    p.add_argument("--inject-error", default=None, metavar="RANK:STEP",
+                   help="raise an AssertionError in step STEP on RANK, every time (a deterministic bug)")
+    p.add_argument("--inject-comm-error", default=None, metavar="RANK:STEP",
+                   help="raise a transient communication error (DistNetworkError) once in step STEP on RANK")
+    p.add_argument("--die-at", action="append", default=[], metavar="PHASE:RANK",
+                   help="the first trainer of RANK SIGKILLs itself in PHASE: 'startup' (before joining the job) or "
+                        "'build' (inside the first engine build); repeatable")
+    p.add_argument("--min-step-s", type=float, default=0.0, metavar="SECONDS",
+                   help="pace the steps: each takes at least this long (to watch a demo, or to leave a test time "
+                        "to act while the job trains)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(p)
     return p.parse_args(argv)
 
 
+def _rank_step(value):
+    return tuple(int(x) for x in value.split(":")) if value else (None, None)
+
+
+def _die_at(args, phase: str, rank: int) -> None:
+    """--die-at: a real SIGKILL of this (first, active) trainer in ``phase``."""
+    if f"{phase}:{rank}" in args.die_at and not is_spare() and incarnation_from_env() == 0:
+        print(f"--die-at {phase}:{rank}: trainer pid {os.getpid()} kills itself", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Any error from here on that is not a lost peer stops the job (exit code 78) instead of being respawned.
+    guard = ScriptGuard(rank, events_file=str(out / "events.jsonl"))
+    with guard:
+        run(args, guard, rank, out)
+
+
+def run(args, guard: ScriptGuard, rank: int, out: Path) -> None:
     torch.manual_seed(args.seed)
     if not args.deepspeed_config:
         sys.exit("pass --deepspeed_config CONFIG.json (see configs/)")
     with open(args.deepspeed_config) as f:
         ds_config = json.load(f)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cf = ds_config.get("checkfree")
-    if isinstance(cf, dict) and cf.get("enabled") and not cf.get("events_file"):
-        cf["events_file"] = str(out / "events.jsonl")
-    rank = int(os.environ.get("RANK", "0"))
+    if isinstance(cf, dict) and cf.get("events_file"):
+        guard.events_file = cf["events_file"]
+    # Parsed here, so that an invalid section stops the job before any engine exists (ConfigError, exit code 78).
+    checkfree = CheckFreeConfig.from_ds_config(ds_config)
+    if checkfree.enabled:
+        # A section given as a YAML/JSON file path becomes the parsed section, with the same default events file
+        # as an inline one.
+        section = json.loads(checkfree.model_dump_json())
+        section["events_file"] = checkfree.events_file or guard.events_file
+        guard.events_file = section["events_file"]
+        ds_config["checkfree"] = section
+    _die_at(args, "startup", rank)
+    error_rank, error_step = _rank_step(args.inject_error)
+    comm_rank, comm_step = _rank_step(args.inject_comm_error)
+    injected = set()
 
     cfg = gpt.GPTConfig(vocab_size=256, seq_len=args.seq_len, d_model=args.d_model, n_heads=args.heads,
                         n_layers=args.layers)
-    plus = CheckFreeConfig.from_ds_config(ds_config).mode == "checkfree_plus"
+    plus = checkfree.mode == "checkfree_plus"
     train_tokens, _ = split_corpus(load_corpus(args.corpus))
 
     def build_engine():
         model = (gpt.plus_pipeline_module if plus else gpt.pipeline_module)(cfg, num_stages=args.stages,
                                                                              base_seed=args.seed)
+        _die_at(args, "build", rank)
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
         # Batches are addressed by (step, micro-batch): a replayed step sees exactly the data it saw before.
@@ -102,7 +150,15 @@ def main(argv=None) -> None:
 
     def train_step(engine, step):
         clock["t"] = time.perf_counter()
-        return float(engine.train_batch(engine.checkfree_batches.iterator(step)))
+        if (rank, step) == (error_rank, error_step):
+            raise AssertionError(f"injected deterministic error in step {step} on rank {rank} (--inject-error)")
+        if (rank, step) == (comm_rank, comm_step) and "comm" not in injected:
+            injected.add("comm")
+            raise torch.distributed.DistNetworkError(f"injected transient communication error in step {step} on "
+                                                     f"rank {rank} (--inject-comm-error)")
+        loss = float(engine.train_batch(engine.checkfree_batches.iterator(step)))
+        time.sleep(max(0.0, args.min_step_s - (time.perf_counter() - clock["t"])))
+        return loss
 
     def on_step(engine, step, loss):
         dt = time.perf_counter() - clock["t"]

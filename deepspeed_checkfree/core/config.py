@@ -104,6 +104,30 @@ class CheckFreeConfig(ConfigSection):
     join_timeout_s: float = Field(600.0, gt=0.0, description="How long the survivors wait for a replacement (a "
                                   "respawned trainer, or a new machine running the join command).")
     max_failures: int = Field(100, ge=0, description="Give up after this many re-formations of the process group.")
+    spare_builds_engine: bool = Field(False, description="Under the supervisor: the warm spare builds its "
+                                      "stage's engine (model, optimizer) before it is needed, so that a replacement "
+                                      "only joins the group and rebuilds. It then holds a second copy of the stage "
+                                      "on the machine: leave it off when the stage fills the accelerator's memory.")
+    heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "
+                                                  "trainer tells its supervisor it is alive. A trainer silent for "
+                                                  "detection_timeout_s is killed as hung and replaced. Default: "
+                                                  "min(1, detection_timeout_s / 4); must be below "
+                                                  "detection_timeout_s.")
+
+    @model_validator(mode="after")
+    def _heartbeat_below_detection(self) -> "CheckFreeConfig":
+        if self.heartbeat_interval_s is not None and self.heartbeat_interval_s >= self.detection_timeout_s:
+            raise ValueError(f"heartbeat_interval_s={self.heartbeat_interval_s} must be below detection_timeout_s="
+                             f"{self.detection_timeout_s}, or every trainer would count as hung. Lower "
+                             f"heartbeat_interval_s (or leave it unset: detection_timeout_s / 4).")
+        return self
+
+    @property
+    def heartbeat_s(self) -> float:
+        """The heartbeat interval in effect."""
+        if self.heartbeat_interval_s is not None:
+            return self.heartbeat_interval_s
+        return min(1.0, self.detection_timeout_s / 4)
 
     def validate_for(self, num_stages: int) -> None:
         """Check the parts of the config that depend on the pipeline depth.

@@ -21,11 +21,11 @@ class MemberInfo:
     pid: int
 
 
-def joining_generation(incarnation: int, last_generation: int) -> int:
-    """The generation a trainer arrives for first: 0 for the job's first trainers; a replacement (incarnation > 0)
-    joins the one after the last its rank took part in (``last_generation``, -1 if none), where the survivors move
-    as soon as they notice the failure."""
-    return last_generation + 1 if incarnation > 0 else 0
+def joining_generation(latest_generation: int, latest_formed: bool) -> int:
+    """The generation a trainer arrives for first: the latest one any rank arrived for (-1 if none), unless that one
+    has already formed its process group, in which case the next one (where the survivors move as soon as they
+    notice the failure). A trainer that died before its generation formed is so replaced within that generation."""
+    return latest_generation + 1 if latest_formed or latest_generation < 0 else latest_generation
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class RejoinPlan:
 
     Attributes:
         generation: the generation being formed.
-        cold_start: generation 0 with every rank fresh: the job starts, nothing is restored.
+        cold_start: every rank fresh and no step completed yet (generation 0, or a fault before the first step):
+            the job starts from initialisation, nothing is restored.
         fresh_ranks: ranks that hold no stage state (replacements), sorted.
         survivor_ranks: ranks that kept their stage state in memory, sorted.
         step: the step to run next: the fewest completed by a survivor (a rank one step ahead replays it without
@@ -75,28 +76,31 @@ class RejoinPlan:
                               tuple(r for r in data_parallel_ranks if r in self.fresh_ranks))
 
 
-def plan_rejoin(generation: int, members: Mapping[int, MemberInfo], stage_of: Mapping[int, int]) -> RejoinPlan:
+def plan_rejoin(generation: int, members: Mapping[int, MemberInfo], stage_of: Mapping[int, int],
+                job_has_progress: bool = True) -> RejoinPlan:
     """Decide how ``generation`` continues from what its ``members`` (global rank -> info) say of themselves.
 
     Args:
         generation: the generation being formed.
         members: every rank's info for this generation.
         stage_of: global rank -> pipeline stage.
+        job_has_progress: some rank has completed a step of this job (before that, a job whose ranks all lost their
+            state simply starts over). Unknown counts as yes: never start over silently.
 
     Returns:
         The plan; the same on every rank.
 
     Raises:
-        RecoveryError: after generation 0 no rank kept its state, so there is nothing to rebuild from.
+        RecoveryError: no rank kept its state after the job made progress, so there is nothing to rebuild from.
     """
     fresh = tuple(sorted(r for r, m in members.items() if m.fresh))
-    if generation == 0 and len(fresh) == len(members):
+    if len(fresh) == len(members) and (generation == 0 or not job_has_progress):
         return RejoinPlan(generation, cold_start=True, fresh_ranks=fresh, survivor_ranks=(), step=0,
                           schedule_source=None, hit_stages=(), replicated_stages=(), lost_stages=())
     survivors = {r: m for r, m in members.items() if not m.fresh}
     if not survivors:
         raise RecoveryError(f"generation {generation}: every rank lost its state (ranks {list(fresh)}); nothing "
-                            f"to rebuild from. Restart from a checkpoint.")
+                            f"to rebuild from (the job had completed steps). Restart from a checkpoint.")
     step = min(m.completed_steps for m in survivors.values())
     # The replayed step's schedule state comes from a survivor that has not yet applied it.
     source = min(r for r, m in survivors.items() if m.completed_steps == step)
@@ -151,6 +155,11 @@ def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], death_times: It
     The outage starts at the first trainer death since the last completed step (the earliest of the ranks' last
     ones), or, when no supervisor saw a death (a whole node vanished), at the first detection; it runs through any
     failed attempts to this generation's first completed step. No step is lost: the interrupted one is replayed.
+
+    The kernel closes a dead process's sockets before its parent learns of the exit, so a neighbour's detection can
+    precede the supervisor's record of the death: the start is the earliest trace of either kind. ``detected_s``
+    (start to the last detection) is therefore >= 0 and near 0 when every detection came at once; the times are
+    kept to the microsecond, so it is 0.0 only when the last detection *is* the earliest trace.
     """
     progress = [t.last_success for t in times if t.last_success is not None]
     since = min(progress) if progress else 0.0
@@ -159,13 +168,13 @@ def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], death_times: It
     start = min(deaths + detected)
 
     def phase(name: str) -> float:
-        return round(max(getattr(t, name) for t in times) - start, 4)
+        return round(max(getattr(t, name) for t in times) - start, 6)
 
     return Outage(generation=plan.generation, lost_ranks=list(plan.fresh_ranks), lost_stages=list(plan.hit_stages),
                   replayed_step=plan.step, lost_steps=0,
                   # The kill itself is not observable: its earliest trace is the supervisor seeing its child exit
                   # or a neighbour's connection breaking (both within ~20 ms of it).
                   start="trainer death" if deaths else "first detection (no supervisor saw a death)",
-                  detected_s=round(max(detected) - start, 4) if detected else None,
+                  detected_s=round(max(detected) - start, 6) if detected else None,
                   rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
                   outage_s=phase("resumed"))

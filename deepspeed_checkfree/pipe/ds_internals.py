@@ -7,6 +7,7 @@ entry and fails loudly if DeepSpeed or torch changes it; re-check that test befo
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from types import MethodType
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -17,6 +18,8 @@ import torch.distributed.distributed_c10d as c10d
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------
 # PipelineEngine: the private methods CheckFreeEngine overrides or calls, with the parameters it relies on.
@@ -195,3 +198,144 @@ def bf16_fp32_partitions(optimizer: Any) -> List[torch.Tensor]:
 
 def zero_fp32_partitions(optimizer: Any) -> List[torch.Tensor]:
     return list(optimizer.single_partition_of_fp32_groups)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Re-binding a built engine to the process groups of a re-formed world (in-place recovery)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def form_solo_world(rank: int, world_size: int) -> None:
+    """A world in which this process is ``rank`` of ``world_size`` but no collective reaches a peer (torch's fake
+    backend): a replacement builds its engine in it before any peer is there, then re-binds to the real world."""
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 - registers the fake backend
+
+    dist.init_process_group(dist.Backend.FAKE, rank=rank, world_size=world_size)
+
+
+def world_is_solo() -> bool:
+    """Whether the current world is the solo one of :func:`form_solo_world`."""
+    return dist.is_initialized() and str(dist.get_backend()).lower() == str(dist.Backend.FAKE).lower()
+
+
+def rebind_process_groups(engine: PipelineEngine) -> None:
+    """Point a built engine at process groups of the current world (a new ``init_process_group`` after the old
+    world was destroyed), creating them in the order DeepSpeed does while it builds an engine: the module's world
+    group, its grid (pipeline, data-parallel, slice groups), its tied-weight groups. Every rank of the world calls
+    this, survivors and the replacement alike, so that the groups match. Nothing else of the engine is touched: its
+    module, optimizer state and fp32 masters stay where they are."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+    from deepspeed.utils import groups
+
+    module = engine.module
+    module.world_group = dist.new_group(ranks=range(dist.get_world_size()))
+    grid = PipelineParallelGrid(process_group=module.world_group, topology=module._topo)
+    module._grid = engine.grid = engine.mpu = grid
+    groups.mpu = grid
+    module.tied_comms = module._index_tied_modules()
+    engine.data_parallel_group = groups._get_data_parallel_group()
+    engine.seq_data_parallel_group = groups._get_sequence_data_parallel_group()
+    if engine.is_pipe_parallel:
+        p2p.init_process_groups(grid)
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "dp_process_group"):  # BF16_Optimizer, ZeRO-1/2
+        optimizer.dp_process_group = engine.seq_data_parallel_group
+        optimizer.real_dp_process_group = [engine.seq_data_parallel_group] * len(optimizer.real_dp_process_group)
+        optimizer.mpu = grid
+        if hasattr(optimizer, "model_parallel_group"):  # ZeRO: the norm's group (None without an mpu)
+            optimizer.model_parallel_group = grid.get_model_parallel_group()
+    stale = stale_group_references(engine)
+    if stale:
+        raise RuntimeError(f"after re-binding, {', '.join(stale)} still refer to a process group of the old world: "
+                           f"this DeepSpeed version keeps a group where CheckFree does not expect one "
+                           f"(see pipe/ds_internals.rebind_process_groups)")
+
+
+def release_process_groups(engine: PipelineEngine) -> None:
+    """Drop every reference the engine, its module, optimizer and DeepSpeed's globals hold to the process groups of
+    a failed world, before it is destroyed.
+
+    gloo closes a group's connections only when its last reference goes (aborting or shutting it down does not wake
+    a pending operation, measured with torch 2.13). A rank that has detected a failure must therefore let its groups
+    go at once: each peer still waiting on it then fails within milliseconds too, and so on down the pipeline, so
+    every rank learns of a death at once and not after the timeout. (:func:`rebind_process_groups` re-creates
+    them.)"""
+    from deepspeed.utils import groups
+
+    module = engine.module
+    module.world_group = None
+    module._grid = engine.grid = engine.mpu = None
+    groups.mpu = None
+    p2p._grid = p2p._groups = None
+    module.tied_comms = {}
+    engine.data_parallel_group = engine.seq_data_parallel_group = None
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "dp_process_group"):
+        optimizer.dp_process_group = optimizer.mpu = None
+        optimizer.real_dp_process_group = [None] * len(optimizer.real_dp_process_group)
+        if hasattr(optimizer, "model_parallel_group"):
+            optimizer.model_parallel_group = None
+    held = stale_group_references(engine, live=set())
+    if held:  # not fatal (the peers then wait for their timeout), but a sign DeepSpeed moved a reference
+        logger.warning("%s still hold a process group after release_process_groups: peers waiting on this rank "
+                       "learn of the failure only at their timeout", ", ".join(held))
+
+
+def abort_world() -> None:
+    """Abort every communicator of the current world (NCCL: ``ncclCommAbort``), from any thread; a pending
+    operation then fails at once. (gloo's abort does not wake a pending operation: there the failing ranks' release
+    of their groups is what closes the connections.)"""
+    c10d._abort_process_group()
+
+
+def _live_groups() -> set:
+    return set(c10d._world.pg_map)
+
+
+def stale_group_references(engine: PipelineEngine, live: Optional[set] = None) -> List[str]:
+    """The attributes of the engine, its module, optimizer and grid (and of the lists and dicts they hold, one level
+    down) that hold a process group which is not in ``live`` (default: the groups of the current world)."""
+    live = _live_groups() if live is None else live
+    found = []
+    owners = {"engine": engine, "module": engine.module, "optimizer": engine.optimizer, "grid": engine.grid}
+    for owner_name, owner in owners.items():
+        if owner is None:
+            continue
+        for name, value in vars(owner).items():
+            values = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            for v in values:
+                inner = list(v.values()) if isinstance(v, dict) else [v]
+                if any(isinstance(g, dist.ProcessGroup) and g not in live for g in inner):
+                    found.append(f"{owner_name}.{name}")
+                    break
+    return found
+
+
+PIPE_STEP_STATE = ("pipe_recv_buf", "grad_layer", "meta_buffer", "pipe_partition_input_meta_cache",
+                   "pipe_partition_output_meta_cache", "pipe_partition_grad_meta_cache",
+                   "grad_partition_grad_layer_meta_cache", "total_loss", "total_additional_losses")
+
+
+def reset_step_state(engine: PipelineEngine) -> None:
+    """Forget everything of a step a failure interrupted: the pipeline buffers (activations and their graphs), the
+    received-shape state (DeepSpeed sends tensor metadata once per peer: a new peer needs it again), and the
+    gradients accumulated so far, in the torch module and in the bf16/ZeRO wrappers' buffers."""
+    for key in engine.pipe_buffers:
+        engine.pipe_buffers[key] = []
+    engine.num_pipe_buffers = 0
+    for name in PIPE_STEP_STATE:
+        setattr(engine, name, None)
+    engine._grad_layer_buf = []
+    engine.first_output_send = engine.first_gradient_send = True
+    engine._force_grad_boundary = False
+    for timer in getattr(engine.timers, "timers", {}).values():  # a step's timers left running (train_batch's)
+        if timer.started_:
+            timer.reset()
+    optimizer = engine.optimizer
+    engine.module.zero_grad(set_to_none=True)
+    if hasattr(optimizer, "clear_hp_grads"):  # BF16_Optimizer: fp32 accumulation buffers
+        optimizer.clear_lp_grads(set_to_none=True)
+        optimizer.clear_hp_grads()
+    elif hasattr(optimizer, "averaged_gradients"):  # ZeRO-1/2: the reduced partitions of the interrupted step
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.averaged_gradients = {}

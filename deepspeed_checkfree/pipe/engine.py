@@ -49,6 +49,11 @@ def _to_cpu(obj):
     return obj
 
 
+def _no_update(*args, **kwargs) -> None:
+    """The torch optimizer's step while a rank replays a step it already applied."""
+    return None
+
+
 class CheckFreeEngine(PlusRouting, PipelineEngine):
     """A ``PipelineEngine`` that can lose a stage and rebuild it from its neighbours.
 
@@ -80,9 +85,33 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
         self.events = EventLog(cf.events_file)
         self._stage_grad_norm: Optional[torch.Tensor] = None
         self.recoveries: List[dict] = []
+        self.stage_signatures: Optional[list] = None
+        if not ds_internals.world_is_solo():  # else (a replacement built before its peers exist): in rebind()
+            self._gather_signatures()
+
+    def _gather_signatures(self) -> None:
         self.stage_signatures = gather_signatures(stage_signature(self.module), self.stage_id, self.num_stages,
                                                   group=self.grid.get_pipe_parallel_group())
         self._check_recoverable()
+
+    def release_process_groups(self) -> None:
+        """Let go of the process groups of a failed world (see :func:`~.ds_internals.release_process_groups`);
+        :meth:`rebind` binds the engine to the next one."""
+        ds_internals.release_process_groups(self)
+
+    def rebind(self) -> None:
+        """Continue in a re-formed world: called on every rank after ``init_process_group`` of a new generation.
+
+        The engine keeps its module, optimizer (fp32 masters and moments), LR scheduler and counters; only the process
+        groups are created anew (pipeline, data-parallel, tied-weight and p2p) and the engine, module and optimizer
+        re-bound to them. What an interrupted step left behind (activations, partial gradients, the peers' tensor
+        metadata) is dropped. No stage tensor is copied, so a survivor's memory does not grow. A replacement built
+        its engine in the solo world (:func:`~.ds_internals.form_solo_world`) and re-binds the same way.
+        """
+        ds_internals.rebind_process_groups(self)
+        ds_internals.reset_step_state(self)
+        self._reset_route_state()
+        self._gather_signatures()
 
     def _check_recoverable(self) -> None:
         """Plan and match the rebuild of every stage the mode protects, so a mismatch stops training now."""
@@ -114,12 +143,28 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
             # This rank already applied this step before a failure interrupted the others: its update is not
             # applied twice; the replay only carried activations and gradients for the stages that had not.
             self._replayed_steps -= 1
-            if self.optimizer_is_wrapped():
-                self.optimizer.zero_grad()
-            else:
-                self.zero_grad()
+            self._step_without_update(lr_kwargs)
             return
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+
+    def _step_without_update(self, lr_kwargs) -> None:
+        """DeepSpeed's optimizer step with the update left out, for a rank that already applied it.
+
+        The step's collectives still run, so the ranks that do apply it are not left waiting: the global gradient
+        norm of ``gradient_clipping`` (all stages), and the bf16/ZeRO wrappers' norm and all-gathers. The torch
+        optimizer's ``step`` is a no-op meanwhile (weights, moments and step counts stay), the wrappers copy back the
+        unchanged fp32 masters, and the progress record (counters, LR schedule and boost) is put back as it was.
+        """
+        progress = self.progress()
+        optimizer = self.basic_optimizer
+        optimizer.step = _no_update  # an instance attribute hides the class's step (and its hooks)
+        try:
+            PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        finally:
+            del optimizer.step
+        norm = self._stage_grad_norm
+        self.load_progress(progress)
+        self._stage_grad_norm = norm
 
     _INSTRUCTION_MAP = ds_internals.instruction_map({
         schedule.OptimizerStep: _exec_optimizer_step,

@@ -70,6 +70,14 @@ class PlusRouting:
         self._recv_bufs: Dict[int, object] = {}
         self._tied_authority: Dict[str, int] = {}
 
+    def _reset_route_state(self) -> None:
+        """Forget the per-peer transfer state (metadata sent, receive buffers) and a step's losses: after the
+        process groups re-form, every peer may be a new process that needs the metadata again."""
+        self._role = None
+        self._mb_losses = {}
+        self._meta_sent_to = set()
+        self._recv_bufs = {}
+
     def is_first_stage(self):
         role = getattr(self, "_role", None)
         return self.stage_id == 0 if role is None else role.is_first

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, TextIO
+from typing import Dict, Mapping, MutableMapping, Optional, TextIO
 
 # ---------------------------------------------------------------------------------------------------------------
 # Environment variables
@@ -28,11 +28,14 @@ SUPERVISED_ENV = "CHECKFREE_SUPERVISED"
 INCARNATION_ENV = "CHECKFREE_INCARNATION"  # how many times this rank's trainer has been (re)started
 SPARE_ENV = "CHECKFREE_SPARE"  # a warm spare: waits for its activation line on stdin
 STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
+HEARTBEAT_FD_ENV = "CHECKFREE_HEARTBEAT_FD"  # the write end of the pipe the trainer's heartbeat goes to
+SUPERVISOR_PID_ENV = "CHECKFREE_SUPERVISOR_PID"  # the trainer ends itself when this process is gone
 _TRUE = "1"
 
 
 def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
-                store_port: int, incarnation: int, spare: bool = False) -> Dict[str, str]:
+                store_port: int, incarnation: int, spare: bool = False, heartbeat_fd: Optional[int] = None,
+                supervisor_pid: Optional[int] = None) -> Dict[str, str]:
     """The variables the supervisor adds to its own environment for a trainer (the store is on the master)."""
     env = dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr,
                MASTER_PORT=str(master_port))
@@ -40,6 +43,10 @@ def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str
                 STORE_PORT_ENV: str(store_port)})
     if spare:
         env[SPARE_ENV] = _TRUE
+    if heartbeat_fd is not None:
+        env[HEARTBEAT_FD_ENV] = str(heartbeat_fd)
+    if supervisor_pid is not None:
+        env[SUPERVISOR_PID_ENV] = str(supervisor_pid)
     return env
 
 
@@ -73,6 +80,42 @@ def read_activation(stream: TextIO) -> Optional[int]:
     return int(line) if line else None
 
 
+def activated(environ: MutableMapping[str, str], incarnation: int) -> None:
+    """Turn a spare's environment into that of the active trainer of ``incarnation`` (for the training script)."""
+    environ[INCARNATION_ENV] = str(incarnation)
+    environ.pop(SPARE_ENV, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer's heartbeat: one line per beat on a pipe to its supervisor, carrying the silence after which the
+# supervisor may kill it as hung (the trainer knows its config's detection_timeout_s; the supervisor does not)
+# ---------------------------------------------------------------------------------------------------------------
+
+def heartbeat_line(timeout_s: float) -> bytes:
+    """One beat; ``math.inf`` says "done: do not judge me any more" (the trainer finished and is exiting)."""
+    return f"{timeout_s:.3f}\n".encode()
+
+
+def last_heartbeat_timeout(data: bytes) -> Optional[float]:
+    """The timeout carried by the last complete beat in ``data``; None if it holds none."""
+    lines = data.split(b"\n")[:-1]
+    return float(lines[-1]) if lines else None
+
+
+def finished_fact(rank: int) -> str:
+    """Fact: ``rank``'s trainer completed the job (a crash while it exits is then no loss)."""
+    return f"finished/{rank}"
+
+
+LEASE_INTERVAL_S = 1.0  # a supervisor renews its rank's lease this often
+LEASE_TIMEOUT_S = 5.0   # a supervisor whose lease has not been renewed for this long is gone (its machine lost)
+
+
+def lease_key(rank: int) -> str:
+    """The store counter ``rank``'s supervisor renews every :data:`LEASE_INTERVAL_S` while it runs (a job key)."""
+    return f"lease/{rank}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Exit codes
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,8 +123,10 @@ def read_activation(stream: TextIO) -> Optional[int]:
 # A trainer that exits with this code has stopped on purpose (unrecoverable failure, by policy or by nature):
 # its supervisor does not start a replacement.
 STOPPED_EXIT_CODE = 78
-# The supervisor of a machine that asked to join and was refused (wrong token, rank out of range).
+# The supervisor of a machine that asked to join and was refused (wrong token, rank out of range, rank alive).
 JOIN_REFUSED_EXIT_CODE = 3
+# A supervisor that lost the job's store (rank 0's supervisor or machine is gone) ends with this code.
+STORE_LOST_EXIT_CODE = 80
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,6 +154,11 @@ def member_key(generation: int, rank: int) -> str:
     return f"g/{generation}/member/{rank}"
 
 
+def formed_key(generation: int) -> str:
+    """Set once every rank has arrived for ``generation`` (its process group forms)."""
+    return f"g/{generation}/formed"
+
+
 def group_store_prefix(generation: int) -> str:
     """The prefix ``generation``'s process group rendezvouses under."""
     return f"g/{generation}/pg"
@@ -134,6 +184,10 @@ def death_fact(rank: int, incarnation: int) -> str:
     return f"death/{rank}/{incarnation}"
 
 
+STOPPED_FACT = "stopped"    # fact: the job stopped: {"rank", "cause", "reason"} of the first rank that stopped it
+PROGRESS_FACT = "progress"  # fact: some rank has completed a step of this job
+FRESH_START_KEY = "fresh_start"  # counter: every rank's trainer starts over (a death before the first step)
+STOP_ACKS_KEY = "stop_acks"      # counter: supervisors that have seen the stop (rank 0's keeps the store up till all)
 DONE_KEY = "done"  # counter: trainers that finished the job (rank 0's supervisor keeps the store up until all did)
 JOIN_REQUESTS = "cf-join/requests"  # counter of join requests, and the prefix of each request
 
@@ -163,6 +217,17 @@ class TrainerDeath:
 def pid_file(pid_dir: str, rank: int) -> str:
     """Where the supervisor writes the pid of ``rank``'s active trainer (``--pid-dir``)."""
     return os.path.join(pid_dir, f"rank{rank}.pid")
+
+
+def supervisor_pid_file(pid_dir: str, rank: int) -> str:
+    """Where ``rank``'s supervisor writes its own pid (``--pid-dir``)."""
+    return os.path.join(pid_dir, f"supervisor{rank}.pid")
+
+
+def started_file(pid_dir: str, rank: int) -> str:
+    """Where ``rank``'s supervisor appends one ``ROLE PID`` line per process it starts (``--pid-dir``): tests check
+    that none survives the job."""
+    return os.path.join(pid_dir, f"rank{rank}.started")
 
 
 def dump_file(dump_dir: str, generation: int, when: str, rank: int) -> str:

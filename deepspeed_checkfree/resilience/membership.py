@@ -2,10 +2,11 @@
 
 Every time the process group has to be re-formed (a trainer died), the members move to the next *generation*:
 each publishes its rank, whether it still holds its stage's state, and how many steps it has completed, then all
-wait until the whole world is there and form a new process group on a store prefix of that generation. Keys live
-under a prefix derived from the job token, so a process without the token can neither read nor join a generation;
-a new machine asks to join and is admitted by rank 0's supervisor only with the right token. The key names are
-:mod:`.contract`'s.
+wait until the whole world is there (a member counts only while it is its rank's active trainer) and form a new
+process group on a store prefix of that generation. Keys live under a prefix derived from the job token, so a
+process without the token can neither read nor join a generation; a new machine asks to join and is admitted by
+rank 0's supervisor only with the right token and only for a rank whose supervisor is gone. The store also carries
+the job-wide stop, the first completed step and the supervisors' leases. The key names are :mod:`.contract`'s.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from typing import Dict, Optional
 
 import torch.distributed as dist
 
+from ..core.fault_policy import ADMIT, PENDING, join_verdict
 from ..core.rejoin import MemberInfo
 from ..errors import CheckFreeError
 # (MemberInfo, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, JOIN_REQUESTS and key_prefix are also this module's
 # names since version 0.1.)
-from .contract import (DONE_KEY, JOIN_REQUESTS, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV,  # noqa: F401
-                       TrainerDeath, death_fact, fact_key, group_store_prefix, incarnation_fact, join_request_key,
-                       join_verdict_key, key_prefix, member_key, pid_fact, rank_generation_key, token_mac)
+from .contract import (DONE_KEY, FRESH_START_KEY, JOIN_REQUESTS, LEASE_TIMEOUT_S, PROGRESS_FACT,  # noqa: F401
+                       STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
+                       death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact,
+                       join_request_key, join_verdict_key, key_prefix, lease_key, member_key, pid_fact,
+                       rank_generation_key, token_mac)
 
 
 class JoinRefused(CheckFreeError):
@@ -36,6 +40,10 @@ class JoinRefused(CheckFreeError):
 
 class MembershipTimeout(CheckFreeError):
     """Not every rank arrived for a generation within the join timeout."""
+
+
+class JobStopped(CheckFreeError):
+    """Another rank stopped the job (the message gives its rank and reason)."""
 
 
 def job_token(explicit: Optional[str] = None) -> str:
@@ -101,27 +109,49 @@ class Membership:
         key = self.key(rank_generation_key(self.rank if rank is None else rank))
         return int(self.store.get(key)) if self.store.check([key]) else -1
 
+    def latest_generation(self) -> int:
+        """The latest generation any rank arrived for; -1 if none."""
+        return max(self.last_generation(r) for r in range(self.world_size))
+
+    def formed(self, generation: int) -> bool:
+        """Whether every rank arrived for ``generation`` (its process group formed, or was formed)."""
+        return self.store.check([self.key(formed_key(generation))])
+
     def arrive(self, generation: int, info: MemberInfo) -> Dict[int, MemberInfo]:
         """Announce this rank for ``generation`` and wait until every rank has; return everyone's info.
 
+        A rank counts as arrived only while the member it announced is its rank's active trainer (its supervisor
+        moves the rank's incarnation on before it starts another), so a trainer that died after arriving is never
+        waited for as a ghost.
+
         Raises:
             MembershipTimeout: some ranks did not arrive within the join timeout (they are named).
+            JobStopped: a rank stopped the job meanwhile.
         """
         self.store.set(self.key(rank_generation_key(self.rank)), str(generation))
         self.store.set(self.key(member_key(generation, self.rank)), json.dumps(info.__dict__))
         keys = [self.key(member_key(generation, r)) for r in range(self.world_size)]
         deadline = time.monotonic() + self.join_timeout_s
         while True:
-            missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+            self.raise_if_stopped()
+            members = {r: MemberInfo(**json.loads(self.store.get(k))) for r, k in enumerate(keys)
+                       if self.store.check([k])}
+            missing = [r for r in range(self.world_size)
+                       if r not in members or members[r].incarnation != (self.incarnation(r) or 0)]
             if not missing:
                 break
             if time.monotonic() > deadline:
                 raise MembershipTimeout(
                     f"generation {generation}: ranks {missing} did not arrive within join_timeout_s="
-                    f"{self.join_timeout_s}. Start a replacement for them with the join command (see the "
-                    f"README), or raise checkfree.join_timeout_s.")
-            time.sleep(0.02)
-        return {r: MemberInfo(**json.loads(self.store.get(k))) for r, k in enumerate(keys)}
+                    f"{self.join_timeout_s} (their supervisors are {self._lease_words(missing)}). Start a "
+                    f"replacement machine for them with the join command (see the README), or raise "
+                    f"checkfree.join_timeout_s.")
+            time.sleep(0.05)
+        self.store.set(self.key(formed_key(generation)), "1")
+        return members
+
+    def _lease_words(self, ranks) -> str:
+        return ", ".join(f"rank {r}: lease {self.lease(r)}" for r in ranks) + " renewals so far"
 
     def group_store(self, generation: int) -> dist.PrefixStore:
         """The store a generation's process group rendezvouses on."""
@@ -129,7 +159,12 @@ class Membership:
 
     def finish(self) -> None:
         """Count this trainer as done with the job (and with the store)."""
+        self.record(finished_fact(self.rank), True)
         self.store.add(self.key(DONE_KEY), 1)
+
+    def rank_finished(self, rank: int) -> bool:
+        """Whether ``rank``'s trainer completed the job."""
+        return self.fact(finished_fact(rank)) is not None
 
     def finished(self) -> int:
         """How many trainers are done with the job."""
@@ -148,10 +183,12 @@ class Membership:
         key = self.key(fact_key(name))
         return json.loads(self.store.get(key)) if self.store.check([key]) else None
 
-    def record_trainer(self, rank: int, incarnation: int, pid: int) -> None:
-        """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so)."""
+    def record_trainer(self, rank: int, incarnation: int, pid: Optional[int] = None) -> None:
+        """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so; before the
+        process exists, with no pid, so that no member of an older incarnation counts as arrived any more)."""
         self.record(incarnation_fact(rank), incarnation)
-        self.record(pid_fact(rank, incarnation), pid)
+        if pid is not None:
+            self.record(pid_fact(rank, incarnation), pid)
 
     def incarnation(self, rank: int) -> Optional[int]:
         """The incarnation of ``rank``'s active trainer; None before its supervisor started one."""
@@ -166,6 +203,57 @@ class Membership:
         value = self.fact(death_fact(rank, incarnation))
         return TrainerDeath(**value) if value else None
 
+    # ------------------------------------------------------------------------------------------------------
+    # The job's stop, its first completed step, fresh starts and the supervisors' leases
+    # ------------------------------------------------------------------------------------------------------
+
+    def stop(self, rank: int, cause: str, reason: str) -> dict:
+        """Stop the job: every trainer and supervisor that sees it ends. The first stop's reason is kept; returns
+        the stop in force."""
+        key = self.key(fact_key(STOPPED_FACT))
+        wanted = json.dumps({"rank": rank, "cause": cause, "reason": reason})
+        # compare_set with an empty expectation sets only a missing key, and returns the value in force.
+        return json.loads(self.store.compare_set(key, "", wanted))
+
+    def stopped(self) -> Optional[dict]:
+        """The job's stop ({"rank", "cause", "reason"}), or None while it runs."""
+        return self.fact(STOPPED_FACT)
+
+    def raise_if_stopped(self) -> None:
+        """Raises: JobStopped: a rank stopped the job."""
+        stop = self.stopped()
+        if stop is not None:
+            raise JobStopped(f"rank {stop['rank']} stopped the job ({stop['cause']}): {stop['reason']}")
+
+    def acknowledge_stop(self) -> int:
+        """Count this supervisor as having seen the stop; returns how many have."""
+        return self.store.add(self.key(STOP_ACKS_KEY), 1)
+
+    def stop_acknowledgements(self) -> int:
+        return self.store.add(self.key(STOP_ACKS_KEY), 0)
+
+    def record_progress(self) -> None:
+        """A step of the job has completed (from then on, a rank that lost its state is rebuilt, not restarted)."""
+        self.record(PROGRESS_FACT, True)
+
+    def has_progress(self) -> bool:
+        return self.fact(PROGRESS_FACT) is not None
+
+    def request_fresh_start(self) -> int:
+        """Ask every rank's trainer to start over (returns the new fresh-start epoch)."""
+        return self.store.add(self.key(FRESH_START_KEY), 1)
+
+    def fresh_start_epoch(self) -> int:
+        return self.store.add(self.key(FRESH_START_KEY), 0)
+
+    def renew_lease(self, rank: int) -> int:
+        """``rank``'s supervisor is alive (called every LEASE_INTERVAL_S)."""
+        return self.store.add(self.key(lease_key(rank)), 1)
+
+    def lease(self, rank: int) -> int:
+        """How often ``rank``'s lease has been renewed."""
+        return self.store.add(self.key(lease_key(rank)), 0)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Joining from a new machine: request, admission by rank 0's supervisor, verdict
@@ -175,7 +263,7 @@ def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> 
     """Ask to take over ``rank``; returns when admitted.
 
     Raises:
-        JoinRefused: the supervisor refused (wrong token, rank out of range); the message says why.
+        JoinRefused: the supervisor refused (wrong token, rank out of range, rank alive); the message says why.
     """
     nonce = secrets.token_hex(16)
     index = store.add(JOIN_REQUESTS, 1)
@@ -193,26 +281,50 @@ def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> 
         raise JoinRefused(f"join refused for rank {rank}: {verdict['reason']}")
 
 
-def review_join_requests(store: dist.Store, token: str, world_size: int, reviewed: int) -> tuple:
-    """Answer the join requests after the first ``reviewed`` ones (rank 0's supervisor calls this periodically).
-
-    Returns:
-        (number reviewed so far, list of (request, admitted, reason) decided in this call).
+class JoinReviewer:
+    """Rank 0's supervisor answers join requests with it (:meth:`review`, called periodically). It watches every
+    rank's lease, and admits a request with the job's token only for a rank whose supervisor has been silent for
+    ``lease_timeout_s`` (:func:`~deepspeed_checkfree.core.fault_policy.join_verdict`).
     """
-    decided = []
-    total = store.add(JOIN_REQUESTS, 0)
-    for index in range(reviewed + 1, total + 1):
-        key = join_request_key(index)
-        if not store.check([key]):
-            return index - 1, decided  # the joiner has counted itself but not written yet: next round
-        req = json.loads(store.get(key))
-        if not hmac.compare_digest(str(req.get("mac", "")), token_mac(token, str(req.get("nonce", "")))):
-            admitted, reason = False, (f"the job token does not match the job's. Set {TOKEN_ENV} to the token the "
-                                       f"job was launched with")
-        elif not 0 <= int(req.get("rank", -1)) < world_size:
-            admitted, reason = False, f"rank {req.get('rank')} is not in 0..{world_size - 1}"
-        else:
-            admitted, reason = True, "token verified"
-        store.set(join_verdict_key(index), json.dumps({"admitted": admitted, "reason": reason}))
-        decided.append((req, admitted, reason))
-    return total, decided
+
+    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S) -> None:
+        self.membership, self.store, self.token = membership, membership.store, token
+        self.lease_timeout_s = lease_timeout_s
+        self.reviewed = 0            # requests answered or seen so far
+        self.pending: Dict[int, tuple] = {}  # index -> (request, first seen at)
+        self.leases: Dict[int, tuple] = {}   # rank -> (lease counter, monotonic time it was last seen to change)
+
+    def _watch_leases(self, now: float) -> None:
+        for rank in range(self.membership.world_size):
+            value = self.membership.lease(rank)
+            if rank not in self.leases or self.leases[rank][0] != value:
+                # A counter seen for the first time counts as renewed now only if it has ever been renewed.
+                seen = now if value > 0 or rank in self.leases else None
+                self.leases[rank] = (value, seen)
+
+    def review(self, now: Optional[float] = None) -> list:
+        """Answer what can be answered; returns the (request, admitted, reason) decided in this call."""
+        now = time.monotonic() if now is None else now
+        self._watch_leases(now)
+        total = self.store.add(JOIN_REQUESTS, 0)
+        for index in range(self.reviewed + 1, total + 1):
+            if not self.store.check([join_request_key(index)]):
+                break  # the joiner has counted itself but not written yet: next round
+            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
+            self.reviewed = index
+        decided = []
+        for index, (req, seen) in sorted(self.pending.items()):
+            token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
+            rank = int(req.get("rank", -1))
+            verdict, reason = join_verdict(token_ok=token_ok, rank=rank, world_size=self.membership.world_size,
+                                           now=now, requested_at=seen,
+                                           lease_renewed_at=self.leases.get(rank, (0, None))[1],
+                                           lease_timeout_s=self.lease_timeout_s, token_env=TOKEN_ENV)
+            if verdict == PENDING:
+                continue
+            if verdict == ADMIT:
+                self.leases[rank] = (self.leases.get(rank, (0, None))[0], now)  # the rank is taken from now on
+            self.store.set(join_verdict_key(index), json.dumps({"admitted": verdict == ADMIT, "reason": reason}))
+            del self.pending[index]
+            decided.append((req, verdict == ADMIT, reason))
+        return decided

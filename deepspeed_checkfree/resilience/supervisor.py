@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 4 -m deepspeed_checkfree.supervisor launch/train.py ...
 
 It starts the training script as a child and, when the child dies, starts a replacement that rebuilds its stage
-from the neighbours, so the launcher never sees a failure. Rank 0's supervisor also hosts the job's persistent
-store (bound to the master address only) and admits machines that join with the job token. A new machine that
-replaces a lost one runs the same command with ``--join``:
+from the neighbours, so the launcher never sees a failure. It kills a child that stops beating (hung) and replaces
+it alike; it ends its children when it is told to end or when any rank stops the job (nothing is respawned after
+exit code 78); and a child ends itself when its supervisor dies. The fault table of the README lists every case.
+Rank 0's supervisor also hosts the job's persistent store (bound to the master address only) and admits machines
+that join with the job token for a rank whose supervisor is gone. A new machine that replaces a lost one runs the
+same command with ``--join``:
 
     CHECKFREE_JOB_TOKEN=... python -m deepspeed_checkfree.supervisor --join --rank 2 --world-size 4 \
         --master-addr HOST --master-port PORT launch/train.py --deepspeed_config cfg.json ...
@@ -22,13 +25,19 @@ import sys
 import time
 from typing import List, Optional
 
+from ..core import fault_policy as policy
 from ..events import EventLog, identity
-from .contract import (JOIN_REFUSED_EXIT_CODE, PID_DIR_ENV, STOPPED_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET,
-                       SUPERVISOR_EVENTS_ENV, TrainerDeath, activation_line, pid_file, trainer_env)
-from .membership import (JoinRefused, Membership, connect_store, host_store, job_token, request_join,
-                         review_join_requests)
+from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_INTERVAL_S, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
+                       STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, SUPERVISOR_EVENTS_ENV,
+                       TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
+from .heartbeat import HeartbeatPipe
+from .membership import JoinRefused, JoinReviewer, Membership, connect_store, host_store, job_token, request_join
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
+
+STOP_GRACE_S = 3.0    # a trainer told to end (job stopped, SIGTERM) gets this long before SIGKILL
+STOP_LINGER_S = 10.0  # rank 0's supervisor keeps the store up this long for the others to see a stop
+STORE_TICK_S = 0.25   # how often the supervisor looks at the job's store
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,14 +53,62 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=100, help="replacements to start before giving up")
     p.add_argument("--no-spare", action="store_true",
                    help="do not keep a warm spare trainer (saves its memory; a replacement then pays the start-up)")
+    p.add_argument("--lease-timeout", type=float, default=LEASE_TIMEOUT_S,
+                   help="rank 0: a supervisor silent this long is gone, and a join for its rank is admitted")
     p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
-                   help="write the active trainer's pid to PID_DIR/rank<R>.pid (for demos and tests that kill it)")
+                   help="write the active trainer's pid to PID_DIR/rank<R>.pid, this supervisor's to "
+                        "supervisor<R>.pid and every started process to rank<R>.started (for demos and tests)")
     p.add_argument("--events-file", default=os.environ.get(SUPERVISOR_EVENTS_ENV),
-                   help="append supervisor events (trainer deaths, joins) here as JSON lines")
+                   help="append supervisor events (trainer deaths, hangs, spares, joins, stops) here as JSON lines")
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     return p.parse_args(argv)
+
+
+class StoreLost(Exception):
+    """The job's store cannot be reached any more: rank 0's supervisor (or its machine) is gone."""
+
+
+class Terminated(Exception):
+    """The supervisor was told to end (SIGTERM, SIGHUP, SIGINT)."""
+
+
+def _cause(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class Child:
+    """A trainer process the supervisor started, active or a warm spare, and its heartbeat pipe."""
+
+    def __init__(self, popen: subprocess.Popen, pipe: HeartbeatPipe, spare: bool) -> None:
+        self.popen, self.pipe, self.spare = popen, pipe, spare
+        self.pid = popen.pid
+
+    def poll(self) -> Optional[int]:
+        return self.popen.poll()
+
+    def end(self, grace_s: float, sig: int = signal.SIGTERM) -> None:
+        """Make the process exit: a spare by closing its stdin, an active trainer by ``sig``; SIGKILL after
+        ``grace_s``. Returns once it is reaped."""
+        if self.popen.poll() is None:
+            try:
+                if self.spare and self.popen.stdin is not None and not self.popen.stdin.closed:
+                    self.popen.stdin.close()  # an unneeded spare exits when its stdin closes
+                elif grace_s > 0:
+                    self.popen.send_signal(sig)
+                else:
+                    self.popen.kill()
+                self.popen.wait(timeout=grace_s)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                self.popen.kill()
+                self.popen.wait()
+        self.pipe.close()
 
 
 class Supervisor:
@@ -70,7 +127,13 @@ class Supervisor:
         self.token = job_token()
         self.events = EventLog(args.events_file)
         self.server = None
-        self.reviewed = 0
+        self.reviewer: Optional[JoinReviewer] = None
+        self.active: Optional[Child] = None
+        self.spare: Optional[Child] = None
+        self.spare_deaths = 0      # in a row, since the last activation
+        self.keep_spare = not args.no_spare
+        self.seen_fresh_start = 0  # the fresh-start epoch this rank's trainer belongs to
+        self.next_lease = 0.0
 
     def _prefix(self) -> str:
         return identity(rank=self.rank)
@@ -82,42 +145,55 @@ class Supervisor:
         else:
             self.store = connect_store(self.master_addr, self.store_port, timeout_s=600)
         self.membership = Membership(self.store, self.token, self.rank, self.world_size, join_timeout_s=600)
+        if self.server is not None:
+            self.reviewer = JoinReviewer(self.membership, self.token, lease_timeout_s=self.args.lease_timeout)
 
-    def _review_joins(self) -> None:
-        if self.server is None:
-            return
-        self.reviewed, decided = review_join_requests(self.store, self.token, self.world_size, self.reviewed)
-        for req, admitted, reason in decided:
-            if admitted:
-                logger.warning("%s admitted a new machine (%s, pid %s) for rank %s", self._prefix(),
-                               req.get("host"), req.get("pid"), req.get("rank"))
-                self.events.write("join_admitted", rank=req.get("rank"), host=req.get("host"))
-            else:
-                logger.error("%s refused a join for rank %s from %s: %s", self._prefix(), req.get("rank"),
-                             req.get("host"), reason)
-                self.events.write("join_refused", rank=req.get("rank"), host=req.get("host"), reason=reason)
+    # ------------------------------------------------------------------------------------------------------
+    # Children
+    # ------------------------------------------------------------------------------------------------------
 
-    def _start(self, incarnation: Optional[int]) -> subprocess.Popen:
+    def _record_pid(self, role: str, pid: int) -> None:
+        if self.args.pid_dir:
+            os.makedirs(self.args.pid_dir, exist_ok=True)
+            with open(started_file(self.args.pid_dir, self.rank), "a") as f:
+                f.write(f"{role} {pid}\n")
+
+    def _start(self, incarnation: Optional[int]) -> Child:
         """Start the trainer script: active with ``incarnation``, or as a warm spare (``None``)."""
         cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
         spare = incarnation is None
+        pipe = HeartbeatPipe()
         env = dict(os.environ, **trainer_env(
             rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
             master_port=self.master_port, store_port=self.store_port, incarnation=0 if spare else incarnation,
-            spare=spare))
-        if spare:
-            return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, text=True)
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+            spare=spare, heartbeat_fd=pipe.write_fd, supervisor_pid=os.getpid()))
+        popen = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if spare else subprocess.DEVNULL, text=True,
+                                 pass_fds=(pipe.write_fd,))
+        pipe.started()
+        self._record_pid("spare" if spare else "trainer", popen.pid)
+        return Child(popen, pipe, spare)
 
-    def _activate(self, incarnation: int, spare: Optional[subprocess.Popen]) -> subprocess.Popen:
+    def _activate(self, incarnation: int) -> Child:
+        """The trainer of ``incarnation``: the warm spare if it is alive, else a new process; then a new spare."""
+        child, spare = None, self.spare
+        self.spare = None
         if spare is not None and spare.poll() is None:
-            spare.stdin.write(activation_line(incarnation))
-            spare.stdin.flush()
-            spare.stdin.close()
-            return spare
-        return self._start(incarnation)
+            try:
+                spare.popen.stdin.write(activation_line(incarnation))
+                spare.popen.stdin.flush()
+                spare.popen.stdin.close()
+                spare.spare = False
+                child = spare
+            except (BrokenPipeError, OSError):
+                spare.end(grace_s=0)
+        if child is None:
+            child = self._start(incarnation)
+        self.spare_deaths = 0
+        if self.keep_spare:
+            self.spare = self._start(None)
+        return child
 
-    def _announce(self, child: subprocess.Popen, incarnation: int) -> None:
+    def _announce(self, child: Child, incarnation: int) -> None:
         self.membership.record_trainer(self.rank, incarnation, child.pid)
         if self.args.pid_dir:
             os.makedirs(self.args.pid_dir, exist_ok=True)
@@ -126,70 +202,238 @@ class Supervisor:
                 f.write(str(child.pid))
             os.replace(path + ".tmp", path)
 
+    def _check_spare(self) -> None:
+        if self.spare is None or self.spare.poll() is None:
+            return
+        rc, pid = self.spare.poll(), self.spare.pid
+        self.spare.end(grace_s=0)
+        self.spare_deaths += 1
+        decision = policy.on_spare_exit(rc, stopped_code=STOPPED_EXIT_CODE, consecutive_deaths=self.spare_deaths)
+        self.spare = self._start(None) if decision.action == policy.SPARE_RESTART else None
+        new = f"; new spare pid {self.spare.pid}" if self.spare is not None else ""
+        logger.warning("%s warm spare pid %d died (%s): %s%s", self._prefix(), pid, _cause(rc), decision.reason, new)
+        self.events.write("spare_died", rank=self.rank, pid=pid, returncode=rc, action=decision.action,
+                          reason=decision.reason, new_spare_pid=self.spare.pid if self.spare is not None else None)
+        if self.spare is None:
+            self.keep_spare = False
+
+    # ------------------------------------------------------------------------------------------------------
+    # The job's store: lease, joins, stop, fresh start
+    # ------------------------------------------------------------------------------------------------------
+
+    def _store_tick(self, now: float) -> None:
+        try:
+            if now >= self.next_lease:
+                self.membership.renew_lease(self.rank)
+                self.next_lease = now + LEASE_INTERVAL_S
+            if self.reviewer is not None:
+                for req, admitted, reason in self.reviewer.review(now):
+                    what = "admitted a new machine" if admitted else "refused a join"
+                    log = logger.warning if admitted else logger.error
+                    log("%s %s for rank %s (%s, pid %s): %s", self._prefix(), what, req.get("rank"),
+                        req.get("host"), req.get("pid"), reason)
+                    self.events.write("join_admitted" if admitted else "join_refused", rank=req.get("rank"),
+                                      host=req.get("host"), reason=reason)
+        except (RuntimeError, OSError) as err:  # torch's store errors are RuntimeErrors
+            raise StoreLost(str(err)) from err
+
+    def _watch(self) -> str:
+        """Watch the active trainer until it exits ("exited"), the job stops ("stopped") or every rank starts over
+        ("fresh_start"); meanwhile keep the spare, the lease, the heartbeat and (rank 0) the joins."""
+        hung_killed = False
+        next_tick = 0.0
+        while self.active.poll() is None:
+            now = time.monotonic()
+            silent = self.active.pipe.poll(now)
+            if silent is not None and not hung_killed:
+                logger.error("%s trainer pid %d is hung: no heartbeat for %.1f s (timeout %.1f s = "
+                             "detection_timeout_s). Killing it; it is replaced like a dead one and never rejoins "
+                             "with stale state.", self._prefix(), self.active.pid, silent, self.active.pipe.timeout_s)
+                self.events.write("trainer_hung", rank=self.rank, pid=self.active.pid, silent_s=round(silent, 3))
+                self.active.popen.kill()
+                hung_killed = True
+            self._check_spare()
+            if now >= next_tick:
+                next_tick = now + STORE_TICK_S
+                self._store_tick(now)
+                try:
+                    if self.membership.stopped() is not None:
+                        self._end_active_for_stop()
+                        return "stopped"
+                    epoch = self.membership.fresh_start_epoch()
+                    if epoch > self.seen_fresh_start:
+                        self.seen_fresh_start = epoch
+                        if not self.membership.has_progress():
+                            return "fresh_start"
+                except (RuntimeError, OSError) as err:
+                    raise StoreLost(str(err)) from err
+            time.sleep(0.02)
+        return "exited"
+
+    def _end_active_for_stop(self) -> None:
+        try:
+            self.active.popen.wait(timeout=STOP_GRACE_S)  # it may be stopping by itself, writing its reason
+        except subprocess.TimeoutExpired:
+            self.active.end(grace_s=0)
+
+    def _stop(self, reason: str, returncode: int) -> int:
+        """This rank stops with the job: publish the stop (the first one's reason is kept), end the spare, and on
+        rank 0 keep the store up until every supervisor has seen it."""
+        try:
+            stop = self.membership.stop(self.rank, "supervisor", reason)
+            self.membership.acknowledge_stop()
+        except (RuntimeError, OSError) as err:  # the store went first (rank 0 ended): the stop is known anyway
+            stop = {"rank": self.rank, "cause": "supervisor", "reason": f"{reason} (store unreachable: {err})"}
+        logger.error("%s the job stopped (rank %s, %s): %s; not restarting it", self._prefix(),
+                     stop["rank"], stop["cause"], stop["reason"])
+        self.events.write("job_stopped", rank=self.rank, stopped_by=stop["rank"], cause=stop["cause"],
+                          reason=stop["reason"], trainer_returncode=returncode)
+        if self.spare is not None:
+            self.spare.end(grace_s=5)
+            self.spare = None
+        if self.server is not None:
+            # (Only rank 0's supervisor gets here: the store is its own, so these calls cannot fail.)
+            deadline = time.monotonic() + STOP_LINGER_S
+            while self.membership.stop_acknowledgements() < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return STOPPED_EXIT_CODE
+
+    # ------------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------------
+
     def run(self) -> int:
         self.connect()
+        if self.args.pid_dir:
+            os.makedirs(self.args.pid_dir, exist_ok=True)
+            with open(supervisor_pid_file(self.args.pid_dir, self.rank), "w") as f:
+                f.write(str(os.getpid()))
+            self._record_pid("supervisor", os.getpid())
         incarnation = 0
         if self.args.join:
             request_join(self.store, self.token, self.rank, timeout_s=60)
             # The new machine's trainer is a replacement: it continues the rank's incarnations.
             incarnation = (self.membership.incarnation(self.rank) or 0) + 1
             logger.warning("%s joined the job as a replacement (incarnation %d)", self._prefix(), incarnation)
-        child = self._start(incarnation)
-        spare = None if self.args.no_spare else self._start(None)
-        restarts = 0
+        self.seen_fresh_start = self.membership.fresh_start_epoch()
+        self.membership.record_trainer(self.rank, incarnation)
+        self.active = self._start(incarnation)
+        if self.keep_spare:
+            self.spare = self._start(None)
         try:
-            while True:
-                self._announce(child, incarnation)
-                while child.poll() is None:
-                    self._review_joins()
-                    if spare is not None and spare.poll() is not None:
-                        spare = self._start(None)  # the spare itself died: keep one ready
-                    time.sleep(0.02)
-                rc = child.returncode
-                if rc == 0:
-                    break
-                if rc == STOPPED_EXIT_CODE:
-                    logger.error("%s trainer stopped the job on purpose (see its log); not restarting it",
-                                 self._prefix())
-                    self.events.write("job_stopped", rank=self.rank, incarnation=incarnation)
-                    return rc
-                self.membership.record_death(self.rank, incarnation, TrainerDeath(time=time.time(), returncode=rc))
-                restarts += 1
-                if restarts > self.args.max_restarts:
-                    logger.error("%s trainer died (returncode %d); giving up after %d restarts", self._prefix(), rc,
-                                 restarts - 1)
-                    return rc if rc > 0 else 1
-                incarnation += 1
-                child = self._activate(incarnation, spare)
-                spare = None if self.args.no_spare else self._start(None)
-                cause = f"signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exit code {rc}"
-                logger.warning("%s trainer died (%s); replacement pid %d started", self._prefix(), cause, child.pid)
-                self.events.write("trainer_died", rank=self.rank, returncode=rc, incarnation=incarnation - 1,
-                                  replacement_pid=child.pid)
+            try:
+                return self._supervise(incarnation)
+            except Exception as err:  # noqa: BLE001 - a store failure anywhere in the loop means the same
+                if policy.classify(err) != policy.COMMUNICATION or isinstance(err, StoreLost):
+                    raise
+                raise StoreLost(str(err)) from err
+        except Terminated as why:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup below
+            logger.warning("%s told to end (%s): ending the trainer and the spare", self._prefix(), why)
+            return 128 + signal.SIGTERM
+        except StoreLost as err:
+            if self._finished_before_the_store_closed():
+                logger.info("%s the job's store closed after this rank's trainer finished: the job is complete",
+                            self._prefix())
+                return 0
+            logger.error("%s lost the job's store at %s:%d (%s): rank 0's supervisor or machine is gone, which "
+                         "ends the job. Ending this rank's trainer.", self._prefix(), self.master_addr,
+                         self.store_port, err)
+            return STORE_LOST_EXIT_CODE
         finally:
-            if spare is not None and spare.poll() is None:
-                spare.stdin.close()  # an unneeded spare exits when its stdin closes
-                try:
-                    spare.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    spare.kill()
+            for child in (self.spare, self.active):
+                if child is not None:
+                    child.end(grace_s=STOP_GRACE_S)
+
+    def _finished_before_the_store_closed(self) -> bool:
+        """Whether the active trainer had said it finished and then exits cleanly: rank 0's supervisor closes the
+        store as soon as every trainer counts as finished, which may come before this supervisor sees the exit."""
+        child = self.active
+        if child is None:
+            return False
+        child.pipe.poll(time.monotonic())
+        if not child.pipe.done:
+            return False
+        try:
+            return child.popen.wait(timeout=3 * STOP_GRACE_S) == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _supervise(self, incarnation: int) -> int:
+        restarts = 0
+        while True:
+            self._announce(self.active, incarnation)
+            outcome = self._watch()
+            if outcome == "stopped":
+                return self._stop("another rank stopped the job", self.active.poll())
+            if outcome == "fresh_start":
+                incarnation += 1
+                # The killed trainer's member entries stop counting before anything else happens.
+                self.membership.record_trainer(self.rank, incarnation)
+                old = self.active.pid
+                self.active.end(grace_s=0)
+                self.active = self._activate(incarnation)
+                logger.warning("%s no step had completed when a rank was lost: trainer pid %d ended, pid %d starts "
+                               "over from initialisation", self._prefix(), old, self.active.pid)
+                self.events.write("fresh_start", rank=self.rank, ended_pid=old, replacement_pid=self.active.pid)
+                continue
+            rc = self.active.poll()
+            self.active.pipe.close()
+            if rc == 0:
+                break  # (without asking the store, which rank 0's supervisor may already have closed)
+            try:
+                decision = policy.on_trainer_exit(
+                    rc, stopped_code=STOPPED_EXIT_CODE, job_stopped=self.membership.stopped() is not None,
+                    job_has_progress=self.membership.has_progress(),
+                    group_formed=self.membership.formed(self.membership.last_generation(self.rank)),
+                    restarts=restarts, max_restarts=self.args.max_restarts,
+                    trainer_finished=self.membership.rank_finished(self.rank))
+            except (RuntimeError, OSError) as err:
+                raise StoreLost(str(err)) from err
+            if decision.action == policy.FINISH:
+                break
+            if decision.action == policy.STOP_JOB:
+                return self._stop(f"rank {self.rank}'s trainer exited ({_cause(rc)}): {decision.reason}", rc)
+            died_at = time.time()
+            self.membership.record_trainer(self.rank, incarnation + 1)  # the dead member stops counting
+            self.membership.record_death(self.rank, incarnation, TrainerDeath(time=died_at, returncode=rc))
+            if decision.action == policy.FRESH_START:
+                self.seen_fresh_start = self.membership.request_fresh_start()
+            else:
+                restarts += 1
+            incarnation += 1
+            self.active = self._activate(incarnation)
+            logger.warning("%s trainer died (%s); replacement pid %d started: %s", self._prefix(), _cause(rc),
+                           self.active.pid, decision.reason)
+            self.events.write("trainer_died", rank=self.rank, returncode=rc, incarnation=incarnation - 1,
+                              replacement_pid=self.active.pid, action=decision.action)
         if self.server is not None:
-            # Keep the store up until every trainer has finished with it.
+            # Keep the store up until every trainer has finished with it (or the job stopped).
             deadline = time.monotonic() + 120
-            while self.membership.finished() < self.world_size and time.monotonic() < deadline:
-                self._review_joins()
+            while (self.membership.finished() < self.world_size and self.membership.stopped() is None
+                   and time.monotonic() < deadline):
+                self._store_tick(time.monotonic())
                 time.sleep(0.05)
         return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _terminate)
     try:
         return Supervisor(args).run()
     except JoinRefused as err:
         logger.error("%s", err)
         return JOIN_REFUSED_EXIT_CODE
+    except Terminated:
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ A training script hands over two functions and the step count::
     trainer.train(num_steps, lambda engine, step: engine.train_batch(batches.iterator(step)))
 
 and is started by the per-rank supervisor (``python -m deepspeed_checkfree.supervisor``), which respawns it when
-it dies. Data must be addressable by step (the replayed step sees the same batches).
+it dies. Data must be addressable by step (the replayed step sees the same batches). Only a communication failure
+is recovered; any other exception stops the whole job with exit code 78 (see
+:mod:`deepspeed_checkfree.core.fault_policy`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import CheckFreeConfig
+from ..core.fault_policy import COMMUNICATION, classify
 from ..core.rejoin import MemberInfo, RankTimes, RejoinPlan, joining_generation, measure_outage, plan_rejoin
 from ..errors import CheckFreeError
 from ..events import EventLog, identity
@@ -33,17 +36,19 @@ from ..pipe.engine import CheckFreeEngine
 from ..pipe.progress import StageProgress
 # (SPARE_ENV, SUPERVISED_ENV, STOPPED_EXIT_CODE and supervised are also this module's names since version 0.1.)
 from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
-                       STORE_PORT_ENV, SUPERVISED_ENV, dump_file, incarnation_from_env, is_spare, read_activation,
-                       supervised)
+                       STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
+                       read_activation, supervised)
+from .death_watch import DeathWatch
+from .generation_store import GenerationStore, replaced_members
+from .heartbeat import Heartbeat
 from .membership import Membership, connect_store, job_token
+from .stopping import stop_job
 
 logger = logging.getLogger(__name__)
 
 
 def _is_comm_failure(err: BaseException) -> bool:
-    # gloo: "Connection closed by peer", "Connection reset by peer", "Timed out waiting ... for send/recv";
-    # NCCL: "NCCL error", watchdog timeouts; torch wraps them in RuntimeError/DistBackendError/DistNetworkError.
-    return isinstance(err, (RuntimeError, dist.DistError, ConnectionError, TimeoutError))
+    return classify(err) == COMMUNICATION
 
 
 class ResilientTrainer:
@@ -71,21 +76,31 @@ class ResilientTrainer:
         self.backend = backend
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
+        self.engine: Optional[CheckFreeEngine] = None
         if is_spare():
-            # A warm spare: everything is imported and prepared; wait until the supervisor activates it in place
-            # of a trainer that died, which saves the replacement the seconds of start-up.
+            # A warm spare: everything is imported and prepared (with spare_builds_engine, the engine too, in the
+            # solo world); wait until the supervisor activates it in place of a trainer that died, which saves the
+            # replacement the seconds of start-up.
+            if self.config.spare_builds_engine:
+                self.engine = self._build(solo=True)
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
-            os.environ[INCARNATION_ENV] = str(incarnation)  # for the training script, as for a respawned trainer
+            activated(os.environ, incarnation)  # for the training script, as for a respawned trainer
         self.incarnation = incarnation_from_env()
+        # From now on the supervisor may kill this trainer if it stops beating (hung), and it ends itself if the
+        # supervisor goes away.
+        self.heartbeat = Heartbeat.from_env(self.config.heartbeat_s, self.config.detection_timeout_s)
         self.token = job_token()
         self.store_addr = os.environ[STORE_ADDR_ENV]
         self.store_port = int(os.environ[STORE_PORT_ENV])
-        self.engine: Optional[CheckFreeEngine] = None
+        if self.engine is not None:
+            self.engine.incarnation = self.incarnation
         self.generation = -1
         self.events = EventLog(self.config.events_file)
         self.failures = 0
+        self.membership: Optional[Membership] = None
+        self.step: Optional[int] = None
 
     def train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
               on_step: Optional[Callable[[CheckFreeEngine, int, object], None]] = None) -> CheckFreeEngine:
@@ -100,50 +115,65 @@ class ResilientTrainer:
             The engine of the last generation.
         """
         try:
-            return self._train(num_steps, train_step, on_step)
-        except CheckFreeError as err:
-            # Nothing to rebuild from, adjacent stages lost under on_adjacent_failure='stop', nobody joined in
-            # time...: stop the whole job with the reason instead of restarting the trainer over and over.
-            logger.error("%s stopping: %s", identity(rank=self.rank), err)
-            self.events.write("stopped", rank=self.rank, generation=self.generation, reason=str(err))
-            raise SystemExit(STOPPED_EXIT_CODE) from err
+            engine = self._train(num_steps, train_step, on_step)
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
+            return engine
+        except Exception as err:  # noqa: BLE001 - every exception that reaches here stops the job, with its cause
+            kind = classify(err)
+            if kind == COMMUNICATION:
+                raise  # outside a generation (the job's store is gone): the supervisor decides
+            stage = self.engine.stage_id if self.engine is not None else None
+            if self.heartbeat is not None:
+                self.heartbeat.finish()
+            stop_job(err, kind, rank=self.rank, stage=stage, step=self.step, events=self.events,
+                     membership=self.membership, generation=self.generation)
 
     def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
-        generation = joining_generation(self.incarnation, membership.last_generation())
-        state: Optional[dict] = None     # this rank's stage state carried across generations (in memory)
+        self.membership = membership
+        self.death_watch = self.watch_membership = None
+        if self.backend != "gloo":  # gloo learns of a death by its closed connections (see release_process_groups)
+            # Its own store connection: the main thread's may be blocked.
+            self.watch_membership = Membership(
+                connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
+                self.rank, self.world_size, self.config.join_timeout_s)
+            self.death_watch = DeathWatch(ds_internals.abort_world)
+        latest = membership.latest_generation()
+        generation = joining_generation(latest, latest >= 0 and membership.formed(latest))
+        holds_state = False     # this rank's engine holds its stage's state (a survivor keeps it in place)
         detected_at: Optional[float] = None     # first detection since the last completed step
         last_success_at: Optional[float] = None  # when this rank last completed a step
         while True:
-            info = MemberInfo(self.rank, fresh=state is None,
-                              completed_steps=state["progress"].global_steps if state else 0,
+            engine = self.engine
+            info = MemberInfo(self.rank, fresh=not holds_state,
+                              completed_steps=engine.global_steps if holds_state else 0,
                               incarnation=self.incarnation, pid=os.getpid())
             members = membership.arrive(generation, info)
             t_arrived = time.time()
-            engine = None
-            engine_holds_state = False
-            step = state["progress"].global_steps if state else 0
+            step = engine.global_steps if holds_state else 0
+            self.step = step
             try:
-                self._form_group(membership, generation)
-                self.generation = generation
-                engine = self.build_engine()
-                if not isinstance(engine, CheckFreeEngine) or not engine.checkfree.enabled:
-                    raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
-                                         "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
-                self.engine = engine
-                engine.incarnation = self.incarnation
+                engine = self._engine_for(membership, generation, members)
                 self._arm_detection()
                 t_rejoined = time.time()
-                plan = plan_rejoin(generation, members, self._stage_of(engine))
-                step = self._resume(engine, plan, state)
-                engine_holds_state = True
+                plan = plan_rejoin(generation, members, self._stage_of(engine), membership.has_progress())
+                if plan.cold_start and generation > 0 and self.rank == 0:
+                    logger.warning("%s no step had completed: the job starts over from initialisation in "
+                                   "generation %d", identity(rank=self.rank), generation)
+                    self.events.write("fresh_start", rank=self.rank, generation=generation)
+                step = self._resume(engine, plan, survivor=holds_state)
+                self.step = step
+                holds_state = True
                 t_rebuilt = time.time()
                 first = True
                 while step < num_steps:
                     loss = train_step(engine, step)
-                    if first and generation > 0:
+                    if first:
+                        membership.record_progress()  # once per generation: cheap
+                    if first and not plan.cold_start:
                         self._report_outage(membership, plan, members, RankTimes(
                             detected=detected_at, last_success=last_success_at, arrived=t_arrived,
                             rejoined=t_rejoined, rebuilt=t_rebuilt, resumed=time.time()))
@@ -152,26 +182,19 @@ class ResilientTrainer:
                     if on_step is not None:
                         on_step(engine, step, loss)
                     step += 1
+                    self.step = step
                 break
             except Exception as err:  # noqa: BLE001 - only communication failures are recovered, see below
                 if not _is_comm_failure(err):
-                    raise
+                    raise  # train() stops the job with it
                 detected_at = detected_at or time.time()
-                self.failures += 1
-                stage = engine.stage_id if engine is not None else None
-                logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step),
-                               generation, str(err).splitlines()[0][:300])
-                self.events.write("failure_detected", step=step, stage=stage, rank=self.rank,
-                                  generation=generation, error=str(err).splitlines()[0][:300])
-                if self.failures > self.config.max_failures:
-                    raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures="
-                                         f"{self.config.max_failures}") from err
-                # A survivor keeps what it held; a replacement whose rebuild did not finish stays fresh.
-                if engine_holds_state:
-                    state = engine.export_state()
-                engine = None
-                self._teardown()
-                generation += 1
+                why = (str(err).splitlines() or [type(err).__name__])[0][:300]
+                # (err goes with this block, and with it the frames that hold the failed world's groups)
+            self._on_failure(why, generation, step)
+            generation += 1
+        # The supervisor hears first: once every trainer counts as finished, rank 0's supervisor closes the store.
+        if self.heartbeat is not None:
+            self.heartbeat.finish()
         membership.finish()
         return self.engine
 
@@ -179,21 +202,80 @@ class ResilientTrainer:
         """Global rank -> pipeline stage, for every rank."""
         return {r: ds_internals.stage_of_rank(engine.grid, r) for r in range(self.world_size)}
 
-    def _resume(self, engine: CheckFreeEngine, plan: RejoinPlan, state: Optional[dict]) -> int:
-        """Carry out ``plan``: restore this rank's state, take the replayed step's schedule state, restore ranks
-        from their data-parallel replicas and rebuild the lost stages; return the step to run next."""
+    def _engine_for(self, membership: Membership, generation: int, members: Dict[int, MemberInfo]) -> CheckFreeEngine:
+        """Form this generation's process group and return the engine bound to it.
+
+        A survivor keeps its engine and re-binds it. A replacement joining survivors builds its engine first in a
+        solo world (no peer is needed: the survivors are not building one) and re-binds it like them. When no rank
+        holds any state (generation 0, or a fresh start) every rank builds its engine in the new group together.
+        """
+        survivors = any(not m.fresh for m in members.values())
+        if not survivors and self.engine is not None:
+            self._drop_engine()  # everyone starts from initialisation together
+        if survivors and self.engine is None:
+            self.engine = self._build(solo=True)
+        self._form_group(membership, generation, members)
+        self.generation = generation
+        if self.death_watch is not None:
+            arrived = {r: m.incarnation for r, m in members.items()}
+            watcher = self.watch_membership
+            self.death_watch.arm(lambda: replaced_members(arrived, watcher.incarnation))
+        if self.engine is None:
+            self.engine = self._build(solo=False)
+        else:
+            self.engine.rebind()
+        return self.engine
+
+    def _build(self, solo: bool) -> CheckFreeEngine:
+        if solo:
+            ds_internals.form_solo_world(self.rank, self.world_size)
+            deepspeed.init_distributed(dist_backend=self.backend)
+        try:
+            engine = self.build_engine()
+        finally:
+            if solo:
+                dist.destroy_process_group()
+        if not isinstance(engine, CheckFreeEngine) or not engine.checkfree.enabled:
+            raise CheckFreeError("build_engine must return the CheckFree engine: add \"checkfree\": "
+                                 "{\"enabled\": true} to the DeepSpeed config and import deepspeed_checkfree")
+        engine.incarnation = getattr(self, "incarnation", None)
+        return engine
+
+    def _drop_engine(self) -> None:
+        self.engine = None
+        gc.collect()
+
+    def _on_failure(self, why: str, generation: int, step: int) -> None:
+        """Record a detected failure, then let the failed world go (its groups first, so that gloo can close the
+        connections the peers still waiting on this rank wait on)."""
+        self.failures += 1
+        stage = self.engine.stage_id if self.engine is not None else None
+        logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step), generation, why)
+        self.events.write("failure_detected", step=step, stage=stage, rank=self.rank, generation=generation,
+                          error=why)
+        if self.death_watch is not None:
+            self.death_watch.disarm()
+        if self.engine is not None and self.engine.grid is not None:
+            self.engine.release_process_groups()
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.failures > self.config.max_failures:
+            raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures={self.config.max_failures}")
+
+    def _resume(self, engine: CheckFreeEngine, plan: RejoinPlan, survivor: bool) -> int:
+        """Carry out ``plan``: take the replayed step's schedule state, restore ranks from their data-parallel
+        replicas and rebuild the lost stages; return the step to run next. A survivor's engine holds its state."""
         if plan.cold_start:
             return engine.global_steps
         step, source = plan.step, plan.schedule_source
-        if state is not None:
-            engine.import_state(state)
         # A replacement takes the replayed step's schedule (LR scheduler, un-boosted LRs, sample count) from a
         # survivor that has not applied it yet.
         payload: List[Optional[StageProgress]] = [None]
         if self.rank == source:
             payload = [engine.progress().schedule_for_replacement(step)]
         dist.broadcast_object_list(payload, src=source)
-        if state is None:
+        if not survivor:
             engine.load_progress(payload[0])
         cause = f"process lost (ranks {list(plan.fresh_ranks)}, generation {plan.generation})"
         dump = os.environ.get(DUMP_ENV)
@@ -230,15 +312,21 @@ class ResilientTrainer:
     # The process group of a generation
     # ------------------------------------------------------------------------------------------------------
 
-    def _form_group(self, membership: Membership, generation: int) -> None:
+    def _form_group(self, membership: Membership, generation: int, members: Dict[int, MemberInfo]) -> None:
         # Building the engine runs collectives while a fresh process may still pay first-use costs that the
         # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
         # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
         # with torch's default timeout, so that default is set too.
         startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
         ds_internals.set_default_group_timeout(startup)
-        dist.init_process_group(self.backend, store=membership.group_store(generation), rank=self.rank,
-                                world_size=self.world_size, timeout=startup)
+        # A member that dies while the group forms ends the wait at once, not after the start-up timeout.
+        arrived = {r: m.incarnation for r, m in members.items()}
+        store = GenerationStore(membership.group_store(generation),
+                                lambda: replaced_members(arrived, membership.incarnation), generation, startup)
+        # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
+        self._group_store = store
+        dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=startup)
         # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
         # torch.distributed, so it follows the group of each new generation).
         deepspeed.init_distributed(dist_backend=self.backend)
@@ -252,12 +340,6 @@ class ResilientTrainer:
         ds_internals.install_timed_p2p(timeout)
         if self.engine is not None:
             self.engine.p2p_timeout = timeout
-
-    def _teardown(self) -> None:
-        self.engine = None
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------------------
     # Verification aid

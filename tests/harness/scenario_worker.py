@@ -89,6 +89,29 @@ def build_model(sc: dict):
                                num_stages=num_stages)
 
 
+def detached_copy(obj):
+    """A deep copy in which every tensor is a detached clone (state dicts hold non-leaf views)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def put_one_stage_ahead(engine, batches, step: int, ahead_stage: int, record: dict) -> None:
+    """The state a failure between two ranks' optimizer steps leaves: every rank runs ``step``, then all but
+    ``ahead_stage`` go back to their state before it (kept in memory), and every rank prepares to replay it."""
+    behind = engine.stage_id != ahead_stage
+    saved = detached_copy(engine.export_state()) if behind else None
+    engine.train_batch(batches.iterator(step))
+    if behind:
+        engine.import_state(saved)
+    record["before_replay"] = snapshot(engine)
+    engine.replay_from(step)
+
+
 def run(sc: dict, tokens, out: Path, rank: int) -> None:
     torch.manual_seed(0)
     model = build_model(sc)
@@ -128,12 +151,19 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
     batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
                           micro_batches=engine.micro_batches, dp_rank=engine.grid.data_parallel_id,
                           dp_size=engine.dp_world_size)
+    ahead = sc.get("ahead")  # {"stage": s, "step": k}: stage s applies step k, the others are rolled back
     for step in range(sc["steps"]):
+        if ahead and step == ahead["step"]:
+            put_one_stage_ahead(engine, batches, step, ahead["stage"], record)
         loss = engine.train_batch(batches.iterator(step))
+        if ahead and step == ahead["step"]:
+            record["after_replay"] = snapshot(engine)
         record["losses"].append(float(loss))
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
-    assert len(record["grad_square_sums"]) == sc["steps"], "one optimizer step per train_batch"
+    assert len(record["grad_square_sums"]) == sc["steps"] + bool(ahead), "one optimizer step per train_batch"
+    record["final_step"] = engine.global_steps
+    record["adam_steps"] = sorted({int(st["step"]) for st in engine.basic_optimizer.state.values()})
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     record["final_masters"] = full_masters(engine)
     if sc.get("checkpoint"):

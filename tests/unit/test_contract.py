@@ -3,14 +3,17 @@ their spelling (a running job and a joining machine of another version must agre
 from __future__ import annotations
 
 import io
+import json
+import math
 import threading
 
 import pytest
 import torch.distributed as dist
 
 from deepspeed_checkfree.resilience import contract
-from deepspeed_checkfree.resilience.membership import (JoinRefused, Membership, request_join,
-                                                       review_join_requests)
+from deepspeed_checkfree.core.rejoin import MemberInfo
+from deepspeed_checkfree.resilience.membership import (JobStopped, JoinRefused, JoinReviewer, Membership,
+                                                       MembershipTimeout, request_join)
 
 
 def test_the_trainer_reads_what_the_supervisor_sets():
@@ -43,7 +46,12 @@ def test_store_keys_keep_their_spelling():
     assert contract.DONE_KEY == "done"
     assert contract.join_request_key(7) == "cf-join/requests/7"
     assert contract.join_verdict_key(7) == "cf-join/requests/7/verdict"
+    assert contract.lease_key(2) == "lease/2" and contract.formed_key(4) == "g/4/formed"
+    assert (contract.STOPPED_FACT, contract.PROGRESS_FACT, contract.FRESH_START_KEY, contract.STOP_ACKS_KEY) == \
+        ("stopped", "progress", "fresh_start", "stop_acks")
     assert contract.pid_file("/p", 2) == "/p/rank2.pid"
+    assert contract.supervisor_pid_file("/p", 2) == "/p/supervisor2.pid"
+    assert contract.started_file("/p", 2) == "/p/rank2.started"
     assert contract.dump_file("/d", 3, "after", 1) == "/d/g3-after-rank1.pt"
 
 
@@ -63,9 +71,21 @@ def test_supervisor_facts_round_trip_through_the_store():
     assert Membership(store, "other", 0, 4, 1.0).finished() == 0, "another token sees other keys"
 
 
-@pytest.mark.parametrize("token, rank, admitted", [("tok", 1, True), ("wrong", 1, False), ("tok", 9, False)])
-def test_a_join_request_is_admitted_only_with_the_token_and_a_rank_in_range(token, rank, admitted):
-    store = dist.HashStore()
+def test_the_heartbeat_carries_its_timeout_and_the_environment_names_the_pipe_and_the_supervisor():
+    assert contract.last_heartbeat_timeout(contract.heartbeat_line(4.0) * 3) == 4.0
+    assert contract.last_heartbeat_timeout(contract.heartbeat_line(2.5) + b"4.0") == 2.5, "a partial beat is ignored"
+    assert contract.last_heartbeat_timeout(b"") is None
+    assert contract.last_heartbeat_timeout(contract.heartbeat_line(4.0) + contract.heartbeat_line(math.inf)) == math.inf
+    env = contract.trainer_env(rank=0, world_size=1, local_rank=0, master_addr="h", master_port=1, store_port=2,
+                               incarnation=0, heartbeat_fd=7, supervisor_pid=99)
+    assert env[contract.HEARTBEAT_FD_ENV] == "7" and env[contract.SUPERVISOR_PID_ENV] == "99"
+    spare = contract.trainer_env(rank=0, world_size=1, local_rank=0, master_addr="h", master_port=1, store_port=2,
+                                 incarnation=0, spare=True)
+    contract.activated(spare, 3)
+    assert not contract.is_spare(spare) and contract.incarnation_from_env(spare) == 3
+
+
+def _review_until_done(store, reviewer, token, rank, clock):
     outcome = {}
 
     def join():
@@ -77,13 +97,65 @@ def test_a_join_request_is_admitted_only_with_the_token_and_a_rank_in_range(toke
 
     joiner = threading.Thread(target=join)
     joiner.start()
-    reviewed, decided = 0, []
+    decided = []
     while joiner.is_alive():
-        reviewed, new = review_join_requests(store, "tok", world_size=4, reviewed=reviewed)
-        decided += new
+        clock["now"] += 0.5
+        decided += reviewer.review(clock["now"])
         joiner.join(0.01)
-    assert [d[1] for d in decided] == [admitted] and reviewed == 1
+    return outcome, decided
+
+
+@pytest.mark.parametrize("token, rank, admitted", [("tok", 1, True), ("wrong", 1, False), ("tok", 9, False)])
+def test_a_join_request_is_admitted_only_with_the_token_and_a_rank_in_range(token, rank, admitted):
+    store = dist.HashStore()
+    reviewer = JoinReviewer(Membership(store, "tok", 0, 4, 1.0), "tok", lease_timeout_s=2.0)
+    outcome, decided = _review_until_done(store, reviewer, token, rank, {"now": 0.0})
+    assert [d[1] for d in decided] == [admitted] and reviewer.reviewed == 1
     if admitted:
         assert outcome == {"admitted": True}
     else:
         assert outcome["refused"].startswith(f"join refused for rank {rank}: ")
+
+
+def test_a_join_for_a_rank_whose_supervisor_renews_its_lease_is_refused_and_admitted_once_it_is_silent():
+    store = dist.HashStore()
+    supervisor2 = Membership(store, "tok", 2, 4, 1.0)
+    reviewer = JoinReviewer(Membership(store, "tok", 0, 4, 1.0), "tok", lease_timeout_s=2.0)
+    clock = {"now": 0.0}
+    supervisor2.renew_lease(2)
+    reviewer.review(clock["now"])
+
+    renewing = threading.Event()
+
+    def keep_renewing():
+        while not renewing.wait(0.005):
+            supervisor2.renew_lease(2)
+
+    beat = threading.Thread(target=keep_renewing)
+    beat.start()
+    try:
+        outcome, decided = _review_until_done(store, reviewer, "tok", 2, clock)
+    finally:
+        renewing.set()
+        beat.join()
+    assert not decided[0][1] and "rank 2 is alive" in outcome["refused"]
+    # The supervisor is silent now (its machine is gone): a join is admitted after the lease timeout.
+    outcome, decided = _review_until_done(store, reviewer, "tok", 2, clock)
+    assert outcome == {"admitted": True} and "silent" in decided[0][2]
+
+
+def test_a_member_counts_as_arrived_only_while_it_is_its_ranks_active_trainer_and_a_stop_ends_the_wait():
+    store = dist.HashStore()
+    ranks = [Membership(store, "tok", r, 2, join_timeout_s=0.3) for r in range(2)]
+    info = lambda r, inc: MemberInfo(rank=r, fresh=True, completed_steps=0, incarnation=inc, pid=r)  # noqa: E731
+    ranks[1].store.set(ranks[1].key(contract.member_key(0, 1)), json.dumps(info(1, 0).__dict__))
+    ranks[1].record_trainer(1, 1)  # rank 1's trainer of incarnation 0 died after arriving: a ghost
+    with pytest.raises(MembershipTimeout, match=r"ranks \[1\] did not arrive"):
+        ranks[0].arrive(0, info(0, 0))
+    assert not ranks[0].formed(0) and ranks[0].latest_generation() == 0
+    ranks[1].store.set(ranks[1].key(contract.member_key(0, 1)), json.dumps(info(1, 1).__dict__))
+    assert sorted(ranks[0].arrive(0, info(0, 0))) == [0, 1] and ranks[0].formed(0)
+    assert ranks[0].stop(1, "program", "AssertionError: x")["reason"] == "AssertionError: x"
+    assert ranks[1].stop(0, "supervisor", "later")["rank"] == 1, "the first stop's reason is kept"
+    with pytest.raises(JobStopped, match="rank 1 stopped the job \\(program\\): AssertionError: x"):
+        ranks[0].arrive(1, info(0, 0))

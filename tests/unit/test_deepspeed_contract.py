@@ -148,3 +148,44 @@ def test_c10d_timeouts():
 def test_config_keeps_the_raw_dict():
     from deepspeed.runtime.config import DeepSpeedConfig
     assert "self._param_dict" in inspect.getsource(DeepSpeedConfig.__init__)
+
+
+# In-place recovery: what rebind_process_groups, release_process_groups and reset_step_state rely on.
+
+def test_the_groups_an_engine_holds_are_where_rebind_looks_for_them():
+    module_init = inspect.getsource(PipelineModule.__init__)
+    assert "self.world_group = dist.new_group(ranks=range(dist.get_world_size()))" in module_init
+    assert "self._grid = PipelineParallelGrid(process_group=self.world_group, topology=self._topo)" in module_init
+    assert "self.tied_comms = self._index_tied_modules()" in module_init
+    # The world group, then the grid's groups, then the tied groups: the order rebind creates them in.
+    assert module_init.index("self.world_group =") < module_init.index("self._grid =") < module_init.index(
+        "self.tied_comms =")
+    assert tuple(inspect.signature(PipelineParallelGrid).parameters) == ("topology", "process_group")
+    engine_src = inspect.getsource(DeepSpeedEngine)
+    assert "self.data_parallel_group = groups._get_data_parallel_group()" in engine_src
+    assert "self.seq_data_parallel_group = groups._get_sequence_data_parallel_group()" in engine_src
+    for cls in (BF16_Optimizer, DeepSpeedZeroOptimizer):
+        src = inspect.getsource(cls.__init__)
+        assert "self.dp_process_group = dp_process_group" in src and "self.real_dp_process_group = [" in src
+        assert "self.mpu = mpu" in src
+    assert "self.model_parallel_group = mpu.get_model_parallel_group()" in inspect.getsource(
+        DeepSpeedZeroOptimizer.__init__)
+    from deepspeed.runtime.pipe import p2p
+    assert hasattr(p2p, "_grid") and hasattr(p2p, "_groups")
+
+
+@pytest.mark.parametrize("attr", ds_internals.PIPE_STEP_STATE + ("_grad_layer_buf", "first_output_send",
+                                                                 "first_gradient_send", "num_pipe_buffers"))
+def test_the_step_state_reset_step_state_clears_exists(attr):
+    assert f"self.{attr} = " in inspect.getsource(PipelineEngine.__init__), attr
+
+
+def test_the_solo_world_and_abort_exist():
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+    from torch.testing._internal.distributed import fake_pg  # noqa: F401 - registers the backend
+    assert dist.Backend.FAKE == "fake" and callable(c10d._abort_process_group)
+    assert callable(BF16_Optimizer.clear_hp_grads) and callable(BF16_Optimizer.clear_lp_grads)
+    from deepspeed.utils.timer import SynchronizedWallClockTimer
+    timer = SynchronizedWallClockTimer()("t")
+    assert hasattr(timer, "started_") and callable(timer.reset)

@@ -43,7 +43,7 @@ def test_every_rank_lost_after_generation_zero_has_nothing_to_rebuild_from():
     with pytest.raises(RecoveryError) as err:
         plan_rejoin(2, members(4, fresh=range(4)), FOUR_STAGES)
     assert str(err.value) == ("generation 2: every rank lost its state (ranks [0, 1, 2, 3]); nothing to rebuild "
-                              "from. Restart from a checkpoint.")
+                              "from (the job had completed steps). Restart from a checkpoint.")
 
 
 def test_a_rank_one_step_ahead_replays_the_step_and_a_rank_behind_gives_the_schedule_state():
@@ -81,12 +81,35 @@ def test_two_adjacent_stages_lost_at_once_are_both_left_to_the_neighbour_rebuild
     assert plan.hit_stages == plan.lost_stages == (1, 2)
 
 
-def test_a_replacement_joins_the_generation_after_its_ranks_last():
-    assert joining_generation(incarnation=0, last_generation=-1) == 0
-    assert joining_generation(incarnation=1, last_generation=0) == 1
-    assert joining_generation(incarnation=3, last_generation=5) == 6
-    # A first trainer starts at generation 0 whatever the store says.
-    assert joining_generation(incarnation=0, last_generation=4) == 0
+def test_a_trainer_joins_the_latest_generation_unless_it_has_formed():
+    assert joining_generation(latest_generation=-1, latest_formed=False) == 0, "the job's first trainers"
+    # A rank died mid-training: its generation formed long ago; the survivors move to the next one.
+    assert joining_generation(latest_generation=5, latest_formed=True) == 6
+    # A rank died before its generation formed (at start-up): the others still wait in that one.
+    assert joining_generation(latest_generation=0, latest_formed=False) == 0
+    assert joining_generation(latest_generation=3, latest_formed=False) == 3
+
+
+def test_every_rank_fresh_before_the_first_step_is_a_fresh_start_and_after_it_an_error():
+    plan = plan_rejoin(2, members(4, fresh=range(4)), FOUR_STAGES, job_has_progress=False)
+    assert plan.cold_start and plan.fresh_ranks == (0, 1, 2, 3) and plan.lost_stages == ()
+    with pytest.raises(RecoveryError, match=r"every rank lost its state \(ranks \[0, 1, 2, 3\]\).*completed steps"):
+        plan_rejoin(2, members(4, fresh=range(4)), FOUR_STAGES, job_has_progress=True)
+
+
+def test_detections_before_the_recorded_deaths_date_the_outage_to_the_microsecond():
+    # Sockets close before the supervisor reaps its child: both neighbours detect before either death is recorded,
+    # 30 microseconds apart (two adjacent kills). The record stays ordered and positive.
+    plan = plan_rejoin(3, members(4, fresh=[1, 2]), FOUR_STAGES)
+    t0 = 1000.0
+    times = [RankTimes(detected=t0 + 0.000030 * (r == 3), last_success=t0 - 1, arrived=t0 + 1, rejoined=t0 + 2,
+                       rebuilt=t0 + 3, resumed=t0 + 4) if r in (0, 3) else
+             RankTimes(detected=None, last_success=None, arrived=t0 + 1, rejoined=t0 + 2, rebuilt=t0 + 3,
+                       resumed=t0 + 4) for r in range(4)]
+    rec = measure_outage(plan, times, death_times=[t0 + 0.004, t0 + 0.009])
+    assert rec.start == "trainer death"
+    assert 0 < rec.detected_s <= rec.rejoined_s <= rec.rebuilt_s <= rec.resumed_s == rec.outage_s
+    assert rec.detected_s == pytest.approx(0.00003, abs=1e-6)
 
 
 # The outage record --------------------------------------------------------------------------------------------

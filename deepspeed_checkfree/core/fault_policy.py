@@ -1,0 +1,179 @@
+"""The fault policy as pure decisions: which exceptions mean a lost peer, what a supervisor does when its trainer or
+its warm spare exits, whether a join is admitted, when a trainer that still runs counts as hung. The supervisor and
+the trainer (:mod:`deepspeed_checkfree.resilience`) carry the decisions out; the README's fault table lists them.
+
+The rule for exceptions: only a communication failure (a peer that died, hung or cannot be reached) is recovered,
+by re-forming the process group and replaying the step. Every other exception (a config error, a shape bug, an
+out-of-memory error, an assertion) stops the whole job at once with its message: replaying it would only raise it
+again, and respawning the trainer would loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..errors import CheckFreeError, ConfigError
+
+# Kinds of exception (:func:`classify`).
+COMMUNICATION = "communication"  # a lost or unreachable peer: recovered
+CONFIG = "config"                # the configuration is invalid: the job stops (exit code 78), nothing is respawned
+STOP = "stop"                    # CheckFree stopped on purpose (nothing to rebuild from, join timeout, ...)
+PROGRAM = "program"              # any other exception (bug, out of memory, assertion): the job stops
+
+# torch.distributed's own exception types (matched by name: core/ does not import torch.distributed).
+_DIST_ERRORS = frozenset({"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"})
+# gloo and NCCL raise plain RuntimeErrors; these phrases are what their transports say when a peer is gone.
+_TRANSPORT_PHRASES = ("connection closed by peer", "connection reset by peer", "timed out waiting",
+                      "pair closure", "connectfullmesh", "broken pipe", "connection refused", "socket timeout",
+                      "wait timeout", "nccl error", "ncclremoteerror", "ncclsystemerror", "watchdog caught",
+                      "communicator was aborted", "/gloo/")
+
+
+def classify(err: BaseException) -> str:
+    """The kind of ``err``: :data:`COMMUNICATION`, :data:`CONFIG`, :data:`STOP` or :data:`PROGRAM`.
+
+    A communication failure is one of torch.distributed's error types, a ``ConnectionError``/``TimeoutError``, or a
+    ``RuntimeError`` whose message is a gloo/NCCL transport failure; so is an exception explicitly raised from one
+    (``raise X from comm_error``).
+    """
+    if isinstance(err, ConfigError):
+        return CONFIG
+    if isinstance(err, CheckFreeError):
+        return STOP
+    if _is_communication(err) or (err.__cause__ is not None and _is_communication(err.__cause__)):
+        return COMMUNICATION
+    return PROGRAM
+
+
+def _is_communication(err: BaseException) -> bool:
+    if any(c.__name__ in _DIST_ERRORS for c in type(err).__mro__):
+        return True
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if type(err) is RuntimeError:  # subclasses (NotImplementedError, RecursionError, ...) are program errors
+        text = str(err).lower()
+        return any(p in text for p in _TRANSPORT_PHRASES)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The supervisor: its trainer exited
+# ---------------------------------------------------------------------------------------------------------------
+
+FINISH = "finish"            # the trainer completed the job
+STOP_JOB = "stop_job"        # stop this rank and tell every rank to stop
+REPLACE = "replace"          # start a replacement that rebuilds the stage (the others keep their state)
+FRESH_START = "fresh_start"  # no step has completed yet: every rank starts over from initialisation
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    action: str
+    reason: str
+
+
+def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, job_has_progress: bool,
+                    group_formed: bool, restarts: int, max_restarts: int, trainer_finished: bool = False
+                    ) -> ExitDecision:
+    """What the supervisor does when its active trainer exited with ``returncode``.
+
+    Args:
+        returncode: the trainer's exit code (negative: killed by that signal).
+        stopped_code: the exit code of a trainer that stopped the job on purpose.
+        job_stopped: some rank already stopped the job.
+        job_has_progress: some rank has completed a step of this job.
+        group_formed: the trainer had taken part in a formed process group (its peers may be blocked on it).
+        restarts: replacements started so far for losses of this rank.
+        max_restarts: the supervisor's ``--max-restarts``.
+        trainer_finished: the trainer recorded that it completed the job (before it crashed while exiting).
+    """
+    if returncode == 0 or trainer_finished:
+        return ExitDecision(FINISH, "the trainer completed the job")
+    if returncode == stopped_code:
+        return ExitDecision(STOP_JOB, "the trainer stopped the job on purpose (its log and the events file say why)")
+    if job_stopped:
+        return ExitDecision(STOP_JOB, "another rank stopped the job")
+    if restarts >= max_restarts:
+        return ExitDecision(STOP_JOB, f"the trainer died {restarts + 1} times, more than --max-restarts="
+                            f"{max_restarts}. Look at its log for the cause, or raise --max-restarts.")
+    if not job_has_progress and group_formed:
+        # Nothing is lost yet, but the other ranks may be blocked in the engine build on the dead one, for as long
+        # as the start-up timeout: starting everyone over is both correct and quick.
+        return ExitDecision(FRESH_START, "the trainer died before the job completed its first step: every rank "
+                            "starts over from initialisation")
+    return ExitDecision(REPLACE, "a replacement rebuilds the stage from its neighbours")
+
+
+SPARE_RESTART = "restart"  # start another spare
+SPARE_DROP = "drop"        # keep no spare from now on (a replacement then pays the start-up)
+
+
+def on_spare_exit(returncode: int, *, stopped_code: int, consecutive_deaths: int, max_consecutive: int = 3
+                  ) -> ExitDecision:
+    """What the supervisor does when its warm spare exited before it was needed.
+
+    Args:
+        returncode: the spare's exit code.
+        stopped_code: the exit code of a trainer that stopped on purpose (a spare does so on a config error).
+        consecutive_deaths: spare deaths in a row, this one included.
+        max_consecutive: give up keeping a spare after this many deaths in a row (no restart loop).
+    """
+    if returncode == stopped_code:
+        return ExitDecision(SPARE_DROP, f"the spare stopped (exit code {stopped_code}: an error it cannot recover "
+                            f"from, e.g. in the config); no spare is restarted")
+    if consecutive_deaths >= max_consecutive:
+        return ExitDecision(SPARE_DROP, f"the spare died {consecutive_deaths} times in a row; no spare is kept "
+                            f"from now on (a replacement pays the start-up)")
+    return ExitDecision(SPARE_RESTART, "another spare is started")
+
+
+def heartbeat_overdue(now: float, last_beat: Optional[float], timeout_s: Optional[float]) -> Optional[float]:
+    """Seconds since the trainer's last heartbeat if that exceeds ``timeout_s``, else None. A trainer that never
+    beat yet (still importing) or announced no timeout is not judged."""
+    if last_beat is None or timeout_s is None:
+        return None
+    silent = now - last_beat
+    return silent if silent > timeout_s else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Joins: admitted only for a rank whose machine is gone
+# ---------------------------------------------------------------------------------------------------------------
+
+ADMIT = "admit"
+REFUSE = "refuse"
+PENDING = "pending"  # the rank's supervisor has not been silent for long enough yet: decide later
+
+
+def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requested_at: float,
+                 lease_renewed_at: Optional[float], lease_timeout_s: float, token_env: str) -> Tuple[str, str]:
+    """Whether a machine that asked to take over ``rank`` is admitted.
+
+    A rank's supervisor renews a lease while it runs (and replaces its trainer itself when that dies); a join
+    replaces only a rank whose supervisor has been silent for ``lease_timeout_s``: its machine is gone, or its
+    supervisor was killed or gave up.
+
+    Args:
+        token_ok: the request carries the job token's MAC.
+        rank, world_size: the requested rank and the job's size.
+        now: the reviewer's clock (monotonic).
+        requested_at: when the reviewer first saw the request (same clock).
+        lease_renewed_at: when the reviewer last saw the rank's lease renewed (same clock); None if never.
+        lease_timeout_s: silence after which a supervisor counts as gone.
+        token_env: the variable that holds the token (for the message).
+
+    Returns:
+        (:data:`ADMIT`, :data:`REFUSE` or :data:`PENDING`, the reason in words).
+    """
+    if not token_ok:
+        return REFUSE, f"the job token does not match the job's. Set {token_env} to the token the job was launched with"
+    if not 0 <= rank < world_size:
+        return REFUSE, f"rank {rank} is not in 0..{world_size - 1}"
+    if lease_renewed_at is not None and lease_renewed_at > requested_at:
+        return REFUSE, (f"rank {rank} is alive: its supervisor renewed its lease after the request. A join replaces "
+                        f"only a rank whose machine is gone (supervisor silent for {lease_timeout_s:g} s); a dead "
+                        f"trainer is replaced by its own supervisor. To move a live rank, stop its supervisor first")
+    silent_since = requested_at if lease_renewed_at is None else lease_renewed_at
+    if now - silent_since > lease_timeout_s:
+        return ADMIT, f"token verified; the supervisor of rank {rank} has been silent for {now - silent_since:.1f} s"
+    return PENDING, "waiting to see whether the rank's supervisor is alive"
