@@ -191,6 +191,23 @@ def _ratio_cell(r: Optional[Mapping[str, Any]]) -> str:
     return f"{(r['bound'] + ' ') if r['bound'] else ''}{r['mean']:.2f}{spread}"
 
 
+def clock_line(summary: Mapping[str, Any], key: str) -> str:
+    """The clock of one rate in a sentence (what the hours are made of)."""
+    from .clock import ClockModel
+
+    c = summary.get("clocks", {}).get(key)
+    if c is None:
+        return ""
+    clock = ClockModel(**c)
+    its = ", ".join(f"{label} {clock.iteration_seconds(kind, mode):.2f} s" for label, kind, mode in (
+        ("CheckFree", "checkfree", "checkfree"), ("CheckFree+", "checkfree", "checkfree_plus"),
+        ("checkpointing", "checkpoint", "checkfree"), ("redundant computation", "redundant", "checkfree")))
+    return (f"Clock: iterations {its}; one failure costs CheckFree {clock.recovery_seconds('checkfree', 2):.1f} s, "
+            f"checkpointing {clock.recovery_seconds('checkpoint'):.1f} s plus the rolled-back iterations, redundant "
+            f"computation {clock.recovery_seconds('redundant'):.1f} s; a checkpoint write costs training "
+            f"{clock.checkpoint_seconds():.1f} s.")
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
     """``summary.md``: per rate the table over seeds, then the ratios beside the paper's."""
     seeds = summary["seeds"]
@@ -201,7 +218,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     for rate in summary["rates"]:
         t = rate["target_loss"]
         md += [f"## {rate['label']} (p = {rate['probability']:.4g} per stage and iteration)", "",
-               f"Target validation loss {_ms(t, 4)}: {rate['target_rule']}.", "",
+               f"Target validation loss {_ms(t, 4)}: {rate['target_rule']}. {clock_line(summary, rate['key'])}",
+               "",
                "| strategy | failures | final val loss | perplexity | perplexity vs no failures | time to target (h) |",
                "|---|---:|---:|---:|---:|---:|"]
         for name, row in rate["strategies"].items():

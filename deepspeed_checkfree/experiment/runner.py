@@ -103,25 +103,43 @@ def _pool_worker(cfg_data: Dict[str, Any], name: str, threads: int, progress_q: 
 
 
 def simulate_jobs(work: List[Tuple[Dict[str, Any], str]], jobs: int, threads: int,
-                  advance: Callable[[int], None]) -> List[StrategyResult]:
+                  advance: Callable[[int], None],
+                  on_done: Optional[Callable[[int, StrategyResult], None]] = None) -> List[StrategyResult]:
     """Train each (experiment as :func:`.config.to_dict` data, strategy name) of ``work`` on the simulated
-    pipeline, ``jobs`` at a time in spawned processes (in this process when ``jobs <= 1``)."""
+    pipeline, ``jobs`` at a time in spawned processes (in this process when ``jobs <= 1``).
+
+    ``on_done(index, result)`` is called as each job finishes (a sweep saves it at once, so an interrupted run
+    keeps what is done).
+    """
+    results: List[Optional[StrategyResult]] = [None] * len(work)
+
+    def finish(i: int, res: StrategyResult) -> None:
+        results[i] = res
+        if on_done is not None:
+            on_done(i, res)
+
     if jobs <= 1:
         _set_threads(threads)
-        return [simulate_strategy(from_dict(data), name, advance) for data, name in work]
+        for i, (data, name) in enumerate(work):
+            finish(i, simulate_strategy(from_dict(data), name, advance))
+        return [r for r in results if r is not None]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         progress_q = manager.Queue()
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = [pool.submit(_pool_worker, data, name, threads, progress_q) for data, name in work]
-            while not all(f.done() for f in futures):
+            pending = set(range(len(futures)))
+            while pending:
                 try:
                     advance(progress_q.get(timeout=0.5))
                 except queue_mod.Empty:
                     pass
+                for i in [i for i in pending if futures[i].done()]:
+                    pending.discard(i)
+                    finish(i, StrategyResult.from_dict(futures[i].result()))
             while not progress_q.empty():
                 advance(progress_q.get())
-            return [StrategyResult.from_dict(f.result()) for f in futures]
+    return [r for r in results if r is not None]
 
 
 def _run_simulated(cfg: ExperimentConfig, jobs: int, threads: int,

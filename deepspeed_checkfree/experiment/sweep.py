@@ -245,9 +245,8 @@ def run_sweep(sweep: Sweep, out: Path, jobs_n: int = 1, threads: int = 1, progre
     interrupted sweep resumes).
     """
     from tqdm import tqdm
-    from .runner import clock_model, measure_clock, simulate_jobs
+    from .runner import measure_clock, simulate_jobs
     from .strategies import StrategyResult
-    from . import aggregate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,13 +263,15 @@ def run_sweep(sweep: Sweep, out: Path, jobs_n: int = 1, threads: int = 1, progre
     todo = [(r, n) for r, n in jobs(sweep) if not (out / "runs" / r.key / "raw" / f"{n}.json").is_file()]
     bar = tqdm(total=sum(r.cfg.training.iterations for r, _ in todo), unit="it", desc=sweep.name,
                disable=not progress, dynamic_ncols=True, mininterval=30.0)
+    def save(i: int, res: StrategyResult) -> None:
+        run, name = todo[i]
+        (out / "runs" / run.key / "raw" / f"{name}.json").write_text(json.dumps(res.as_dict()) + "\n")
+
     try:
         measured = measure_clock(sweep.runs[0].cfg, threads)
-        results = simulate_jobs([(to_dict(r.cfg), n) for r, n in todo], jobs_n, threads, bar.update)
+        simulate_jobs([(to_dict(r.cfg), n) for r, n in todo], jobs_n, threads, bar.update, on_done=save)
     finally:
         bar.close()
-    for (run, name), res in zip(todo, results):
-        (out / "runs" / run.key / "raw" / f"{name}.json").write_text(json.dumps(res.as_dict()) + "\n")
     return report_sweep(sweep, out, measured, plots=plots)
 
 

@@ -263,3 +263,26 @@ def test_a_tiny_sweep_writes_the_aggregated_summary_and_report_only_rewrites_it(
     (out / "summary.md").unlink()
     assert main(["experiment", str(cfg_path), "--out", str(out), "--report-only", "--no-plots"]) == 0
     assert (out / "summary.md").read_text() == md
+
+
+def test_an_interrupted_sweep_trains_only_what_is_missing(tmp_path, monkeypatch):
+    from deepspeed_checkfree.experiment import runner
+    from deepspeed_checkfree.experiment.sweep import run_sweep
+
+    data = _tiny(seeds=[0], rates=[{"hourly_rate": 0.9, "probability": 0.15}])
+    data["experiment"]["strategies"] = ["no_failure", "gradnorm_average"]
+    data["experiment"]["training"]["iterations"] = 4
+    out = tmp_path / "out"
+    run_sweep(parse_sweep(data), out, progress=False, plots=False)
+    raw = out / "runs" / "rate_90pct_seed0" / "raw"
+    (raw / "gradnorm_average.json").unlink()
+    trained = []
+    real = runner.simulate_strategy
+    monkeypatch.setattr(runner, "simulate_strategy", lambda cfg, name, p=None: trained.append(name) or real(cfg, name, p))
+    run_sweep(parse_sweep(data), out, progress=False, plots=False)
+    assert trained == ["gradnorm_average"] and (raw / "gradnorm_average.json").is_file()
+    # A changed run config invalidates that run's raw results.
+    data["experiment"]["training"]["lr"] = 1e-3
+    trained.clear()
+    run_sweep(parse_sweep(data), out, progress=False, plots=False)
+    assert sorted(trained) == ["gradnorm_average", "no_failure"]
