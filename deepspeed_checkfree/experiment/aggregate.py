@@ -191,21 +191,32 @@ def _ratio_cell(r: Optional[Mapping[str, Any]]) -> str:
     return f"{(r['bound'] + ' ') if r['bound'] else ''}{r['mean']:.2f}{spread}"
 
 
-def clock_line(summary: Mapping[str, Any], key: str) -> str:
-    """The clock of one rate in a sentence (what the hours are made of)."""
+def clock_line(summary: Mapping[str, Any], rate: Mapping[str, Any]) -> str:
+    """The clock of one rate in a sentence (what the hours are made of), for the strategies that ran."""
     from .clock import ClockModel
 
-    c = summary.get("clocks", {}).get(key)
+    c = summary.get("clocks", {}).get(rate["key"])
     if c is None:
         return ""
     clock = ClockModel(**c)
-    its = ", ".join(f"{label} {clock.iteration_seconds(kind, mode):.2f} s" for label, kind, mode in (
-        ("CheckFree", "checkfree", "checkfree"), ("CheckFree+", "checkfree", "checkfree_plus"),
-        ("checkpointing", "checkpoint", "checkfree"), ("redundant computation", "redundant", "checkfree")))
-    return (f"Clock: iterations {its}; one failure costs CheckFree {clock.recovery_seconds('checkfree', 2):.1f} s, "
-            f"checkpointing {clock.recovery_seconds('checkpoint'):.1f} s plus the rolled-back iterations, redundant "
-            f"computation {clock.recovery_seconds('redundant'):.1f} s; a checkpoint write costs training "
-            f"{clock.checkpoint_seconds():.1f} s.")
+    kinds = {row["kind"] for row in rate["strategies"].values()}
+    plus = any(n.startswith("checkfree_plus") for n in rate["strategies"])
+    its, costs = [], []
+    for label, kind, mode, present in (("CheckFree", "checkfree", "checkfree", "checkfree" in kinds),
+                                       ("CheckFree+", "checkfree", "checkfree_plus", plus),
+                                       ("checkpointing", "checkpoint", "checkfree", "checkpoint" in kinds),
+                                       ("redundant computation", "redundant", "checkfree", "redundant" in kinds)):
+        if present:
+            its.append(f"{label} {clock.iteration_seconds(kind, mode):.2f} s")
+    if "checkfree" in kinds:
+        costs.append(f"CheckFree {clock.recovery_seconds('checkfree', 2):.1f} s")
+    if "checkpoint" in kinds:
+        costs.append(f"checkpointing {clock.recovery_seconds('checkpoint'):.1f} s plus the rolled-back iterations "
+                     f"(a checkpoint write costs training {clock.checkpoint_seconds():.1f} s)")
+    if "redundant" in kinds:
+        costs.append(f"redundant computation {clock.recovery_seconds('redundant'):.1f} s")
+    return (f"Clock: iterations {', '.join(its)}" + (f"; one failure costs {', '.join(costs)}" if costs else "")
+            + ".")
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
@@ -218,7 +229,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     for rate in summary["rates"]:
         t = rate["target_loss"]
         md += [f"## {rate['label']} (p = {rate['probability']:.4g} per stage and iteration)", "",
-               f"Target validation loss {_ms(t, 4)}: {rate['target_rule']}. {clock_line(summary, rate['key'])}",
+               f"Target validation loss {_ms(t, 4)}: {rate['target_rule']}. {clock_line(summary, rate)}",
                "",
                "| strategy | failures | final val loss | perplexity | perplexity vs no failures | time to target (h) |",
                "|---|---:|---:|---:|---:|---:|"]
