@@ -20,6 +20,8 @@ from ..errors import ConfigError
 from ..models.llama import LlamaConfig
 
 SECTION = "experiment"
+# Keys of wall_clock.strategy_iteration_time_s: a strategy kind, or checkfree_plus for CheckFree+'s schedule.
+CLOCK_KEYS = ("no_failure", "checkfree", "checkfree_plus", "checkpoint", "redundant")
 Kind = Literal["no_failure", "checkfree", "checkpoint", "redundant"]
 
 # Short names accepted in the strategy list, and what they mean.
@@ -27,6 +29,8 @@ SHORTHANDS: Dict[str, Dict[str, Any]] = {
     "no_failure": {"kind": "no_failure"},
     "gradnorm_average": {"kind": "checkfree", "mode": "checkfree", "strategy": "gradnorm_average"},
     "checkfree_plus": {"kind": "checkfree", "mode": "checkfree_plus", "strategy": "gradnorm_average"},
+    # CheckFree+'s swapped schedule without failures: separates the cost of the schedule from that of recovery.
+    "checkfree_plus_no_failure": {"kind": "no_failure", "mode": "checkfree_plus"},
     "uniform_average": {"kind": "checkfree", "mode": "checkfree", "strategy": "uniform_average"},
     "copy": {"kind": "checkfree", "mode": "checkfree", "strategy": "copy"},
     "random": {"kind": "checkfree", "mode": "checkfree", "strategy": "random"},
@@ -129,7 +133,8 @@ class StrategySpec(ConfigSection):
 
     name: str = Field(description="Label in the CSV, the table and the plots (unique).")
     kind: Kind = Field(description="no_failure | checkfree | checkpoint | redundant.")
-    mode: Mode = Field("checkfree", description="CheckFree variant (kind checkfree).")
+    mode: Mode = Field("checkfree", description="CheckFree variant (kind checkfree; kind no_failure with "
+                       "checkfree_plus trains CheckFree+'s swapped schedule without failures).")
     strategy: Strategy = Field("gradnorm_average", description="How a middle stage is rebuilt (kind checkfree).")
     every: int = Field(50, ge=1, description="Checkpoint interval in training steps (kind checkpoint).")
 
@@ -141,7 +146,14 @@ class StrategySpec(ConfigSection):
             return base if self.strategy == "gradnorm_average" else f"{base} ({self.strategy})"
         if self.kind == "checkpoint":
             return f"checkpoint every {self.every}"
+        if self.kind == "no_failure" and self.mode == "checkfree_plus":
+            return "CheckFree+ schedule, no failures"
         return {"no_failure": "no failures", "redundant": "redundant computation"}[self.kind]
+
+    @property
+    def pipeline_mode(self) -> str:
+        """The pipeline this strategy trains: CheckFree+'s swapped schedule, or the plain one."""
+        return self.mode if self.kind in ("checkfree", "no_failure") else "checkfree"
 
 
 class WallClockSection(ConfigSection):
@@ -177,6 +189,29 @@ class WallClockSection(ConfigSection):
                                            "one extra forward per micro-batch: ~1/3 of forward+backward compute.")
     plus_slowdown: float = Field(1.0, gt=0.0, description="Iteration-time factor of CheckFree+ (replica compute "
                                  "is small; the real engine measured 1.03 on CPU).")
+    strategy_iteration_time_s: Dict[str, float] = Field(
+        default_factory=dict, description="Per-strategy iteration times that replace the modelled ones (the "
+        "paper's Table 2 states one per method); keys: " + ", ".join(CLOCK_KEYS) + ".")
+    checkfree_recovery_s: Optional[float] = Field(None, ge=0.0, description="If set, one CheckFree failure event "
+                                                  "costs exactly this (the paper: 'around 30 seconds') instead of "
+                                                  "restart_s plus the neighbours' weight transfer.")
+    redundant_recovery_s: Optional[float] = Field(None, ge=0.0, description="If set, one failure event under "
+                                                  "redundant computation costs exactly this.")
+
+    @field_validator("strategy_iteration_time_s")
+    @classmethod
+    def _known_clock_keys(cls, value: Dict[str, float]) -> Dict[str, float]:
+        import difflib
+        for key, seconds in value.items():
+            if key not in CLOCK_KEYS:
+                close = difflib.get_close_matches(key, CLOCK_KEYS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown strategy_iteration_time_s key {key!r}.{hint} Known: "
+                                 f"{', '.join(CLOCK_KEYS)}.")
+            if not seconds > 0:
+                raise ValueError(f"strategy_iteration_time_s[{key!r}]={seconds} must be a positive number of "
+                                 f"seconds.")
+        return value
 
 
 class ReportSection(ConfigSection):
@@ -248,7 +283,7 @@ class ExperimentConfig(ConfigSection):
     def checkfree_section(self, spec: StrategySpec) -> Dict[str, Any]:
         """The ``"checkfree"`` section the real engine runs ``spec`` with (failures are driven by the runner)."""
         t = self.training
-        section: Dict[str, Any] = {"enabled": True, "mode": spec.mode if spec.kind == "checkfree" else "checkfree",
+        section: Dict[str, Any] = {"enabled": True, "mode": spec.pipeline_mode,
                                    "strategy": spec.strategy, "lr_boost": t.lr_boost, "eps": t.eps,
                                    "norm": t.norm, "on_adjacent_failure": t.on_adjacent_failure, "seed": t.seed}
         if t.per_stage_clip is not None:
@@ -275,7 +310,7 @@ class ExperimentConfig(ConfigSection):
         if dupes:
             raise ConfigError(f"experiment.strategies: names must be unique, {dupes} appear more than once. Give "
                               f"each entry its own 'name'.")
-        plus = [s.name for s in self.strategies if s.kind == "checkfree" and s.mode == "checkfree_plus"]
+        plus = [s.name for s in self.strategies if s.pipeline_mode == "checkfree_plus"]
         if plus and p < 4:
             raise ConfigError(f"experiment.strategies {plus} use CheckFree+, which swaps the first two and the last "
                               f"two stages and so needs model.num_stages >= 4 (got {p}). Add stages or remove them.")
@@ -308,9 +343,15 @@ class ExperimentConfig(ConfigSection):
                     f"the failure plan can lose edge stage(s) {edges}, which plain CheckFree cannot rebuild (one "
                     f"neighbour only), but strategies {plain} use it; every strategy must face the same plan. Set "
                     f"failures.stages: middle, or keep only checkfree_plus, checkpoint, redundant and no_failure.")
-        if self.report.target_loss is None and "no_failure" not in [s.kind for s in self.strategies]:
-            raise ConfigError("experiment.report.target_loss is not set and no no_failure strategy runs to derive "
-                              "it from. Set report.target_loss or add no_failure to the strategies.")
+        if self.report.target_loss is None and self.reference_strategy() is None:
+            raise ConfigError("experiment.report.target_loss is not set and no no_failure strategy (on the plain "
+                              "schedule) runs to derive it from. Set report.target_loss or add no_failure to the "
+                              "strategies.")
+
+    def reference_strategy(self) -> Optional[str]:
+        """The failure-free run on the plain schedule (the target loss and the plots' reference), if any."""
+        return next((s.name for s in self.strategies if s.kind == "no_failure" and s.pipeline_mode == "checkfree"),
+                    None)
 
 
 def expand_strategy(value: Any) -> Any:
@@ -371,6 +412,10 @@ def load_experiment(path: Union[str, os.PathLike]) -> ExperimentConfig:
         keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
         raise ConfigError(f"{str(p)!r} has no top-level '{SECTION}:' key (found {keys}). An experiment file "
                           f"puts everything under 'experiment:'; see configs/experiments/.")
+    extra = sorted(set(data) - {SECTION, "sweep"})
+    if extra:
+        raise ConfigError(f"{str(p)!r} has unknown top-level keys {extra}; an experiment file has '{SECTION}:' "
+                          f"and optionally 'sweep:' (seeds and failure rates).")
     return parse_experiment(data[SECTION], source=f"experiment file {str(p)!r}")
 
 

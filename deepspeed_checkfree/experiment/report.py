@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from ..errors import ConfigError
 from .clock import ClockModel, timeline
 from .config import ExperimentConfig, StrategySpec
 from .strategies import StrategyResult
@@ -22,7 +23,7 @@ def wall_clock(cfg: ExperimentConfig, results: Mapping[str, StrategyResult], clo
     out = {}
     for name, res in results.items():
         spec = specs[name]
-        out[name] = timeline([vars(r) for r in res.records], spec.kind, spec.mode, clock)
+        out[name] = timeline([vars(r) for r in res.records], spec.kind, spec.pipeline_mode, clock)
     return out
 
 
@@ -44,7 +45,10 @@ def target_loss(cfg: ExperimentConfig, results: Mapping[str, StrategyResult],
     if cfg.report.target_loss is not None and fraction is None:
         return cfg.report.target_loss, "given (report.target_loss)"
     fraction = cfg.report.target_fraction if fraction is None else fraction
-    base = next(s.name for s in cfg.strategies if s.kind == "no_failure")
+    base = cfg.reference_strategy()
+    if base is None or base not in results:
+        raise ConfigError(f"the target loss is derived from the failure-free run, and {base or 'no_failure'!r} "
+                          f"has no results; set report.target_loss or run it.")
     evals = _evals(results[base])
     horizon = fraction * cfg.training.iterations
     at = [e for e in evals if e[0] + 1 <= horizon] or evals[:1]
@@ -109,7 +113,7 @@ def summarize(cfg: ExperimentConfig, results: Mapping[str, StrategyResult], cloc
     baselines = {"checkpoint": baseline("checkpoint"), "redundant": baseline("redundant")}
     # One target can sit on a failure's spike; the same race to easier and harder targets shows how robust it is.
     other_targets = []
-    if any(s.kind == "no_failure" and s.name in results for s in cfg.strategies):
+    if cfg.reference_strategy() in results:
         for fraction in SENSITIVITY_FRACTIONS:
             loss, _ = target_loss(cfg, results, fraction)
             hours = {}
@@ -227,7 +231,10 @@ STYLE = {"no_failure": ("black", "-"), "checkfree": ("tab:blue", "-"), "checkfre
          "checkpoint": ("tab:purple", "-."), "redundant": ("tab:brown", "-.")}
 
 
-def _style(spec: StrategySpec) -> Tuple[str, str]:
+def style_for(spec: StrategySpec) -> Tuple[str, str]:
+    """Colour and line style of a strategy in every plot."""
+    if spec.kind == "no_failure" and spec.pipeline_mode == "checkfree_plus":
+        return "darkgreen", ":"
     if spec.kind == "checkfree":
         if spec.mode == "checkfree_plus":
             return STYLE["checkfree_plus"]
@@ -267,7 +274,7 @@ def plot(out: Path, cfg: ExperimentConfig, results: Mapping[str, StrategyResult]
         return []
     lows = [min(c[3]) for c in curves]
     # Clip the first part of training (every curve starts near log(vocab)) so the differences stay visible.
-    base = next((c for c in curves if c[0].kind == "no_failure"), curves[0])
+    base = next((c for c in curves if c[0].name == cfg.reference_strategy()), curves[0])
     top = _interp(base[1], base[3], 0.15 * cfg.training.iterations)
     ylim = (min(lows) - 0.05 * (top - min(lows)), top)
 
@@ -278,7 +285,7 @@ def plot(out: Path, cfg: ExperimentConfig, results: Mapping[str, StrategyResult]
             for i, it in enumerate(plan_iterations):
                 ax.axvline(it, color="gray", alpha=0.25, linewidth=0.8, label="failure" if i == 0 else None)
         for spec, its, hours, vals, fails in curves:
-            color, ls = _style(spec)
+            color, ls = style_for(spec)
             xs = hours if by_time else its
             ax.plot(xs, vals, color=color, linestyle=ls, linewidth=1.4, label=f"{spec.label} [{spec.name}]")
             if fails:

@@ -10,7 +10,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -39,7 +39,8 @@ def clock_model(cfg: ExperimentConfig, iteration_s: float, compute_s: float, sta
                       checkpoint_blocking=wc.checkpoint_blocking,
                       checkpoint_stages=1 if wc.checkpoint_parallel else cfg.model.num_stages, restart_s=wc.restart_s,
                       redundant_extra_compute=wc.redundant_extra_compute, plus_slowdown=wc.plus_slowdown,
-                      source=source)
+                      source=source, iteration_by_kind=dict(wc.strategy_iteration_time_s),
+                      checkfree_recovery_s=wc.checkfree_recovery_s, redundant_recovery_s=wc.redundant_recovery_s)
 
 
 def measure_clock(cfg: ExperimentConfig, threads: int = 1) -> ClockModel:
@@ -101,25 +102,51 @@ def _pool_worker(cfg_data: Dict[str, Any], name: str, threads: int, progress_q: 
     return result.as_dict()
 
 
-def _run_simulated(cfg: ExperimentConfig, jobs: int, threads: int,
-                   advance: Callable[[int], None]) -> Dict[str, StrategyResult]:
-    names = [s.name for s in cfg.strategies]
+def simulate_jobs(work: List[Tuple[Dict[str, Any], str]], jobs: int, threads: int,
+                  advance: Callable[[int], None],
+                  on_done: Optional[Callable[[int, StrategyResult], None]] = None) -> List[StrategyResult]:
+    """Train each (experiment as :func:`.config.to_dict` data, strategy name) of ``work`` on the simulated
+    pipeline, ``jobs`` at a time in spawned processes (in this process when ``jobs <= 1``).
+
+    ``on_done(index, result)`` is called as each job finishes (a sweep saves it at once, so an interrupted run
+    keeps what is done).
+    """
+    results: List[Optional[StrategyResult]] = [None] * len(work)
+
+    def finish(i: int, res: StrategyResult) -> None:
+        results[i] = res
+        if on_done is not None:
+            on_done(i, res)
+
     if jobs <= 1:
         _set_threads(threads)
-        return {n: simulate_strategy(cfg, n, advance) for n in names}
+        for i, (data, name) in enumerate(work):
+            finish(i, simulate_strategy(from_dict(data), name, advance))
+        return [r for r in results if r is not None]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         progress_q = manager.Queue()
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {n: pool.submit(_pool_worker, to_dict(cfg), n, threads, progress_q) for n in names}
-            while not all(f.done() for f in futures.values()):
+            futures = [pool.submit(_pool_worker, data, name, threads, progress_q) for data, name in work]
+            pending = set(range(len(futures)))
+            while pending:
                 try:
                     advance(progress_q.get(timeout=0.5))
                 except queue_mod.Empty:
                     pass
+                for i in [i for i in pending if futures[i].done()]:
+                    pending.discard(i)
+                    finish(i, StrategyResult.from_dict(futures[i].result()))
             while not progress_q.empty():
                 advance(progress_q.get())
-            return {n: StrategyResult.from_dict(f.result()) for n, f in futures.items()}
+    return [r for r in results if r is not None]
+
+
+def _run_simulated(cfg: ExperimentConfig, jobs: int, threads: int,
+                   advance: Callable[[int], None]) -> Dict[str, StrategyResult]:
+    names = [s.name for s in cfg.strategies]
+    data = to_dict(cfg)
+    return dict(zip(names, simulate_jobs([(data, n) for n in names], jobs, threads, advance)))
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, jobs: int = 1, threads: int = 1, progress: bool = True,

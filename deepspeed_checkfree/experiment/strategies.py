@@ -84,7 +84,7 @@ def needs_mode(spec: StrategySpec) -> Tuple[str, str]:
     replicas from the first step; every other strategy trains the plain pipeline."""
     if spec.kind == "checkfree":
         return spec.mode, spec.strategy
-    return "checkfree", "gradnorm_average"
+    return spec.pipeline_mode, "gradnorm_average"
 
 
 def run_strategy(cfg: ExperimentConfig, spec: StrategySpec, backend: Backend, plan: FailurePlan,
