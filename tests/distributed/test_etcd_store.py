@@ -21,7 +21,7 @@ from deepspeed_checkfree.resilience.etcd_access import enable_auth, grant_job_ac
 from deepspeed_checkfree.resilience.etcd_client import EtcdEndpoints, b64, prefix_end, unb64
 from deepspeed_checkfree.resilience.etcd_store import (EtcdStore, StoreAccessDenied, StoreKeyTimeout,
                                                        StoreUnreachable)
-from deepspeed_checkfree.resilience.membership import Membership, request_join, review_join_requests
+from deepspeed_checkfree.resilience.membership import JoinReviewer, Membership, request_join
 from deepspeed_checkfree.resilience.store_address import (etcd_job_password, etcd_job_user, etcd_key_prefix,
                                                           parse_store_url)
 
@@ -255,11 +255,13 @@ def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
     joiner = threading.Thread(target=request_join, args=(stores[1], token, 1, 10))
     joiner.start()
     deadline = time.monotonic() + 10
-    reviewed, decided = 0, []
+    reviewer = JoinReviewer(members[0], token, lease_timeout_s=0.5)  # rank 1's supervisor never renews its lease
+    decided = []
     while not decided and time.monotonic() < deadline:
-        reviewed, decided = review_join_requests(stores[0], token, 2, reviewed)
+        decided = reviewer.review(time.monotonic())
+        time.sleep(0.05)
     joiner.join(10)
-    assert [(d[0]["rank"], d[1]) for d in decided] == [(1, True)]
+    assert [(req["rank"], admitted) for req, admitted, _ in decided] == [(1, True)]
 
 
 def test_over_tls_the_store_needs_the_ca_and_a_client_certificate(new_etcd_cluster, tmp_path):
