@@ -218,6 +218,33 @@ def world_is_solo() -> bool:
     return dist.is_initialized() and str(dist.get_backend()).lower() == str(dist.Backend.FAKE).lower()
 
 
+def _bind_groups(engine: PipelineEngine, world_group: Any, grid: Any) -> None:
+    """Point every process-group slot of the engine, its module, its optimizer wrapper and DeepSpeed's globals at
+    ``grid``'s groups (``grid`` None: at nothing)."""
+    from deepspeed.utils import groups
+
+    module = engine.module
+    module.world_group = world_group
+    module._grid = engine.grid = engine.mpu = groups.mpu = grid
+    if grid is None:
+        p2p._grid = p2p._groups = None
+        module.tied_comms = {}
+        engine.data_parallel_group = engine.seq_data_parallel_group = None
+    else:
+        module.tied_comms = module._index_tied_modules()
+        engine.data_parallel_group = groups._get_data_parallel_group()
+        engine.seq_data_parallel_group = groups._get_sequence_data_parallel_group()
+        if engine.is_pipe_parallel:
+            p2p.init_process_groups(grid)
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "dp_process_group"):  # BF16_Optimizer, ZeRO-1/2
+        optimizer.dp_process_group = engine.seq_data_parallel_group
+        optimizer.real_dp_process_group = [engine.seq_data_parallel_group] * len(optimizer.real_dp_process_group)
+        optimizer.mpu = grid
+        if hasattr(optimizer, "model_parallel_group"):  # ZeRO: the norm's group (None without an mpu)
+            optimizer.model_parallel_group = None if grid is None else grid.get_model_parallel_group()
+
+
 def rebind_process_groups(engine: PipelineEngine) -> None:
     """Point a built engine at process groups of the current world (a new ``init_process_group`` after the old
     world was destroyed), creating them in the order DeepSpeed does while it builds an engine: the module's world
@@ -225,25 +252,9 @@ def rebind_process_groups(engine: PipelineEngine) -> None:
     this, survivors and the replacement alike, so that the groups match. Nothing else of the engine is touched: its
     module, optimizer state and fp32 masters stay where they are."""
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid
-    from deepspeed.utils import groups
 
-    module = engine.module
-    module.world_group = dist.new_group(ranks=range(dist.get_world_size()))
-    grid = PipelineParallelGrid(process_group=module.world_group, topology=module._topo)
-    module._grid = engine.grid = engine.mpu = grid
-    groups.mpu = grid
-    module.tied_comms = module._index_tied_modules()
-    engine.data_parallel_group = groups._get_data_parallel_group()
-    engine.seq_data_parallel_group = groups._get_sequence_data_parallel_group()
-    if engine.is_pipe_parallel:
-        p2p.init_process_groups(grid)
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "dp_process_group"):  # BF16_Optimizer, ZeRO-1/2
-        optimizer.dp_process_group = engine.seq_data_parallel_group
-        optimizer.real_dp_process_group = [engine.seq_data_parallel_group] * len(optimizer.real_dp_process_group)
-        optimizer.mpu = grid
-        if hasattr(optimizer, "model_parallel_group"):  # ZeRO: the norm's group (None without an mpu)
-            optimizer.model_parallel_group = grid.get_model_parallel_group()
+    world_group = dist.new_group(ranks=range(dist.get_world_size()))
+    _bind_groups(engine, world_group, PipelineParallelGrid(process_group=world_group, topology=engine.module._topo))
     stale = stale_group_references(engine)
     if stale:
         raise RuntimeError(f"after re-binding, {', '.join(stale)} still refer to a process group of the old world: "
@@ -253,28 +264,13 @@ def rebind_process_groups(engine: PipelineEngine) -> None:
 
 def release_process_groups(engine: PipelineEngine) -> None:
     """Drop every reference the engine, its module, optimizer and DeepSpeed's globals hold to the process groups of
-    a failed world, before it is destroyed.
+    a failed world, before it is destroyed (:func:`rebind_process_groups` re-creates them).
 
     gloo closes a group's connections only when its last reference goes (aborting or shutting it down does not wake
-    a pending operation, measured with torch 2.13). A rank that has detected a failure must therefore let its groups
-    go at once: each peer still waiting on it then fails within milliseconds too, and so on down the pipeline, so
-    every rank learns of a death at once and not after the timeout. (:func:`rebind_process_groups` re-creates
-    them.)"""
-    from deepspeed.utils import groups
-
-    module = engine.module
-    module.world_group = None
-    module._grid = engine.grid = engine.mpu = None
-    groups.mpu = None
-    p2p._grid = p2p._groups = None
-    module.tied_comms = {}
-    engine.data_parallel_group = engine.seq_data_parallel_group = None
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "dp_process_group"):
-        optimizer.dp_process_group = optimizer.mpu = None
-        optimizer.real_dp_process_group = [None] * len(optimizer.real_dp_process_group)
-        if hasattr(optimizer, "model_parallel_group"):
-            optimizer.model_parallel_group = None
+    a pending operation, measured with torch 2.13), so that peers still waiting on this rank could fail at once.
+    Measured: in plain torch they do; inside DeepSpeed the world group keeps references this does not reach (see
+    the README), so a non-neighbour still waits for its timeout."""
+    _bind_groups(engine, None, None)
     held = stale_group_references(engine, live=set())
     if held:  # not fatal (the peers then wait for their timeout), but a sign DeepSpeed moved a reference
         logger.warning("%s still hold a process group after release_process_groups: peers waiting on this rank "

@@ -228,10 +228,10 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
     def export_state(self) -> dict:
         """Everything this rank's stage needs to continue, as in-memory objects (tensors are not copied).
 
-        A survivor of a lost process calls this before its engine and process group are torn down, and
-        :meth:`import_state` on the engine it builds next; nothing is written to disk. Under bf16 or ZeRO-1 the
-        wrapping optimizer's state is kept whole, fp32 master weights included, so a survivor continues
-        bit-identically rather than from masters re-derived from its bf16 weights.
+        :meth:`import_state` continues from it on an engine of the same stage; nothing is written to disk. (The
+        resilient trainer no longer needs it: a survivor keeps its engine and re-binds it, see :meth:`rebind`.)
+        Under bf16 or ZeRO-1 the wrapping optimizer's state is kept whole, fp32 master weights included, so the
+        importing engine continues bit-identically rather than from masters re-derived from its bf16 weights.
         """
         wrapped = self.optimizer_is_wrapped()
         return {"module": self.module.state_dict(),

@@ -115,10 +115,7 @@ class ResilientTrainer:
             The engine of the last generation.
         """
         try:
-            engine = self._train(num_steps, train_step, on_step)
-            if self.heartbeat is not None:
-                self.heartbeat.finish()
-            return engine
+            return self._train(num_steps, train_step, on_step)  # (it tells the heartbeat it finished)
         except Exception as err:  # noqa: BLE001 - every exception that reaches here stops the job, with its cause
             kind = classify(err)
             if kind == COMMUNICATION:
@@ -214,10 +211,10 @@ class ResilientTrainer:
             self._drop_engine()  # everyone starts from initialisation together
         if survivors and self.engine is None:
             self.engine = self._build(solo=True)
-        self._form_group(membership, generation, members)
+        arrived = {r: m.incarnation for r, m in members.items()}  # a member replaced since has died
+        self._form_group(membership, generation, arrived)
         self.generation = generation
         if self.death_watch is not None:
-            arrived = {r: m.incarnation for r, m in members.items()}
             watcher = self.watch_membership
             self.death_watch.arm(lambda: replaced_members(arrived, watcher.incarnation))
         if self.engine is None:
@@ -312,15 +309,15 @@ class ResilientTrainer:
     # The process group of a generation
     # ------------------------------------------------------------------------------------------------------
 
-    def _form_group(self, membership: Membership, generation: int, members: Dict[int, MemberInfo]) -> None:
+    def _form_group(self, membership: Membership, generation: int, arrived: Dict[int, int]) -> None:
         # Building the engine runs collectives while a fresh process may still pay first-use costs that the
         # survivors paid long ago: form every group with a generous start-up timeout, and shorten it once the
         # engine exists (see _arm_detection). DeepSpeed creates its pipeline, data-parallel and tied-weight groups
         # with torch's default timeout, so that default is set too.
         startup = timedelta(seconds=max(120.0, 10 * self.config.detection_timeout_s))
         ds_internals.set_default_group_timeout(startup)
-        # A member that dies while the group forms ends the wait at once, not after the start-up timeout.
-        arrived = {r: m.incarnation for r, m in members.items()}
+        # A member that dies while the group forms (``arrived``: rank -> the incarnation it arrived as) ends the
+        # wait at once, not after the start-up timeout.
         store = GenerationStore(membership.group_store(generation),
                                 lambda: replaced_members(arrived, membership.incarnation), generation, startup)
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
