@@ -328,7 +328,10 @@ def test_transient_error_dead_spare_refused_joins_and_a_hung_trainer_in_one_job(
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_a_killed_supervisor_takes_its_trainer_and_spare_along_and_a_join_takes_over_its_rank(job_factory):
-    job = job_factory(launcher="nodes", steps=14)
+    # Paced (0.3 s a step), so that the kill lands mid-run however fast the machine: the orphaned trainer may train
+    # on for up to a heartbeat interval (1 s) before it notices, and a death in the job's last step is another case
+    # (the ranks that finished have left: see the README's limitations).
+    job = job_factory(launcher="nodes", steps=14, train_args=["--min-step-s", "0.3"])
     job.wait_for_step(4)
     children = [pid for role, pid in job.started(1) if role != "supervisor"]
     os.kill(job.supervisor_pid(1), signal.SIGKILL)
