@@ -173,16 +173,22 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/outage.json")
     p.add_argument("--memory-d-model", type=int, default=1024, help="d_model of the survivors' memory run")
     p.add_argument("--memory-steps", type=int, default=16)
+    p.add_argument("--only", choices=("checkfree", "checkpoint_restart", "memory"),
+                   help="run just this one and print it (no summary is written)")
     args = p.parse_args()
     work = REPO / args.workdir
     results = {}
     runs = (("checkfree", run_checkfree), ("checkpoint_restart", run_checkpoint_restart), ("memory", run_memory))
     for name, fn in runs:
+        if args.only not in (None, name):
+            continue
         out = work / name
         subprocess.run(["rm", "-rf", str(out)], check=True)
         out.mkdir(parents=True)
         results[name] = fn(args, out)
         print(name, json.dumps(results[name]), flush=True)
+    if args.only:
+        return
     cf, ck = results["checkfree"], results["checkpoint_restart"]
     step = statistics.median([cf["step_time_s"], ck["step_time_s"]])
     summary = {

@@ -189,6 +189,9 @@ PROGRESS_FACT = "progress"  # fact: some rank has completed a step of this job
 FRESH_START_KEY = "fresh_start"  # counter: every rank's trainer starts over (a death before the first step)
 STOP_ACKS_KEY = "stop_acks"      # counter: supervisors that have seen the stop (rank 0's keeps the store up till all)
 DONE_KEY = "done"  # counter: trainers that finished the job (rank 0's supervisor keeps the store up until all did)
+# counter: how often any supervisor moved its rank's incarnation on (a death watch polls this one key, however large
+# the world, and looks at each rank's incarnation only when it moved)
+INCARNATION_MOVES_KEY = "incarnation_moves"
 JOIN_REQUESTS = "cf-join/requests"  # counter of join requests, and the prefix of each request
 
 

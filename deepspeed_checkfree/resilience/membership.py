@@ -27,8 +27,9 @@ from ..core.rejoin import MemberInfo
 from ..errors import CheckFreeError
 # (MemberInfo, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, JOIN_REQUESTS and key_prefix are also this module's
 # names since version 0.1.)
-from .contract import (DONE_KEY, FRESH_START_KEY, JOIN_REQUESTS, LEASE_TIMEOUT_S, PROGRESS_FACT,  # noqa: F401
-                       STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
+from .contract import (DONE_KEY, FRESH_START_KEY, INCARNATION_MOVES_KEY, JOIN_REQUESTS,  # noqa: F401
+                       LEASE_TIMEOUT_S, PROGRESS_FACT, STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV,
+                       STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
                        death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact,
                        join_request_key, join_verdict_key, key_prefix, lease_key, member_key, pid_fact,
                        rank_generation_key, token_mac)
@@ -187,8 +188,13 @@ class Membership:
         """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so; before the
         process exists, with no pid, so that no member of an older incarnation counts as arrived any more)."""
         self.record(incarnation_fact(rank), incarnation)
+        self.store.add(self.key(INCARNATION_MOVES_KEY), 1)  # (after the fact: a watcher that sees it move finds it)
         if pid is not None:
             self.record(pid_fact(rank, incarnation), pid)
+
+    def incarnation_moves(self) -> int:
+        """How often any rank's incarnation moved on (one key: what a death watch polls)."""
+        return self.store.add(self.key(INCARNATION_MOVES_KEY), 0)
 
     def incarnation(self, rank: int) -> Optional[int]:
         """The incarnation of ``rank``'s active trainer; None before its supervisor started one."""

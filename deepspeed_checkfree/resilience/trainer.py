@@ -38,7 +38,8 @@ from ..pipe.progress import StageProgress
 from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
                        STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
                        read_activation, supervised)
-from .death_watch import DeathWatch
+from .connection_cut import CUT_BACKENDS, GenerationConnections
+from .death_watch import DeathWatch, deaths_since_arrival
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
 from .membership import Membership, connect_store, job_token
@@ -78,11 +79,13 @@ class ResilientTrainer:
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.engine: Optional[CheckFreeEngine] = None
         if is_spare():
-            # A warm spare: everything is imported and prepared (with spare_builds_engine, the engine too, in the
-            # solo world); wait until the supervisor activates it in place of a trainer that died, which saves the
-            # replacement the seconds of start-up.
+            # A warm spare: everything is imported and prepared (what building the engine imports, too; with
+            # spare_builds_engine, the engine itself, in the solo world); wait until the supervisor activates it in
+            # place of a trainer that died, which saves the replacement the seconds of start-up.
             if self.config.spare_builds_engine:
                 self.engine = self._build(solo=True)
+            else:
+                ds_internals.prewarm_engine_imports()
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
@@ -131,13 +134,13 @@ class ResilientTrainer:
         store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
         self.membership = membership
-        self.death_watch = self.watch_membership = None
-        if self.backend != "gloo":  # gloo learns of a death by its closed connections (see release_process_groups)
-            # Its own store connection: the main thread's may be blocked.
-            self.watch_membership = Membership(
-                connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
-                self.rank, self.world_size, self.config.join_timeout_s)
-            self.death_watch = DeathWatch(ds_internals.abort_world)
+        # Push detection: a thread that aborts the generation when a member's supervisor records its death. It has
+        # its own store connection: the main thread's may be blocked.
+        self.watch_membership = Membership(
+            connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
+            self.rank, self.world_size, self.config.join_timeout_s)
+        self.death_watch = DeathWatch()
+        self.connections: Optional[GenerationConnections] = None
         latest = membership.latest_generation()
         generation = joining_generation(latest, latest >= 0 and membership.formed(latest))
         holds_state = False     # this rank's engine holds its stage's state (a survivor keeps it in place)
@@ -190,6 +193,7 @@ class ResilientTrainer:
             self._on_failure(why, generation, step)
             generation += 1
         # The supervisor hears first: once every trainer counts as finished, rank 0's supervisor closes the store.
+        self.death_watch.close()
         if self.heartbeat is not None:
             self.heartbeat.finish()
         membership.finish()
@@ -212,11 +216,19 @@ class ResilientTrainer:
         if survivors and self.engine is None:
             self.engine = self._build(solo=True)
         arrived = {r: m.incarnation for r, m in members.items()}  # a member replaced since has died
+        # (the connections the new groups open are the generation's, cut when it fails)
+        connections = GenerationConnections(keep_ports={self.store_port}) if self.backend in CUT_BACKENDS else None
+        self.connections = connections
         self._form_group(membership, generation, arrived)
         self.generation = generation
-        if self.death_watch is not None:
-            watcher = self.watch_membership
-            self.death_watch.arm(lambda: replaced_members(arrived, watcher.incarnation))
+        watcher, abort = self.watch_membership, connections.cut if connections is not None else ds_internals.abort_world
+
+        def abort_generation() -> None:  # (on the death watch's thread)
+            self.events.write("death_seen", rank=self.rank, generation=generation, dead_ranks=self.death_watch.fired)
+            abort()
+
+        self.death_watch.arm(deaths_since_arrival(arrived, watcher.incarnation_moves, watcher.incarnation),
+                             abort_generation)
         if self.engine is None:
             self.engine = self._build(solo=False)
         else:
@@ -243,15 +255,16 @@ class ResilientTrainer:
         gc.collect()
 
     def _on_failure(self, why: str, generation: int, step: int) -> None:
-        """Record a detected failure, then let the failed world go (its groups first, so that gloo can close the
-        connections the peers still waiting on this rank wait on)."""
+        """Record a detected failure, then let the failed world go: its connections first (a peer still waiting on
+        this rank fails at once, and cuts its own in turn), then its groups."""
         self.failures += 1
         stage = self.engine.stage_id if self.engine is not None else None
         logger.warning("%s failure detected in generation %d: %s", identity(stage, self.rank, step), generation, why)
         self.events.write("failure_detected", step=step, stage=stage, rank=self.rank, generation=generation,
                           error=why)
-        if self.death_watch is not None:
-            self.death_watch.disarm()
+        self.death_watch.disarm()
+        if self.connections is not None:
+            self.connections.cut()
         if self.engine is not None and self.engine.grid is not None:
             self.engine.release_process_groups()
         gc.collect()

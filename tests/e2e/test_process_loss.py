@@ -43,7 +43,7 @@ class Job:
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
                  token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
-                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu") -> None:
+                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True) -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
@@ -58,7 +58,8 @@ class Job:
         self.port = self.ports.port
         self.processes = ProcessTracker()
         self.token = token
-        self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, "CHECKFREE_DUMP_DIR": str(self.out / "dumps")})
+        self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, **({"CHECKFREE_DUMP_DIR": str(self.out / "dumps")}
+                                                                if dumps else {})})
         if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
             del self.env["DS_ACCELERATOR"]
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
@@ -222,15 +223,15 @@ def test_sigkill_of_a_middle_stage_under_the_deepspeed_launcher_and_a_refused_jo
     assert any(e["event"] == "failure_detected" for e in events)
     rec = outage(job, [2])
     assert rec["start"] == "trainer death"
-    # The neighbours notice at once (the dead process's connections close); every survivor within the timeout.
-    # (The non-neighbour rank 0 still waits for detection_timeout_s: see the README's limitations.)
+    # Push detection: the neighbours notice at once (the dead process's connections close), and so does the
+    # non-neighbour rank 0, long before detection_timeout_s (the neighbours cut their connections of the failed
+    # generation, and every trainer's death watch reads the supervisor's death record).
     detected = {}
     for e in events:
         if e["event"] == "failure_detected" and killed <= e["time"] < killed + 60:
             detected.setdefault(e["rank"], e["time"] - killed)
     assert set(detected) >= {0, 1, 3}, detected
-    assert max(detected[1], detected[3]) < DETECTION_TIMEOUT_S / 2, detected
-    assert max(detected.values()) < DETECTION_TIMEOUT_S + 3, detected
+    assert max(detected.values()) < DETECTION_TIMEOUT_S / 4, detected
     check_rebuilt(job, rec["generation"], {2: [1, 3]})
     log = job.tail(10**6)
     assert "refused a join for rank 2" in log and "Traceback" not in log
@@ -239,6 +240,39 @@ def test_sigkill_of_a_middle_stage_under_the_deepspeed_launcher_and_a_refused_jo
 
 
 @pytest.mark.parametrize("precision", ["bf16", "zero1"])
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM) so far."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_survivors_peak_memory_across_a_recovery_stays_within_a_tenth_of_their_stage(job_factory):
+    # Weights dominate (d_model 1024, 16 tokens): a middle stage's weights plus Adam's moments are 302 MB. A
+    # survivor that held a second copy of its stage during the recovery (as before in-place recovery: up to 83%)
+    # would exceed its own steady-state peak by far more than a tenth of that.
+    from deepspeed_checkfree.models import gpt
+    d_model, layers = 1024, 8
+    block = gpt.Block(gpt.GPTConfig(vocab_size=256, seq_len=16, d_model=d_model, n_heads=4, n_layers=layers))
+    stage_state = 3 * 4 * sum(p.numel() for p in block.parameters()) * (layers // 4)
+    job = job_factory("checkfree_no_failure.json", steps=8, dumps=False, checkfree={"detection_timeout_s": 30.0},
+                      train_args=["--d-model", str(d_model), "--seq-len", "16"])
+    job.wait_for_step(3, timeout_s=300)
+    survivors = {r: int((job.out / "pids" / f"rank{r}.pid").read_text()) for r in (1, 3)}
+    steady = {r: peak_rss_bytes(pid) for r, pid in survivors.items()}
+    job.kill_trainer(2)
+    done_before = job.steps_done()
+    job.wait_for_step(done_before + 2, timeout_s=300)
+    excess = {r: peak_rss_bytes(pid) - steady[r] for r, pid in survivors.items()}
+    job.wait(timeout_s=300)
+    assert job.steps_done() == 8
+    assert all(e <= 0.10 * stage_state for e in excess.values()), (excess, stage_state)
+    rec = outage(job, [2])
+    # Push detection reaches every rank at once, far inside the 30 s detection timeout.
+    assert rec["detected_s"] < 0.5, rec
+
+
 def test_sigkill_of_a_middle_stage_under_bf16_and_zero1_keeps_the_fp32_masters(job_factory, precision):
     ds = {"bf16": {"bf16": {"enabled": True}}, "zero1": {"zero_optimization": {"stage": 1}}}[precision]
     job = job_factory("checkfree_no_failure.json", deepspeed=ds)
@@ -340,8 +374,9 @@ def test_replacement_dying_during_its_rebuild_under_torchrun(job_factory):
     rec = outage(job, [2])  # the generation of the first replacement died in its rebuild; the next completed it
     died = [e for e in job.events() if e["event"] == "stage_lost" and e["stage"] == 2]
     assert len(died) >= 2, "two replacements started rebuilding stage 2"
-    # The second death costs one more short re-formation, never the start-up timeout (120 s) of a waiting rank.
-    assert rec["outage_s"] < 20, rec
+    # The second death costs one more short re-formation (and a cold start: the warm spare went to the first
+    # replacement), never the start-up timeout (120 s) of a waiting rank. Measured: 4.1 s.
+    assert rec["outage_s"] < 10, rec
     check_rebuilt(job, rec["generation"], {2: [1, 3]})
 
 

@@ -1,0 +1,68 @@
+"""Worker of tests/distributed/test_push_detection.py: three gloo ranks, each blocked on a peer that is alive, and
+how long each takes to leave its wait when the generation fails (the group's timeout is 60 s).
+
+- ``death_record``: rank 2 plays its supervisor and moves its own incarnation on (what a supervisor does when its
+  trainer dies). Ranks 0 and 1 wait on each other; only their death watches can end the wait.
+- ``cascade``: no death record. Rank 0 waits on rank 1, rank 1 on rank 2; rank 2 fails and cuts its connections,
+  as a trainer's failure handler does. Rank 1 leaves its wait, cuts its own, and so rank 0 leaves its wait too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from deepspeed_checkfree.resilience.connection_cut import GenerationConnections
+from deepspeed_checkfree.resilience.death_watch import DeathWatch, deaths_since_arrival
+from deepspeed_checkfree.resilience.membership import Membership
+
+RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+GROUP_TIMEOUT = timedelta(seconds=60)
+
+
+def main(scenario: str) -> None:
+    port = int(os.environ["MASTER_PORT"]) + 1
+    store = dist.TCPStore("127.0.0.1", port, WORLD, RANK == 0, timeout=timedelta(seconds=60))
+    membership = Membership(store, "push-token", RANK, WORLD, join_timeout_s=60)
+    watcher = Membership(dist.TCPStore("127.0.0.1", port, WORLD, False, timeout=timedelta(seconds=60)),
+                         "push-token", RANK, WORLD, join_timeout_s=60)
+    membership.record_trainer(RANK, 0)
+    connections = GenerationConnections(keep_ports={port})
+    dist.init_process_group("gloo", store=dist.PrefixStore(scenario, store), rank=RANK, world_size=WORLD,
+                            timeout=GROUP_TIMEOUT)
+    watch = DeathWatch(interval_s=0.05)
+    watch.arm(deaths_since_arrival({r: 0 for r in range(WORLD)}, watcher.incarnation_moves, watcher.incarnation),
+              connections.cut)
+    dist.barrier()
+    tensor, waited = torch.zeros(4), None
+    t0 = time.monotonic()
+    try:
+        if scenario == "death_record":
+            if RANK == 2:
+                time.sleep(1.0)
+                membership.record_trainer(2, 1)  # its supervisor replaced it
+            else:
+                dist.recv(tensor, src=1 - RANK)
+        elif RANK == 2:
+            time.sleep(1.0)
+            connections.cut()  # rank 2 failed: its handler cuts the generation's connections
+        else:
+            dist.recv(tensor, src=RANK + 1)
+    except RuntimeError as err:
+        waited = time.monotonic() - t0
+        connections.cut()  # what the failure handler does next
+        print("ERROR " + str(err).splitlines()[0][:200], flush=True)
+    watch.close()
+    print("RESULT " + json.dumps({"rank": RANK, "waited_s": waited}), flush=True)
+    store.set(f"done/{scenario}/{RANK}", "1")
+    store.wait([f"done/{scenario}/{r}" for r in range(WORLD)])  # rank 0 hosts the store: leave together
+    os._exit(0)  # (the cut groups would only complain on destruction)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
