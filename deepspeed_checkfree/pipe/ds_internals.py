@@ -284,20 +284,20 @@ def release_process_groups(engine: PipelineEngine) -> None:
     a failed world, before it is destroyed (:func:`rebind_process_groups` re-creates them).
 
     gloo closes a group's connections only when its last reference goes (aborting or shutting it down does not wake
-    a pending operation, measured with torch 2.13), so that peers still waiting on this rank could fail at once.
-    Measured: in plain torch they do; inside DeepSpeed the world group keeps references this does not reach (see
-    the README), so a non-neighbour still waits for its timeout."""
+    a pending operation, measured with torch 2.13). Inside DeepSpeed the world group keeps references this does not
+    reach, so peers still waiting on this rank learn of the failure through the connection cut instead
+    (:mod:`deepspeed_checkfree.resilience.connection_cut`); releasing still lets the old groups be freed."""
     _bind_groups(engine, None, None)
     held = stale_group_references(engine, live=set())
-    if held:  # not fatal (the peers then wait for their timeout), but a sign DeepSpeed moved a reference
-        logger.warning("%s still hold a process group after release_process_groups: peers waiting on this rank "
-                       "learn of the failure only at their timeout", ", ".join(held))
+    if held:  # not fatal, but a sign DeepSpeed moved a reference: the old groups then stay allocated
+        logger.warning("%s still hold a process group after release_process_groups: the failed world's groups "
+                       "are not freed", ", ".join(held))
 
 
 def abort_world() -> None:
     """Abort every communicator of the current world (NCCL: ``ncclCommAbort``), from any thread; a pending
-    operation then fails at once. (gloo's abort does not wake a pending operation: there the failing ranks' release
-    of their groups is what closes the connections.)"""
+    operation then fails at once. (gloo's abort does not wake a pending operation: there the generation's
+    connections are cut instead, see :mod:`deepspeed_checkfree.resilience.connection_cut`.)"""
     c10d._abort_process_group()
 
 
