@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--die-at", action="append", default=[], metavar="PHASE:RANK",
                    help="the first trainer of RANK SIGKILLs itself in PHASE: 'startup' (before joining the job) or "
                         "'build' (inside the first engine build); repeatable")
+    p.add_argument("--save-weights", default=None, metavar="DIR",
+                   help="after the last step, save each rank's stage weights to DIR/rank<R>.pt (to compare runs)")
     p.add_argument("--min-step-s", type=float, default=0.0, metavar="SECONDS",
                    help="pace the steps: each takes at least this long (to watch a demo, or to leave a test time "
                         "to act while the job trains)")
@@ -176,7 +178,8 @@ def run(args, guard: ScriptGuard, rank: int, out: Path) -> None:
 
     if supervised():
         # Started by `-m deepspeed_checkfree.supervisor`: survive the loss of any rank's process.
-        ResilientTrainer(build_engine, ds_config, backend=args.backend).train(args.steps, train_step, on_step)
+        engine = ResilientTrainer(build_engine, ds_config, backend=args.backend).train(args.steps, train_step,
+                                                                                      on_step)
     else:
         deepspeed.init_distributed(dist_backend=args.backend)
         engine = build_engine()
@@ -188,6 +191,10 @@ def run(args, guard: ScriptGuard, rank: int, out: Path) -> None:
                 engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}")
     if metrics:
         metrics["file"].close()
+    if args.save_weights:
+        os.makedirs(args.save_weights, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in engine.module.named_parameters()},
+                   os.path.join(args.save_weights, f"rank{rank}.pt"))
     if rank == 0:
         print(f"done: {args.steps} steps; metrics in {out / 'metrics.csv'}", flush=True)
 

@@ -43,7 +43,8 @@ class Job:
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
                  token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
-                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True) -> None:
+                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True,
+                 supervisor_args: Sequence[str] = ()) -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
@@ -66,7 +67,8 @@ class Job:
                            "--out", str(self.out), *train_args]
         self.log = open(tmp / "job.log", "w+")
         self.procs: List[subprocess.Popen] = []  # the launchers: the job is over when they have exited
-        supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *self.train_args]
+        supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *supervisor_args,
+                      *self.train_args]
         if launcher == "deepspeed":
             self.procs.append(self.start([str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port",
                                           str(self.port), "--module", *supervisor]))
@@ -157,7 +159,9 @@ def job_factory(tmp_path):
     jobs: List[Job] = []
 
     def make(*args, **kwargs) -> Job:
-        job = Job(tmp_path, *args, **kwargs)
+        home = tmp_path / f"job{len(jobs)}"  # each job its own output, pid and config files
+        home.mkdir()
+        job = Job(home, *args, **kwargs)
         jobs.append(job)
         return job
 
@@ -318,6 +322,27 @@ def test_data_parallel_replica_restores_a_lost_rank_exactly_and_a_stage_without_
     check_rebuilt(job, g, {2: [0, 4], 3: [1, 5]})
     a, b = job.dump(g, "after", 2)["params"], job.dump(g, "after", 3)["params"]
     assert all(torch.equal(a[n], b[n]) for n in a), "both replicas are rebuilt alike"
+
+
+def test_a_killed_replica_ends_bit_identical_to_an_uninterrupted_run(job_factory, tmp_path):
+    # 3 stages x 2 data-parallel replicas, fp32: rank 3 (stage 1, replica 1) is SIGKILLed mid-run. Its replacement
+    # copies rank 2's weights and Adam state, the interrupted step is replayed with the same data, and no step is
+    # lost or applied twice: every rank's final weights equal those of the same job run without a failure.
+    layout = dict(world=6, steps=8, dumps=False, supervisor_args=["--no-spare"])  # (12 fewer processes to start)
+    weights = {name: tmp_path / f"weights_{name}" for name in ("reference", "killed")}
+    reference = job_factory("checkfree_no_failure.json", **layout, train_args=[
+        "--stages", "3", "--layers", "9", "--save-weights", str(weights["reference"])])
+    reference.wait()
+    killed = job_factory("checkfree_no_failure.json", **layout, train_args=[
+        "--stages", "3", "--layers", "9", "--save-weights", str(weights["killed"]), "--min-step-s", "0.3"])
+    killed.wait_for_step(3)
+    killed.kill_trainer(3)
+    killed.wait()
+    assert [e["lost_ranks"] for e in killed.events() if e["event"] == "outage"] == [[3]]
+    assert [r["loss"] for r in killed.metrics()] == [r["loss"] for r in reference.metrics()]
+    for rank in range(6):
+        want, got = (torch.load(weights[name] / f"rank{rank}.pt") for name in ("reference", "killed"))
+        assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), f"rank {rank}"
 
 
 def test_first_then_last_stage_killed_under_checkfree_plus(job_factory):
