@@ -184,6 +184,10 @@ class EtcdStore(dist.Store):
 
     def add(self, key: str, amount: int) -> int:
         """Add ``amount`` to the integer at ``key`` (0 when unset), atomically; return the new value."""
+        if amount == 0:  # a read of a counter (leases, the join-request count): one request when the key exists
+            record = self._range(self._key(key))
+            if record is not None:
+                return int(unb64(record.get("value", "")) or b"0")
         return int(self._update(key, lambda old: str(int(old or b"0") + amount).encode()))
 
     def compare_set(self, key: str, expected_value: Union[str, bytes], desired_value: Union[str, bytes]) -> bytes:

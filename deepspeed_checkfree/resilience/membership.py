@@ -287,12 +287,15 @@ class JoinReviewer:
     ``lease_timeout_s`` (:func:`~deepspeed_checkfree.core.fault_policy.join_verdict`).
     """
 
-    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S) -> None:
+    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S,
+                 leases: Optional[Dict[int, tuple]] = None) -> None:
         self.membership, self.store, self.token = membership, membership.store, token
         self.lease_timeout_s = lease_timeout_s
         self.reviewed = 0            # requests answered or seen so far
         self.pending: Dict[int, tuple] = {}  # index -> (request, first seen at)
-        self.leases: Dict[int, tuple] = {}   # rank -> (lease counter, monotonic time it was last seen to change)
+        # rank -> (lease counter, monotonic time it was last seen to change); a new leader starts from what it saw
+        # of the previous one's lease
+        self.leases: Dict[int, tuple] = dict(leases or {})
 
     def _watch_leases(self, now: float) -> None:
         for rank in range(self.membership.world_size):
@@ -310,8 +313,10 @@ class JoinReviewer:
         for index in range(self.reviewed + 1, total + 1):
             if not self.store.check([join_request_key(index)]):
                 break  # the joiner has counted itself but not written yet: next round
-            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
             self.reviewed = index
+            if self.store.check([join_verdict_key(index)]):
+                continue  # answered already (by an earlier leader)
+            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
         decided = []
         for index, (req, seen) in sorted(self.pending.items()):
             token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
@@ -324,7 +329,9 @@ class JoinReviewer:
                 continue
             if verdict == ADMIT:
                 self.leases[rank] = (self.leases.get(rank, (0, None))[0], now)  # the rank is taken from now on
-            self.store.set(join_verdict_key(index), json.dumps({"admitted": verdict == ADMIT, "reason": reason}))
+            # Only the first verdict stands (a leader that was replaced while it reviewed cannot overrule the next).
+            wanted = json.dumps({"admitted": verdict == ADMIT, "reason": reason})
+            standing = json.loads(self.store.compare_set(join_verdict_key(index), "", wanted))
             del self.pending[index]
-            decided.append((req, verdict == ADMIT, reason))
+            decided.append((req, standing["admitted"], standing["reason"]))
         return decided

@@ -41,7 +41,8 @@ from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, 
 from .death_watch import DeathWatch
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .membership import Membership, connect_store, job_token
+from .coordination import trainer_store
+from .membership import Membership, job_token
 from .stopping import stop_job
 
 logger = logging.getLogger(__name__)
@@ -128,14 +129,14 @@ class ResilientTrainer:
 
     def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
-        store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
+        store = trainer_store(self.token, self.config.join_timeout_s)  # the supervisor's: embedded or etcd
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
         self.membership = membership
         self.death_watch = self.watch_membership = None
         if self.backend != "gloo":  # gloo learns of a death by its closed connections (see release_process_groups)
             # Its own store connection: the main thread's may be blocked.
             self.watch_membership = Membership(
-                connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
+                trainer_store(self.token, self.config.join_timeout_s), self.token,
                 self.rank, self.world_size, self.config.join_timeout_s)
             self.death_watch = DeathWatch(ds_internals.abort_world)
         latest = membership.latest_generation()
