@@ -6,8 +6,8 @@ key while it is unset, and takes it over when its holder's lease (the counter ev
 has not moved for the lease timeout: that holder's machine is gone. Every claim is a compare-and-set against the
 exact value seen (the epoch grows with each takeover), so two supervisors that both decide to take over cannot both
 win: the store lets one value stand. A slow holder that comes back reads the key and sees it is no longer the
-leader. Candidates are staggered by rank, so the lowest live rank normally takes over and the others find a fresh
-holder when their turn comes.
+leader. Candidates are staggered by rank, so the lowest live rank normally claims or takes over, and the others find
+a fresh holder when their turn comes.
 """
 from __future__ import annotations
 
@@ -59,16 +59,18 @@ def leader_action(*, rank: int, holder: Optional[Holder], waited_s: float, holde
         waited_s: how long this supervisor has been looking at the key (for an unset key).
         holder_silent_s: how long the holder's lease has not moved, as this supervisor saw it; None if not known.
         lease_timeout_s: silence after which a supervisor counts as gone (the joins' rule too).
-        stagger_s: rank ``r`` waits ``r * stagger_s`` longer than rank 0 before it claims.
+        stagger_s: rank ``r`` waits ``r * stagger_s`` longer than rank 0 before it takes over a silent holder
+            (an unset key, at the job's start, it claims only after ``r * lease_timeout_s``: rank 0 leads unless it
+            has not started by then).
 
     Returns:
         :data:`LEAD`, :data:`FOLLOW` or :data:`CLAIM`.
     """
     if holder is not None and holder.rank == rank:
         return LEAD
-    turn_s = rank * stagger_s
     if holder is None:
-        return CLAIM if waited_s >= turn_s else FOLLOW
+        return CLAIM if waited_s >= rank * lease_timeout_s else FOLLOW
+    turn_s = rank * stagger_s
     if holder_silent_s is not None and holder_silent_s > lease_timeout_s + turn_s:
         return CLAIM
     return FOLLOW

@@ -43,7 +43,8 @@ class Job:
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
                  token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
-                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu") -> None:
+                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu",
+                 store: Optional[str] = None, supervisor_args: Sequence[str] = ()) -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
@@ -59,13 +60,16 @@ class Job:
         self.processes = ProcessTracker()
         self.token = token
         self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, "CHECKFREE_DUMP_DIR": str(self.out / "dumps")})
+        if store is not None:  # the supervisors' --store default, and the joiners'
+            self.env["CHECKFREE_STORE"] = store
         if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
             del self.env["DS_ACCELERATOR"]
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
                            "--out", str(self.out), *train_args]
         self.log = open(tmp / "job.log", "w+")
         self.procs: List[subprocess.Popen] = []  # the launchers: the job is over when they have exited
-        supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *self.train_args]
+        supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *supervisor_args,
+                      *self.train_args]
         if launcher == "deepspeed":
             self.procs.append(self.start([str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port",
                                           str(self.port), "--module", *supervisor]))
