@@ -25,7 +25,14 @@ from .membership import JoinRefused, JoinReviewer, Membership, connect_store, ho
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
-STAGGER_S = LEASE_INTERVAL_S  # rank r claims a vacant leadership r seconds after rank 0 would
+STAGGER_S = LEASE_INTERVAL_S  # rank r takes a silent leader's duties over r seconds after rank 1 would
+
+# etcd's TLS and authentication options, from the environment (a supervisor's trainers inherit it): the
+# EtcdStore constructor's argument for each variable.
+ETCD_OPTION_ENV = {"CHECKFREE_ETCD_CA_CERT": "ca_cert", "CHECKFREE_ETCD_CLIENT_CERT": "client_cert",
+                   "CHECKFREE_ETCD_CLIENT_KEY": "client_key", "CHECKFREE_ETCD_USER": "username",
+                   "CHECKFREE_ETCD_PASSWORD": "password"}
+ETCD_TOKEN_AUTH_ENV = "CHECKFREE_ETCD_TOKEN_AUTH"  # "1": authenticate as the job's own etcd user (grant_job_access)
 
 
 class StoreLost(Exception):
@@ -36,6 +43,14 @@ def is_store_failure(err: BaseException) -> bool:
     """Whether ``err`` means the job's store failed: a lost connection, or any store error (the etcd store's are
     CheckFree errors as well as torch's ``DistStoreError``)."""
     return isinstance(err, (StoreLost, dist.DistStoreError)) or classify(err) == COMMUNICATION
+
+
+def etcd_options(environ: Mapping[str, str] = os.environ) -> dict:
+    """The :class:`.EtcdStore` options set in the environment (TLS files, an etcd user, or the job's own user)."""
+    options = {arg: environ[var] for var, arg in ETCD_OPTION_ENV.items() if environ.get(var)}
+    if environ.get(ETCD_TOKEN_AUTH_ENV) == "1":
+        options["token_auth"] = True
+    return options
 
 
 def open_store(*, store_url: Optional[str], token: str, master_addr: str, store_port: int, timeout_s: float,
@@ -51,7 +66,7 @@ def open_store(*, store_url: Optional[str], token: str, master_addr: str, store_
     """
     if store_url:
         from .etcd_store import EtcdStore  # (needs etcd3gw: only imported when the job uses etcd)
-        return EtcdStore(store_url, token, timeout=timedelta(seconds=timeout_s)), None
+        return EtcdStore(store_url, token, timeout=timedelta(seconds=timeout_s), **etcd_options()), None
     if host:
         return host_store(master_addr, store_port, timeout_s=timeout_s)
     return connect_store(master_addr, store_port, timeout_s=timeout_s), None

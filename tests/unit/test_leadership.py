@@ -134,3 +134,16 @@ def test_a_join_with_a_token_of_no_running_job_is_refused_at_once():
     check_job_exists(Membership(store, "tok", 0, 4, 1.0), "etcd://h:2379")
     with pytest.raises(JoinRefused, match="no job with this token runs in the etcd store etcd://h:2379"):
         check_job_exists(Membership(store, "wrong", 0, 4, 1.0), "etcd://h:2379")
+
+
+def test_etcds_tls_and_auth_options_come_from_the_environment_a_trainer_inherits(monkeypatch):
+    from deepspeed_checkfree.resilience.coordination import etcd_options, open_store
+    from deepspeed_checkfree.resilience.store_address import etcd_job_user
+    env = {"CHECKFREE_ETCD_CA_CERT": "/ca.pem", "CHECKFREE_ETCD_CLIENT_CERT": "/c.pem",
+           "CHECKFREE_ETCD_CLIENT_KEY": "/c.key", "CHECKFREE_ETCD_TOKEN_AUTH": "1", "CHECKFREE_ETCD_USER": ""}
+    assert etcd_options(env) == {"ca_cert": "/ca.pem", "client_cert": "/c.pem", "client_key": "/c.key",
+                                 "token_auth": True}
+    assert etcd_options({}) == {}
+    monkeypatch.setenv("CHECKFREE_ETCD_TOKEN_AUTH", "1")
+    store, server = open_store(store_url="etcds://h:2379", token="tok", master_addr="x", store_port=1, timeout_s=1.0)
+    assert server is None and store.etcd.username == etcd_job_user("tok") and store.url.protocol == "https"
