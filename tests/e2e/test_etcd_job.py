@@ -10,8 +10,12 @@ import os
 import signal
 import subprocess
 import time
+from datetime import timedelta
 
 import pytest
+
+from deepspeed_checkfree.resilience.contract import formed_key, key_prefix
+from deepspeed_checkfree.resilience.etcd_store import EtcdStore
 
 from ..harness.etcd import new_etcd_cluster  # noqa: F401 (fixture)
 from .test_process_loss import check_completed, check_rebuilt, job_factory, outage  # noqa: F401 (fixture)
@@ -41,6 +45,9 @@ def test_rank_0s_whole_machine_is_lost_and_replaced_by_a_join_under_checkfree_pl
     assert "admitted a new machine for rank 0" in log and "joined the job as a replacement" in log
     assert "lost the" not in log, "no rank lost the store"
     assert took < 200, f"{took:.0f} s from the loss to the end of the job"
+    store = EtcdStore(cluster.url, job.token, timeout=timedelta(seconds=10))
+    formed = lambda g: store.check([f"{key_prefix(job.token)}/{formed_key(g)}"])  # noqa: E731
+    assert not formed(0) and formed(rec["generation"]), "the keys of the generation every rank left are deleted"
     print(f"rank 0's machine lost: outage {rec['outage_s']:.2f} s, job ended {took:.1f} s after the loss")
 
 
