@@ -59,7 +59,8 @@ def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 600)
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", **{TOKEN_ENV: "benchmark-token"})
+    # A token per run: an etcd store keeps a finished run's keys under its token.
+    e = dict(os.environ, OMP_NUM_THREADS="1", **{TOKEN_ENV: f"benchmark-token-{time.time_ns()}"})
     e.setdefault("DS_ACCELERATOR", "cpu")
     return e
 

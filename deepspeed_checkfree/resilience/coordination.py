@@ -21,6 +21,7 @@ from ..core.fault_policy import COMMUNICATION, classify
 from ..events import EventLog
 from .contract import (LEADER_KEY, LEASE_INTERVAL_S, STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV,
                        generation_prefix, lease_key)
+from .etcd_store import EtcdStore
 from .membership import JoinRefused, JoinReviewer, Membership, connect_store, host_store
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
@@ -65,11 +66,18 @@ def open_store(*, store_url: Optional[str], token: str, master_addr: str, store_
         host: host the embedded store (rank 0's supervisor); ignored with an external store.
     """
     if store_url:
-        from .etcd_store import EtcdStore  # (needs etcd3gw: only imported when the job uses etcd)
         return EtcdStore(store_url, token, timeout=timedelta(seconds=timeout_s), **etcd_options()), None
     if host:
         return host_store(master_addr, store_port, timeout_s=timeout_s)
     return connect_store(master_addr, store_port, timeout_s=timeout_s), None
+
+
+def prepare_client(environ: Mapping[str, str] = os.environ) -> None:
+    """Import the external store's HTTP client now, if the job uses one: a warm spare does it while it waits, so a
+    replacement does not pay for it in the outage."""
+    if environ.get(STORE_URL_ENV):
+        import etcd3gw  # noqa: F401
+        import requests  # noqa: F401
 
 
 def trainer_store(token: str, timeout_s: float, environ: Mapping[str, str] = os.environ) -> dist.Store:
@@ -97,6 +105,25 @@ def check_job_exists(membership: Membership, store_url: str) -> None:
         raise JoinRefused(f"join refused for rank {membership.rank}: no job with this token runs in the etcd store "
                           f"{store_url}. Set {TOKEN_ENV} to the token the job was launched with, and --store to its "
                           f"store URL")
+
+
+def check_not_a_previous_run(membership: Membership, store_url: str) -> None:
+    """At a launch on etcd (not a join): the token's keys are not those of an earlier run that finished or stopped.
+    etcd keeps them after the job (the embedded store goes with it), and a new run with the same token would read
+    them as its own.
+
+    Raises:
+        JoinRefused: the token's keys hold a finished or stopped job (the message says how to start afresh).
+    """
+    done, stop = membership.finished(), membership.stopped()
+    if done < membership.world_size and stop is None:
+        return
+    what = (f"a job that finished ({done} trainers done)" if done >= membership.world_size else
+            f"a job that stopped (rank {stop['rank']}: {stop['reason']})")
+    raise JoinRefused(f"rank {membership.rank} cannot start: the etcd store {store_url} holds {what} under this "
+                      f"token. Use a new {TOKEN_ENV} for each run, or delete the earlier run's keys first: python -c "
+                      f"\"from deepspeed_checkfree.resilience.etcd_store import EtcdStore; "
+                      f"EtcdStore('{store_url}', '<token>').delete_prefix('')\"")
 
 
 class Coordinator:

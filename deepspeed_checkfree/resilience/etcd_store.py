@@ -262,6 +262,12 @@ class EtcdStore(dist.Store):
     # beyond c10d
     # ------------------------------------------------------------------------------------------------------
 
+    def get_if_set(self, key: str) -> Optional[bytes]:
+        """The value of ``key``, None when it is unset (no waiting): one request where ``check`` then ``get`` take
+        two."""
+        record = self._range(self._key(key))
+        return None if record is None else unb64(record.get("value", ""))
+
     def delete_prefix(self, sub_prefix: str) -> int:
         """Delete every key of the job that starts with ``sub_prefix`` (e.g. a finished generation's
         ``PrefixStore`` keys: pass its prefix followed by ``/``); return how many were deleted. An empty

@@ -104,10 +104,17 @@ class Membership:
         """The store key of ``name`` (one of :mod:`.contract`'s keys) under this job's prefix."""
         return f"{self.prefix}/{name}"
 
+    def _get_if_set(self, key: str) -> Optional[bytes]:
+        """``key``'s value, None when unset; one request on a store that can (the etcd store), else two."""
+        get_if_set = getattr(self.store, "get_if_set", None)
+        if get_if_set is not None:
+            return get_if_set(key)
+        return self.store.get(key) if self.store.check([key]) else None
+
     def last_generation(self, rank: Optional[int] = None) -> int:
         """The last generation ``rank`` (default: this rank) joined; -1 if none."""
-        key = self.key(rank_generation_key(self.rank if rank is None else rank))
-        return int(self.store.get(key)) if self.store.check([key]) else -1
+        value = self._get_if_set(self.key(rank_generation_key(self.rank if rank is None else rank)))
+        return -1 if value is None else int(value)
 
     def latest_generation(self) -> int:
         """The latest generation any rank arrived for; -1 if none."""
@@ -134,8 +141,8 @@ class Membership:
         deadline = time.monotonic() + self.join_timeout_s
         while True:
             self.raise_if_stopped()
-            members = {r: MemberInfo(**json.loads(self.store.get(k))) for r, k in enumerate(keys)
-                       if self.store.check([k])}
+            values = {r: self._get_if_set(k) for r, k in enumerate(keys)}
+            members = {r: MemberInfo(**json.loads(v)) for r, v in values.items() if v is not None}
             missing = [r for r in range(self.world_size)
                        if r not in members or members[r].incarnation != (self.incarnation(r) or 0)]
             if not missing:
@@ -180,8 +187,8 @@ class Membership:
 
     def fact(self, name: str) -> Optional[object]:
         """A fact published with :meth:`record`; None if nobody has."""
-        key = self.key(fact_key(name))
-        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        value = self._get_if_set(self.key(fact_key(name)))
+        return None if value is None else json.loads(value)
 
     def record_trainer(self, rank: int, incarnation: int, pid: Optional[int] = None) -> None:
         """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so; before the

@@ -33,8 +33,8 @@ from ..events import EventLog, identity
 from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
                        STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
                        TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
-from .coordination import (Coordinator, StoreLost, check_job_exists, describe_store, is_store_failure,
-                           open_store)
+from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, describe_store,
+                           is_store_failure, open_store)
 from .etcd_client import StoreError
 from .heartbeat import HeartbeatPipe
 from .membership import JoinRefused, Membership, job_token, request_join
@@ -314,9 +314,9 @@ class Supervisor:
                 f.write(str(os.getpid()))
             self._record_pid("supervisor", os.getpid())
         incarnation = 0
+        if self.store_url:
+            (check_job_exists if self.args.join else check_not_a_previous_run)(self.membership, self.store_url)
         if self.args.join:
-            if self.store_url:
-                check_job_exists(self.membership, self.store_url)
             request_join(self.store, self.token, self.rank, timeout_s=60)
             # The new machine's trainer is a replacement: it continues the rank's incarnations.
             incarnation = (self.membership.incarnation(self.rank) or 0) + 1

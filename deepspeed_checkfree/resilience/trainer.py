@@ -41,7 +41,7 @@ from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, 
 from .death_watch import DeathWatch
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .coordination import trainer_store
+from .coordination import prepare_client, trainer_store
 from .membership import Membership, job_token
 from .stopping import stop_job
 
@@ -84,6 +84,7 @@ class ResilientTrainer:
             # replacement the seconds of start-up.
             if self.config.spare_builds_engine:
                 self.engine = self._build(solo=True)
+            prepare_client()
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare

@@ -147,3 +147,19 @@ def test_etcds_tls_and_auth_options_come_from_the_environment_a_trainer_inherits
     monkeypatch.setenv("CHECKFREE_ETCD_TOKEN_AUTH", "1")
     store, server = open_store(store_url="etcds://h:2379", token="tok", master_addr="x", store_port=1, timeout_s=1.0)
     assert server is None and store.etcd.username == etcd_job_user("tok") and store.url.protocol == "https"
+
+
+def test_a_launch_on_a_tokens_keys_of_a_finished_or_stopped_run_is_refused_with_the_way_out():
+    from deepspeed_checkfree.resilience.coordination import check_not_a_previous_run
+    store = dist.HashStore()
+    members = [Membership(store, "tok", r, 2, 1.0) for r in range(2)]
+    check_not_a_previous_run(members[0], "etcd://h:2379")  # nothing there: a new job
+    members[1].finish()
+    check_not_a_previous_run(members[0], "etcd://h:2379")  # a rank of this run finished early: fine
+    members[0].finish()
+    with pytest.raises(JoinRefused, match=r"holds a job that finished \(2 trainers done\).*delete_prefix"):
+        check_not_a_previous_run(members[0], "etcd://h:2379")
+    stopped = Membership(dist.HashStore(), "tok", 0, 2, 1.0)
+    stopped.stop(1, "config", "unknown key")
+    with pytest.raises(JoinRefused, match=r"a job that stopped \(rank 1: unknown key\).*new CHECKFREE_JOB_TOKEN"):
+        check_not_a_previous_run(stopped, "etcd://h:2379")
