@@ -41,7 +41,7 @@ from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, 
 from .death_watch import DeathWatch
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .coordination import prepare_client, trainer_store
+from .coordination import prepare_client, rendezvous_polling, trainer_store
 from .membership import Membership, job_token
 from .stopping import stop_job
 
@@ -321,7 +321,8 @@ class ResilientTrainer:
         # A member that dies while the group forms (``arrived``: rank -> the incarnation it arrived as) ends the
         # wait at once, not after the start-up timeout.
         store = GenerationStore(membership.group_store(generation),
-                                lambda: replaced_members(arrived, membership.incarnation), generation, startup)
+                                lambda: replaced_members(arrived, membership.incarnation), generation, startup,
+                                **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
