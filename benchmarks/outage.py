@@ -11,6 +11,11 @@ stage 2 is SIGKILLed once rank 0 has completed --kill-step steps:
   resumes from the latest checkpoint.
 Outage = kill until the first step completes again (timestamps of metrics.csv). Lost steps = completed steps
 that had to be computed again. Prints and writes a JSON summary.
+
+With --store etcd://..., the CheckFree job is also run with its coordination state in that etcd cluster, alternating
+with the embedded store --repeat times, and both outages are reported (--only-stores skips the other runs):
+
+    python benchmarks/outage.py --store etcd://127.0.0.1:2379,127.0.0.1:2381,127.0.0.1:2383 --only-stores --repeat 3
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 600)
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", **{TOKEN_ENV: "benchmark-token"})
+    # A token per run: an etcd store keeps a finished run's keys under its token.
+    e = dict(os.environ, OMP_NUM_THREADS="1", **{TOKEN_ENV: f"benchmark-token-{time.time_ns()}"})
     e.setdefault("DS_ACCELERATOR", "cpu")
     return e
 
@@ -63,9 +69,9 @@ def train_cmd(config: str, out: Path, steps: int, extra: list) -> list:
     return ["launch/train.py", "--deepspeed_config", config, "--steps", str(steps), "--out", str(out), *extra]
 
 
-def run_checkfree(args, out: Path) -> dict:
+def run_checkfree(args, out: Path, store: str = None) -> dict:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "--module",
-           "deepspeed_checkfree.supervisor", "--pid-dir", str(out / "pids"),
+           "deepspeed_checkfree.supervisor", "--pid-dir", str(out / "pids"), *(["--store", store] if store else []),
            *train_cmd(args.checkfree_config, out, args.steps, [])]
     log = open(out / "job.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -162,6 +168,26 @@ def run_checkpoint_restart(args, out: Path) -> dict:
                 f.stat().st_size for f in (ckpt / f"step{last_ckpt}").rglob("*") if f.is_file())}
 
 
+def compare_stores(args, work: Path) -> None:
+    """The CheckFree outage with the embedded store and with the etcd store, alternating, in one session."""
+    outages = {"embedded": [], "etcd": []}
+    for i in range(args.repeat):
+        for name, store in (("embedded", None), ("etcd", args.store)):
+            out = work / f"store_{name}_{i}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            out.mkdir(parents=True)
+            res = run_checkfree(args, out, store=store)
+            outages[name].append(round(res["outage_s"], 3))
+            print(name, json.dumps(res), flush=True)
+    summary = {"benchmark": "outage after kill -9 of stage 2 (4 stages, CPU): embedded store vs etcd (3 members)",
+               "outage_s": outages, "median_s": {k: statistics.median(v) for k, v in outages.items()}}
+    summary["etcd_minus_embedded_s"] = summary["median_s"]["etcd"] - summary["median_s"]["embedded"]
+    path = REPO / Path(args.out).with_name("outage_stores.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -175,8 +201,15 @@ def main() -> None:
     p.add_argument("--memory-steps", type=int, default=16)
     p.add_argument("--only", choices=("checkfree", "checkpoint_restart", "memory"),
                    help="run just this one and print it (no summary is written)")
+    p.add_argument("--store", default=None, help="also run CheckFree on this etcd store (etcd://...)")
+    p.add_argument("--only-stores", action="store_true", help="with --store: only the embedded-vs-etcd runs")
+    p.add_argument("--repeat", type=int, default=1, help="with --store: runs of each store, alternating")
     args = p.parse_args()
     work = REPO / args.workdir
+    if args.store:
+        compare_stores(args, work)
+        if args.only_stores:
+            return
     results = {}
     runs = (("checkfree", run_checkfree), ("checkpoint_restart", run_checkpoint_restart), ("memory", run_memory))
     for name, fn in runs:

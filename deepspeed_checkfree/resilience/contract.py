@@ -28,6 +28,9 @@ SUPERVISED_ENV = "CHECKFREE_SUPERVISED"
 INCARNATION_ENV = "CHECKFREE_INCARNATION"  # how many times this rank's trainer has been (re)started
 SPARE_ENV = "CHECKFREE_SPARE"  # a warm spare: waits for its activation line on stdin
 STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
+# The external store's URL (etcd://...): the default of the supervisor's --store, and what it passes to its trainer,
+# which then keeps its membership and its process groups' rendezvous there too. Unset: the embedded store.
+STORE_URL_ENV = "CHECKFREE_STORE"
 HEARTBEAT_FD_ENV = "CHECKFREE_HEARTBEAT_FD"  # the write end of the pipe the trainer's heartbeat goes to
 SUPERVISOR_PID_ENV = "CHECKFREE_SUPERVISOR_PID"  # the trainer ends itself when this process is gone
 _TRUE = "1"
@@ -35,12 +38,15 @@ _TRUE = "1"
 
 def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
                 store_port: int, incarnation: int, spare: bool = False, heartbeat_fd: Optional[int] = None,
-                supervisor_pid: Optional[int] = None) -> Dict[str, str]:
-    """The variables the supervisor adds to its own environment for a trainer (the store is on the master)."""
+                supervisor_pid: Optional[int] = None, store_url: Optional[str] = None) -> Dict[str, str]:
+    """The variables the supervisor adds to its own environment for a trainer: the store is ``store_url`` (etcd)
+    when given, else the embedded one on the master."""
     env = dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr,
                MASTER_PORT=str(master_port))
     env.update({SUPERVISED_ENV: _TRUE, INCARNATION_ENV: str(incarnation), STORE_ADDR_ENV: master_addr,
                 STORE_PORT_ENV: str(store_port)})
+    if store_url:
+        env[STORE_URL_ENV] = store_url
     if spare:
         env[SPARE_ENV] = _TRUE
     if heartbeat_fd is not None:
@@ -154,6 +160,11 @@ def member_key(generation: int, rank: int) -> str:
     return f"g/{generation}/member/{rank}"
 
 
+def generation_prefix(generation: int) -> str:
+    """Every key of ``generation`` (members, formed, the process group's rendezvous) starts with this."""
+    return f"g/{generation}/"
+
+
 def formed_key(generation: int) -> str:
     """Set once every rank has arrived for ``generation`` (its process group forms)."""
     return f"g/{generation}/formed"
@@ -192,6 +203,7 @@ DONE_KEY = "done"  # counter: trainers that finished the job (rank 0's superviso
 # counter: how often any supervisor moved its rank's incarnation on (a death watch polls this one key, however large
 # the world, and looks at each rank's incarnation only when it moved)
 INCARNATION_MOVES_KEY = "incarnation_moves"
+LEADER_KEY = "leader"  # "<rank>:<epoch>" of the supervisor doing the job-level duties (external store only)
 JOIN_REQUESTS = "cf-join/requests"  # counter of join requests, and the prefix of each request
 
 

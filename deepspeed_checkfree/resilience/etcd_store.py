@@ -184,6 +184,10 @@ class EtcdStore(dist.Store):
 
     def add(self, key: str, amount: int) -> int:
         """Add ``amount`` to the integer at ``key`` (0 when unset), atomically; return the new value."""
+        if amount == 0:  # a read of a counter (leases, the join-request count): one request when the key exists
+            record = self._range(self._key(key))
+            if record is not None:
+                return int(unb64(record.get("value", "")) or b"0")
         return int(self._update(key, lambda old: str(int(old or b"0") + amount).encode()))
 
     def compare_set(self, key: str, expected_value: Union[str, bytes], desired_value: Union[str, bytes]) -> bytes:
@@ -257,6 +261,12 @@ class EtcdStore(dist.Store):
     # ------------------------------------------------------------------------------------------------------
     # beyond c10d
     # ------------------------------------------------------------------------------------------------------
+
+    def get_if_set(self, key: str) -> Optional[bytes]:
+        """The value of ``key``, None when it is unset (no waiting): one request where ``check`` then ``get`` take
+        two."""
+        record = self._range(self._key(key))
+        return None if record is None else unb64(record.get("value", ""))
 
     def delete_prefix(self, sub_prefix: str) -> int:
         """Delete every key of the job that starts with ``sub_prefix`` (e.g. a finished generation's

@@ -14,7 +14,8 @@ from typing import Callable, List, Mapping, Optional
 
 import torch.distributed as dist
 
-POLL_S = 0.01  # a check is one round trip to the store (~0.2 ms)
+POLL_S = 0.01  # a check is one round trip to the store (~0.2 ms; etcd: ~1-3 ms)
+DEATH_POLL_S = 0.05  # asking for deaths takes one round trip per member: less often
 
 
 class GenerationStore(dist.Store):
@@ -26,21 +27,29 @@ class GenerationStore(dist.Store):
         dead_members: returns the ranks of this generation's members that have died (empty while all live).
         generation: for the error message.
         timeout: the waits' own timeout.
+        poll_max_s: a wait polls every :data:`POLL_S`, backing off to this (an external store, where every poll
+            is an HTTP request that its members serve for every waiting rank, is polled less eagerly).
+        death_poll_s: how often a wait asks ``dead_members()``.
     """
 
     def __init__(self, inner: dist.Store, dead_members: Callable[[], List[int]], generation: int,
-                 timeout: timedelta) -> None:
+                 timeout: timedelta, poll_max_s: float = POLL_S, death_poll_s: float = DEATH_POLL_S) -> None:
         super().__init__()
         self.inner, self.dead_members, self.generation = inner, dead_members, generation
         self._timeout = timeout
+        self.poll_max_s, self.death_poll_s = poll_max_s, death_poll_s
 
     # the waits ---------------------------------------------------------------------------------------------------
 
     def _wait_for(self, keys: List[str], timeout: Optional[timedelta] = None) -> None:
         limit = (timeout or self._timeout).total_seconds()
         deadline = time.monotonic() + limit
+        next_death_check, pause = 0.0, POLL_S
         while not self.inner.check(keys):
-            dead = self.dead_members()
+            now = time.monotonic()
+            dead: List[int] = []
+            if now >= next_death_check:
+                dead, next_death_check = self.dead_members(), now + self.death_poll_s
             if dead:
                 raise dist.DistNetworkError(
                     f"rank(s) {dead} died while generation {self.generation} formed its process group (their "
@@ -48,7 +57,8 @@ class GenerationStore(dist.Store):
             if time.monotonic() > deadline:
                 raise dist.DistStoreError(f"timed out waiting {limit:.0f} s for keys {keys} while generation "
                                           f"{self.generation} formed its process group")
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(pause * 1.5, self.poll_max_s)
 
     def get(self, key: str) -> bytes:
         self._wait_for([key])
@@ -92,7 +102,8 @@ class GenerationStore(dist.Store):
 
     def clone(self) -> "GenerationStore":
         """A second connection with the same waits (gloo uses one per background thread)."""
-        return GenerationStore(self.inner.clone(), self.dead_members, self.generation, self._timeout)
+        return GenerationStore(self.inner.clone(), self.dead_members, self.generation, self._timeout,
+                               self.poll_max_s, self.death_poll_s)
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout

@@ -105,10 +105,17 @@ class Membership:
         """The store key of ``name`` (one of :mod:`.contract`'s keys) under this job's prefix."""
         return f"{self.prefix}/{name}"
 
+    def _get_if_set(self, key: str) -> Optional[bytes]:
+        """``key``'s value, None when unset; one request on a store that can (the etcd store), else two."""
+        get_if_set = getattr(self.store, "get_if_set", None)
+        if get_if_set is not None:
+            return get_if_set(key)
+        return self.store.get(key) if self.store.check([key]) else None
+
     def last_generation(self, rank: Optional[int] = None) -> int:
         """The last generation ``rank`` (default: this rank) joined; -1 if none."""
-        key = self.key(rank_generation_key(self.rank if rank is None else rank))
-        return int(self.store.get(key)) if self.store.check([key]) else -1
+        value = self._get_if_set(self.key(rank_generation_key(self.rank if rank is None else rank)))
+        return -1 if value is None else int(value)
 
     def latest_generation(self) -> int:
         """The latest generation any rank arrived for; -1 if none."""
@@ -135,8 +142,8 @@ class Membership:
         deadline = time.monotonic() + self.join_timeout_s
         while True:
             self.raise_if_stopped()
-            members = {r: MemberInfo(**json.loads(self.store.get(k))) for r, k in enumerate(keys)
-                       if self.store.check([k])}
+            values = {r: self._get_if_set(k) for r, k in enumerate(keys)}
+            members = {r: MemberInfo(**json.loads(v)) for r, v in values.items() if v is not None}
             missing = [r for r in range(self.world_size)
                        if r not in members or members[r].incarnation != (self.incarnation(r) or 0)]
             if not missing:
@@ -181,8 +188,8 @@ class Membership:
 
     def fact(self, name: str) -> Optional[object]:
         """A fact published with :meth:`record`; None if nobody has."""
-        key = self.key(fact_key(name))
-        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        value = self._get_if_set(self.key(fact_key(name)))
+        return None if value is None else json.loads(value)
 
     def record_trainer(self, rank: int, incarnation: int, pid: Optional[int] = None) -> None:
         """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so; before the
@@ -293,12 +300,15 @@ class JoinReviewer:
     ``lease_timeout_s`` (:func:`~deepspeed_checkfree.core.fault_policy.join_verdict`).
     """
 
-    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S) -> None:
+    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S,
+                 leases: Optional[Dict[int, tuple]] = None) -> None:
         self.membership, self.store, self.token = membership, membership.store, token
         self.lease_timeout_s = lease_timeout_s
         self.reviewed = 0            # requests answered or seen so far
         self.pending: Dict[int, tuple] = {}  # index -> (request, first seen at)
-        self.leases: Dict[int, tuple] = {}   # rank -> (lease counter, monotonic time it was last seen to change)
+        # rank -> (lease counter, monotonic time it was last seen to change); a new leader starts from what it saw
+        # of the previous one's lease
+        self.leases: Dict[int, tuple] = dict(leases or {})
 
     def _watch_leases(self, now: float) -> None:
         for rank in range(self.membership.world_size):
@@ -316,8 +326,10 @@ class JoinReviewer:
         for index in range(self.reviewed + 1, total + 1):
             if not self.store.check([join_request_key(index)]):
                 break  # the joiner has counted itself but not written yet: next round
-            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
             self.reviewed = index
+            if self.store.check([join_verdict_key(index)]):
+                continue  # answered already (by an earlier leader)
+            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
         decided = []
         for index, (req, seen) in sorted(self.pending.items()):
             token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
@@ -330,7 +342,9 @@ class JoinReviewer:
                 continue
             if verdict == ADMIT:
                 self.leases[rank] = (self.leases.get(rank, (0, None))[0], now)  # the rank is taken from now on
-            self.store.set(join_verdict_key(index), json.dumps({"admitted": verdict == ADMIT, "reason": reason}))
+            # Only the first verdict stands (a leader that was replaced while it reviewed cannot overrule the next).
+            wanted = json.dumps({"admitted": verdict == ADMIT, "reason": reason})
+            standing = json.loads(self.store.compare_set(join_verdict_key(index), "", wanted))
             del self.pending[index]
-            decided.append((req, verdict == ADMIT, reason))
+            decided.append((req, standing["admitted"], standing["reason"]))
         return decided

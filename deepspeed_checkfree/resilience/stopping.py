@@ -12,8 +12,9 @@ from typing import NoReturn, Optional
 
 from ..core.fault_policy import COMMUNICATION, CONFIG, PROGRAM, classify
 from ..events import EventLog, identity
-from .contract import STOPPED_EXIT_CODE, STORE_ADDR_ENV, STORE_PORT_ENV, is_spare, supervised
-from .membership import JobStopped, Membership, connect_store, job_token
+from .contract import STOPPED_EXIT_CODE, is_spare, supervised
+from .coordination import trainer_store
+from .membership import JobStopped, Membership, job_token
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ScriptGuard:
 
     def _membership(self) -> Optional[Membership]:
         try:
-            store = connect_store(os.environ[STORE_ADDR_ENV], int(os.environ[STORE_PORT_ENV]), timeout_s=10)
+            store = trainer_store(job_token(), timeout_s=10)
             return Membership(store, job_token(), self.rank, int(os.environ["WORLD_SIZE"]), join_timeout_s=10)
         except Exception as store_err:  # noqa: BLE001 - the supervisor still sees exit code 78
             logger.error("%s cannot reach the job's store to stop the job: %s", identity(rank=self.rank), store_err)

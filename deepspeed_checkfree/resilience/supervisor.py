@@ -7,12 +7,14 @@ It starts the training script as a child and, when the child dies, starts a repl
 from the neighbours, so the launcher never sees a failure. It kills a child that stops beating (hung) and replaces
 it alike; it ends its children when it is told to end or when any rank stops the job (nothing is respawned after
 exit code 78); and a child ends itself when its supervisor dies. The fault table of the README lists every case.
-Rank 0's supervisor also hosts the job's persistent store (bound to the master address only) and admits machines
-that join with the job token for a rank whose supervisor is gone. A new machine that replaces a lost one runs the
-same command with ``--join``:
+By default rank 0's supervisor also hosts the job's persistent store (bound to the master address only) and admits
+machines that join with the job token for a rank whose supervisor is gone. With ``--store etcd://h1:2379,...`` the
+store is an etcd cluster instead, and any machine, rank 0's included, can be lost and replaced: the joins are then
+answered by a leader among the live supervisors (:mod:`.coordination`). A new machine that replaces a lost one runs
+the same command with ``--join``:
 
     CHECKFREE_JOB_TOKEN=... python -m deepspeed_checkfree.supervisor --join --rank 2 --world-size 4 \
-        --master-addr HOST --master-port PORT launch/train.py --deepspeed_config cfg.json ...
+        --master-addr HOST --master-port PORT [--store etcd://...] launch/train.py --deepspeed_config cfg.json ...
 """
 from __future__ import annotations
 
@@ -26,12 +28,17 @@ import time
 from typing import List, Optional
 
 from ..core import fault_policy as policy
+from ..errors import ConfigError
 from ..events import EventLog, identity
-from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_INTERVAL_S, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
-                       STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, SUPERVISOR_EVENTS_ENV,
+from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
+                       STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
                        TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
+from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, describe_store,
+                           is_store_failure, open_store)
+from .etcd_client import StoreError
 from .heartbeat import HeartbeatPipe
-from .membership import JoinRefused, JoinReviewer, Membership, connect_store, host_store, job_token, request_join
+from .membership import JoinRefused, Membership, job_token, request_join
+from .store_address import parse_store_url
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
@@ -50,6 +57,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=None, help="default: $MASTER_PORT")
     p.add_argument("--store-port", type=int, default=None,
                    help=f"the job's store port (default: ${STORE_PORT_ENV} or master port + {STORE_PORT_OFFSET})")
+    p.add_argument("--store", default=os.environ.get(STORE_URL_ENV) or None, metavar="URL",
+                   help=f"keep the job's coordination state in etcd: etcd://host:port[,host:port...] (etcds:// for "
+                        f"TLS), the same on every machine (default: ${STORE_URL_ENV}; unset: the embedded store "
+                        f"hosted by rank 0's supervisor, which does not survive the loss of rank 0's machine)")
+    p.add_argument("--store-timeout", type=float, default=600.0, metavar="S",
+                   help="the job's store may not answer for this long before this rank stops (exit code 80); set "
+                        "it to checkfree.join_timeout_s")
     p.add_argument("--max-restarts", type=int, default=100, help="replacements to start before giving up")
     p.add_argument("--no-spare", action="store_true",
                    help="do not keep a warm spare trainer (saves its memory; a replacement then pays the start-up)")
@@ -63,11 +77,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-    return p.parse_args(argv)
-
-
-class StoreLost(Exception):
-    """The job's store cannot be reached any more: rank 0's supervisor (or its machine) is gone."""
+    args = p.parse_args(argv)
+    if args.store:
+        try:
+            args.store = str(parse_store_url(args.store))
+        except ConfigError as err:
+            p.error(f"--store: {err}")
+    return args
 
 
 class Terminated(Exception):
@@ -126,27 +142,28 @@ class Supervisor:
         self.store_port = args.store_port or int(env.get(STORE_PORT_ENV, self.master_port + STORE_PORT_OFFSET))
         self.token = job_token()
         self.events = EventLog(args.events_file)
+        self.store_url: Optional[str] = args.store
         self.server = None
-        self.reviewer: Optional[JoinReviewer] = None
         self.active: Optional[Child] = None
         self.spare: Optional[Child] = None
         self.spare_deaths = 0      # in a row, since the last activation
         self.keep_spare = not args.no_spare
         self.seen_fresh_start = 0  # the fresh-start epoch this rank's trainer belongs to
-        self.next_lease = 0.0
 
     def _prefix(self) -> str:
         return identity(rank=self.rank)
 
     def connect(self) -> None:
-        if self.rank == 0 and not self.args.join:
-            # Rank 0's supervisor outlives its trainers, so the store (and every survivor's rendezvous) does too.
-            self.store, self.server = host_store(self.master_addr, self.store_port, timeout_s=600)
-        else:
-            self.store = connect_store(self.master_addr, self.store_port, timeout_s=600)
+        # Without an external store, rank 0's supervisor hosts the embedded one: it outlives its trainers, so the
+        # store (and every survivor's rendezvous) does too.
+        hosted = self.rank == 0 and not self.args.join and not self.store_url
+        self.store, self.server = open_store(store_url=self.store_url, token=self.token, master_addr=self.master_addr,
+                                             store_port=self.store_port, timeout_s=self.args.store_timeout,
+                                             host=hosted)
         self.membership = Membership(self.store, self.token, self.rank, self.world_size, join_timeout_s=600)
-        if self.server is not None:
-            self.reviewer = JoinReviewer(self.membership, self.token, lease_timeout_s=self.args.lease_timeout)
+        self.coordinator = Coordinator(self.membership, self.token, hosted=hosted, external=bool(self.store_url),
+                                       lease_timeout_s=self.args.lease_timeout, events=self.events,
+                                       prefix=self._prefix())
 
     # ------------------------------------------------------------------------------------------------------
     # Children
@@ -166,7 +183,7 @@ class Supervisor:
         env = dict(os.environ, **trainer_env(
             rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
             master_port=self.master_port, store_port=self.store_port, incarnation=0 if spare else incarnation,
-            spare=spare, heartbeat_fd=pipe.write_fd, supervisor_pid=os.getpid()))
+            spare=spare, heartbeat_fd=pipe.write_fd, supervisor_pid=os.getpid(), store_url=self.store_url))
         popen = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if spare else subprocess.DEVNULL, text=True,
                                  pass_fds=(pipe.write_fd,))
         pipe.started()
@@ -222,24 +239,11 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------------
 
     def _store_tick(self, now: float) -> None:
-        try:
-            if now >= self.next_lease:
-                self.membership.renew_lease(self.rank)
-                self.next_lease = now + LEASE_INTERVAL_S
-            if self.reviewer is not None:
-                for req, admitted, reason in self.reviewer.review(now):
-                    what = "admitted a new machine" if admitted else "refused a join"
-                    log = logger.warning if admitted else logger.error
-                    log("%s %s for rank %s (%s, pid %s): %s", self._prefix(), what, req.get("rank"),
-                        req.get("host"), req.get("pid"), reason)
-                    self.events.write("join_admitted" if admitted else "join_refused", rank=req.get("rank"),
-                                      host=req.get("host"), reason=reason)
-        except (RuntimeError, OSError) as err:  # torch's store errors are RuntimeErrors
-            raise StoreLost(str(err)) from err
+        self.coordinator.tick(now)  # lease, and the job-level duties if this supervisor has them
 
     def _watch(self) -> str:
         """Watch the active trainer until it exits ("exited"), the job stops ("stopped") or every rank starts over
-        ("fresh_start"); meanwhile keep the spare, the lease, the heartbeat and (rank 0) the joins."""
+        ("fresh_start"); meanwhile keep the spare, the lease, the heartbeat and (its leader) the joins."""
         hung_killed = False
         next_tick = 0.0
         while self.active.poll() is None:
@@ -310,6 +314,8 @@ class Supervisor:
                 f.write(str(os.getpid()))
             self._record_pid("supervisor", os.getpid())
         incarnation = 0
+        if self.store_url:
+            (check_job_exists if self.args.join else check_not_a_previous_run)(self.membership, self.store_url)
         if self.args.join:
             request_join(self.store, self.token, self.rank, timeout_s=60)
             # The new machine's trainer is a replacement: it continues the rank's incarnations.
@@ -324,7 +330,7 @@ class Supervisor:
             try:
                 return self._supervise(incarnation)
             except Exception as err:  # noqa: BLE001 - a store failure anywhere in the loop means the same
-                if policy.classify(err) != policy.COMMUNICATION or isinstance(err, StoreLost):
+                if isinstance(err, StoreLost) or not is_store_failure(err):
                     raise
                 raise StoreLost(str(err)) from err
         except Terminated as why:
@@ -337,9 +343,14 @@ class Supervisor:
                 logger.info("%s the job's store closed after this rank's trainer finished: the job is complete",
                             self._prefix())
                 return 0
-            logger.error("%s lost the job's store at %s:%d (%s): rank 0's supervisor or machine is gone, which "
-                         "ends the job. Ending this rank's trainer.", self._prefix(), self.master_addr,
-                         self.store_port, err)
+            store = describe_store(self.store_url, self.master_addr, self.store_port)
+            if self.store_url:
+                why = (f"etcd did not answer for --store-timeout={self.args.store_timeout:g} s, which ends the job. "
+                       f"Check the etcd cluster (a majority of its members must run)")
+            else:
+                why = "rank 0's supervisor or machine is gone, which ends the job (--store etcd://... survives it)"
+            logger.error("%s lost %s (%s): %s. Ending this rank's trainer.", self._prefix(), store, err, why)
+            self.events.write("store_lost", rank=self.rank, store=store, error=str(err)[:500])
             return STORE_LOST_EXIT_CODE
         finally:
             for child in (self.spare, self.active):
@@ -432,6 +443,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except JoinRefused as err:
         logger.error("%s", err)
         return JOIN_REFUSED_EXIT_CODE
+    except StoreError as err:  # before the loop (connecting, joining): the store named, nothing started yet
+        logger.error("%s cannot use the job's store: %s", identity(rank=args.rank), err)
+        return STORE_LOST_EXIT_CODE
     except Terminated:
         return 128 + signal.SIGTERM
 

@@ -42,7 +42,8 @@ from .connection_cut import CUT_BACKENDS, GenerationConnections
 from .death_watch import DeathWatch, deaths_since_arrival
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .membership import Membership, connect_store, job_token
+from .coordination import prepare_client, rendezvous_polling, store_ports, trainer_store
+from .membership import Membership, job_token
 from .stopping import stop_job
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class ResilientTrainer:
                 self.engine = self._build(solo=True)
             else:
                 ds_internals.prewarm_engine_imports()
+            prepare_client()
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
                 sys.exit(0)  # the supervisor ended without needing this spare
@@ -95,8 +97,6 @@ class ResilientTrainer:
         # supervisor goes away.
         self.heartbeat = Heartbeat.from_env(self.config.heartbeat_s, self.config.detection_timeout_s)
         self.token = job_token()
-        self.store_addr = os.environ[STORE_ADDR_ENV]
-        self.store_port = int(os.environ[STORE_PORT_ENV])
         if self.engine is not None:
             self.engine.incarnation = self.incarnation
         self.generation = -1
@@ -131,14 +131,13 @@ class ResilientTrainer:
 
     def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
-        store = connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s)
+        store = trainer_store(self.token, self.config.join_timeout_s)  # the supervisor's: embedded or etcd
         membership = Membership(store, self.token, self.rank, self.world_size, self.config.join_timeout_s)
         self.membership = membership
         # Push detection: a thread that aborts the generation when a member's supervisor records its death. It has
         # its own store connection: the main thread's may be blocked.
-        self.watch_membership = Membership(
-            connect_store(self.store_addr, self.store_port, timeout_s=self.config.join_timeout_s), self.token,
-            self.rank, self.world_size, self.config.join_timeout_s)
+        self.watch_membership = Membership(trainer_store(self.token, self.config.join_timeout_s), self.token,
+                                           self.rank, self.world_size, self.config.join_timeout_s)
         self.death_watch = DeathWatch()
         self.connections: Optional[GenerationConnections] = None
         latest = membership.latest_generation()
@@ -217,7 +216,7 @@ class ResilientTrainer:
             self.engine = self._build(solo=True)
         arrived = {r: m.incarnation for r, m in members.items()}  # a member replaced since has died
         # (the connections the new groups open are the generation's, cut when it fails)
-        connections = GenerationConnections(keep_ports={self.store_port}) if self.backend in CUT_BACKENDS else None
+        connections = GenerationConnections(keep_ports=store_ports()) if self.backend in CUT_BACKENDS else None
         self.connections = connections
         self._form_group(membership, generation, arrived)
         self.generation = generation
@@ -332,7 +331,8 @@ class ResilientTrainer:
         # A member that dies while the group forms (``arrived``: rank -> the incarnation it arrived as) ends the
         # wait at once, not after the start-up timeout.
         store = GenerationStore(membership.group_store(generation),
-                                lambda: replaced_members(arrived, membership.incarnation), generation, startup)
+                                lambda: replaced_members(arrived, membership.incarnation), generation, startup,
+                                **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,

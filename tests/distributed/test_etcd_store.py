@@ -278,3 +278,34 @@ def test_over_tls_the_store_needs_the_ca_and_a_client_certificate(new_etcd_clust
         store_on(cluster, timeout_s=0.5, client_cert=str(tls.client_cert), client_key=str(tls.client_key)).get("k")
     with pytest.raises(CheckFreeError, match="plain HTTP: write etcds://"):
         EtcdStore(cluster.url.replace("etcds://", "etcd://"), fresh_token(), ca_cert=str(tls.ca_cert))
+
+
+def test_the_leader_deletes_the_keys_of_generations_every_rank_has_left(etcd_cluster):
+    """A long job's store does not grow with its generations: the leading supervisor's coordinator deletes every
+    generation all ranks have moved past (members, formed, the process group's rendezvous keys)."""
+    from deepspeed_checkfree.events import EventLog
+    from deepspeed_checkfree.resilience.contract import formed_key, group_store_prefix, member_key, rank_generation_key
+    from deepspeed_checkfree.resilience.coordination import Coordinator
+
+    token, world = fresh_token(), 2
+    store = store_on(etcd_cluster, token)
+    membership = Membership(store, token, 0, world, join_timeout_s=10)
+    for generation in range(4):
+        for r in range(world):
+            store.set(membership.key(member_key(generation, r)), "{}")
+        store.set(membership.key(formed_key(generation)), "1")
+        dist.PrefixStore(membership.key(group_store_prefix(generation)), store).set("0", "gloo address")
+    for r, last in enumerate((3, 2)):  # rank 1 is still in generation 2
+        store.set(membership.key(rank_generation_key(r)), str(last))
+    leader = Coordinator(membership, token, hosted=False, external=True, lease_timeout_s=5.0, events=EventLog(None),
+                         prefix="[test]")
+    leader.tick(time.monotonic())
+    assert leader.leading
+    left = lambda g: [k for k in (member_key(g, 0), formed_key(g), group_store_prefix(g) + "/0")  # noqa: E731
+                      if store.check([membership.key(k)])]
+    assert left(0) == left(1) == [] and len(left(2)) == len(left(3)) == 3
+    store.set(membership.key(rank_generation_key(1)), "3")
+    leader.next_leader_check = 0.0
+    leader.tick(time.monotonic())
+    assert left(2) == [] and len(left(3)) == 3, "the generation in use stays"
+    assert store.check([membership.key(rank_generation_key(0))]), "job-wide keys stay"

@@ -44,7 +44,7 @@ class Job:
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
                  token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
                  world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True,
-                 supervisor_args: Sequence[str] = ()) -> None:
+                 store: Optional[str] = None, supervisor_args: Sequence[str] = ()) -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
@@ -61,6 +61,8 @@ class Job:
         self.token = token
         self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, **({"CHECKFREE_DUMP_DIR": str(self.out / "dumps")}
                                                                 if dumps else {})})
+        if store is not None:  # the supervisors' --store default, and the joiners'
+            self.env["CHECKFREE_STORE"] = store
         if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
             del self.env["DS_ACCELERATOR"]
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),

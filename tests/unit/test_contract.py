@@ -159,3 +159,23 @@ def test_a_member_counts_as_arrived_only_while_it_is_its_ranks_active_trainer_an
     assert ranks[1].stop(0, "supervisor", "later")["rank"] == 1, "the first stop's reason is kept"
     with pytest.raises(JobStopped, match="rank 1 stopped the job \\(program\\): AssertionError: x"):
         ranks[0].arrive(1, info(0, 0))
+
+
+def test_the_trainer_gets_the_external_stores_url_from_its_supervisor():
+    env = contract.trainer_env(rank=0, world_size=4, local_rank=0, master_addr="h", master_port=1, store_port=2,
+                               incarnation=0, store_url="etcd://e1:2379,e2:2379")
+    assert env[contract.STORE_URL_ENV] == "etcd://e1:2379,e2:2379"
+    assert contract.STORE_URL_ENV not in contract.trainer_env(rank=0, world_size=4, local_rank=0, master_addr="h",
+                                                              master_port=1, store_port=2, incarnation=0)
+    assert contract.generation_prefix(1) == "g/1/" and contract.member_key(1, 0).startswith("g/1/")
+    assert contract.group_store_prefix(1).startswith(contract.generation_prefix(1))
+
+
+def test_the_supervisor_rejects_a_bad_store_url_with_the_form_to_use(capsys):
+    from deepspeed_checkfree.resilience.supervisor import parse_args
+    assert parse_args(["--store", "etcd://a:1,b", "s.py"]).store == "etcd://a:1,b:2379"
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--store", "http://a:2379", "s.py"])
+    assert err.value.code == 2
+    err_text = capsys.readouterr().err
+    assert "--store: store URL 'http://a:2379': unknown scheme 'http'" in err_text and "etcd://host:port" in err_text

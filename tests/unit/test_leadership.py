@@ -1,0 +1,165 @@
+"""Who does the job-level duties under an external store: the pure leader rule, then supervisors' coordinators
+sharing one in-memory store (HashStore stands in for etcd; a fake clock stands in for time)."""
+from __future__ import annotations
+
+import json
+from typing import List
+
+import pytest
+import torch.distributed as dist
+
+from deepspeed_checkfree.core import leadership as lead
+from deepspeed_checkfree.events import EventLog
+from deepspeed_checkfree.resilience import contract
+from deepspeed_checkfree.resilience.coordination import Coordinator, check_job_exists
+from deepspeed_checkfree.resilience.membership import JoinRefused, Membership
+
+
+def action(rank, holder, waited_s=0.0, silent_s=None):
+    return lead.leader_action(rank=rank, holder=holder, waited_s=waited_s, holder_silent_s=silent_s,
+                              lease_timeout_s=5.0, stagger_s=1.0)
+
+
+def test_the_holder_leads_and_an_unset_key_is_claimed_in_rank_order():
+    assert action(2, lead.Holder(2, 7)) == lead.LEAD
+    assert action(0, None) == lead.CLAIM
+    assert action(3, None, waited_s=14.9) == lead.FOLLOW and action(3, None, waited_s=15.0) == lead.CLAIM
+
+
+def test_a_holder_is_taken_over_only_after_its_lease_is_silent_for_the_timeout_lowest_rank_first():
+    holder = lead.Holder(0, 1)
+    assert action(1, holder, silent_s=None) == lead.FOLLOW
+    assert action(1, holder, silent_s=5.9) == lead.FOLLOW and action(1, holder, silent_s=6.1) == lead.CLAIM
+    assert action(3, holder, silent_s=6.1) == lead.FOLLOW, "rank 3 waits for rank 1 and 2 to have their turn"
+    assert lead.successor(holder, 1) == lead.Holder(1, 2) and lead.successor(None, 3) == lead.Holder(3, 1)
+
+
+def test_the_leader_key_round_trips_and_a_foreign_value_is_an_error():
+    assert lead.parse_holder(lead.Holder(12, 3).value()) == lead.Holder(12, 3)
+    assert lead.parse_holder(None) is None and lead.parse_holder("") is None
+    with pytest.raises(ValueError, match="not '<rank>:<epoch>'"):
+        lead.parse_holder("someone")
+
+
+def test_only_generations_every_rank_has_left_are_deleted():
+    assert list(lead.generations_to_delete([3, 4, 3, 5], deleted_below=0)) == [0, 1, 2]
+    assert list(lead.generations_to_delete([3, 4, 3, 5], deleted_below=3)) == []
+    assert list(lead.generations_to_delete([-1, 0, 0, 0], deleted_below=0)) == []
+    assert lead.generations_to_delete([6, 6], deleted_below=2).stop == 6
+
+
+class Machine:
+    """One supervisor's coordinator on the shared store, ticked by the test's clock."""
+
+    def __init__(self, store, rank: int, world: int = 4, token: str = "tok") -> None:
+        self.membership = Membership(store, token, rank, world, join_timeout_s=1.0)
+        self.coordinator = Coordinator(self.membership, token, hosted=False, external=True, lease_timeout_s=5.0,
+                                       events=EventLog(None), prefix=f"[rank {rank}]")
+        self.alive = True
+
+    def tick(self, now: float) -> None:
+        if self.alive:
+            self.coordinator.tick(now)
+
+
+def run(machines: List[Machine], start: float, end: float, step: float = 0.25) -> float:
+    now = start
+    while now < end:
+        for m in machines:
+            m.tick(now)
+        now += step
+    return now
+
+
+def leaders(machines: List[Machine]) -> List[int]:
+    return [m.membership.rank for m in machines if m.alive and m.coordinator.leading]
+
+
+def test_one_leader_at_a_time_and_a_lost_leaders_duties_move_to_the_lowest_live_rank():
+    store = dist.HashStore()
+    machines = [Machine(store, r) for r in range(4)]
+    now = run(machines, 0.0, 4.0)
+    assert leaders(machines) == [0]
+    machines[0].alive = False  # rank 0's machine is lost: its supervisor renews nothing any more
+    lost_at = now
+    while leaders(machines) in ([], [0]):
+        now = run(machines, now, now + 0.25)
+        assert now - lost_at < 10, "a new leader within lease timeout + rank 1's turn"
+    assert leaders(machines) == [1] and now - lost_at > 5.0
+    assert lead.parse_holder(store.get(machines[1].membership.key(contract.LEADER_KEY)).decode()) == \
+        lead.Holder(1, 2)
+    run(machines, now, now + 10)
+    assert leaders(machines) == [1], "the others follow the new holder, whose lease moves"
+
+
+def test_a_join_for_the_lost_leaders_rank_is_admitted_by_the_new_leader():
+    store = dist.HashStore()
+    machines = [Machine(store, r) for r in range(4)]
+    now = run(machines, 0.0, 3.0)
+    machines[0].alive = False
+    # The joiner's request (what request_join writes), in the job's store.
+    nonce = "n1"
+    index = store.add(contract.JOIN_REQUESTS, 1)
+    store.set(contract.join_request_key(index), json.dumps(
+        {"rank": 0, "nonce": nonce, "mac": contract.token_mac("tok", nonce), "host": "new", "pid": 1}))
+    verdict = contract.join_verdict_key(index)
+    start = now
+    while not store.check([verdict]):
+        now = run(machines, now, now + 0.25)
+        assert now - start < 12
+    assert json.loads(store.get(verdict))["admitted"] is True
+    # A second request, wrong token: refused, and the verdict, once written, is never overwritten.
+    index = store.add(contract.JOIN_REQUESTS, 1)
+    store.set(contract.join_request_key(index), json.dumps({"rank": 2, "nonce": "x", "mac": "bad"}))
+    run(machines, now, now + 1)
+    first = json.loads(store.get(contract.join_verdict_key(index)))
+    assert first["admitted"] is False and "token does not match" in first["reason"]
+    store.set(contract.join_verdict_key(index), json.dumps({"admitted": False, "reason": "kept"}))
+    run(machines, now + 1, now + 2)
+    assert json.loads(store.get(contract.join_verdict_key(index)))["reason"] == "kept"
+
+
+def test_two_claims_of_a_vacant_leadership_leave_one_holder():
+    store = dist.HashStore()
+    a, b = Machine(store, 0), Machine(store, 1)
+    a.tick(0.0)
+    b.coordinator.started_at = -100.0  # rank 1 has waited its turn too
+    b.tick(0.0)
+    assert leaders([a, b]) == [0]
+
+
+def test_a_join_with_a_token_of_no_running_job_is_refused_at_once():
+    store = dist.HashStore()
+    Machine(store, 1).tick(0.0)  # the job runs (a lease exists)
+    check_job_exists(Membership(store, "tok", 0, 4, 1.0), "etcd://h:2379")
+    with pytest.raises(JoinRefused, match="no job with this token runs in the etcd store etcd://h:2379"):
+        check_job_exists(Membership(store, "wrong", 0, 4, 1.0), "etcd://h:2379")
+
+
+def test_etcds_tls_and_auth_options_come_from_the_environment_a_trainer_inherits(monkeypatch):
+    from deepspeed_checkfree.resilience.coordination import etcd_options, open_store
+    from deepspeed_checkfree.resilience.store_address import etcd_job_user
+    env = {"CHECKFREE_ETCD_CA_CERT": "/ca.pem", "CHECKFREE_ETCD_CLIENT_CERT": "/c.pem",
+           "CHECKFREE_ETCD_CLIENT_KEY": "/c.key", "CHECKFREE_ETCD_TOKEN_AUTH": "1", "CHECKFREE_ETCD_USER": ""}
+    assert etcd_options(env) == {"ca_cert": "/ca.pem", "client_cert": "/c.pem", "client_key": "/c.key",
+                                 "token_auth": True}
+    assert etcd_options({}) == {}
+    monkeypatch.setenv("CHECKFREE_ETCD_TOKEN_AUTH", "1")
+    store, server = open_store(store_url="etcds://h:2379", token="tok", master_addr="x", store_port=1, timeout_s=1.0)
+    assert server is None and store.etcd.username == etcd_job_user("tok") and store.url.protocol == "https"
+
+
+def test_a_launch_on_a_tokens_keys_of_a_finished_or_stopped_run_is_refused_with_the_way_out():
+    from deepspeed_checkfree.resilience.coordination import check_not_a_previous_run
+    store = dist.HashStore()
+    members = [Membership(store, "tok", r, 2, 1.0) for r in range(2)]
+    check_not_a_previous_run(members[0], "etcd://h:2379")  # nothing there: a new job
+    members[1].finish()
+    check_not_a_previous_run(members[0], "etcd://h:2379")  # a rank of this run finished early: fine
+    members[0].finish()
+    with pytest.raises(JoinRefused, match=r"holds a job that finished \(2 trainers done\).*delete_prefix"):
+        check_not_a_previous_run(members[0], "etcd://h:2379")
+    stopped = Membership(dist.HashStore(), "tok", 0, 2, 1.0)
+    stopped.stop(1, "config", "unknown key")
+    with pytest.raises(JoinRefused, match=r"a job that stopped \(rank 1: unknown key\).*new CHECKFREE_JOB_TOKEN"):
+        check_not_a_previous_run(stopped, "etcd://h:2379")
