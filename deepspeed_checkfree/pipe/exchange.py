@@ -48,42 +48,94 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _pack(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """One flat buffer per dtype, dtypes in first-appearance order: few messages instead of one per parameter."""
-    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t.detach().reshape(-1))
-    return [torch.cat(ts) for ts in by_dtype.values()]
+# A survivor sends its own tensors as they are, and packs only small ones into buffers of at most this size, so
+# that it never holds a second copy of its stage (a copy briefly doubles the weights' memory: an out-of-memory
+# error on a full accelerator) while still sending few messages.
+BUCKET_BYTES = 8 * 2**20
+
+Spec = Tuple[Tuple[int, ...], torch.dtype]
 
 
-def _unpack(buffers: Sequence[torch.Tensor], specs: Sequence[Tuple[Tuple[int, ...], torch.dtype]]
-            ) -> List[torch.Tensor]:
-    offsets: Dict[torch.dtype, int] = {}
-    by_dtype = {b.dtype: b for b in buffers}
+def wire_messages(specs: Sequence[Spec], bucket_bytes: int = BUCKET_BYTES) -> List[List[int]]:
+    """PURE: how tensors of ``specs`` travel, as the indices each message carries, in order. A tensor of at least
+    ``bucket_bytes`` travels alone (no copy); smaller ones of one dtype share a message up to ``bucket_bytes``.
+    Sender and receiver compute the same list from the same specs."""
+    messages: List[List[int]] = []
+    open_bucket: Dict[torch.dtype, Tuple[List[int], int]] = {}
+    for i, (shape, dtype) in enumerate(specs):
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if size >= bucket_bytes:
+            messages.append([i])
+            continue
+        bucket, used = open_bucket.get(dtype, (None, 0))
+        if bucket is None or used + size > bucket_bytes:
+            bucket, used = [], 0
+            messages.append(bucket)
+        bucket.append(i)
+        open_bucket[dtype] = (bucket, used + size)
+    return messages
+
+
+def _pack(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> List[torch.Tensor]:
+    """The messages that carry ``tensors`` (:func:`wire_messages`): a large tensor itself, small ones flattened
+    together."""
+    specs = [(tuple(t.shape), t.dtype) for t in tensors]
     out = []
-    for shape, dtype in specs:
-        n = math.prod(shape)
-        start = offsets.get(dtype, 0)
-        out.append(by_dtype[dtype][start:start + n].view(shape))
-        offsets[dtype] = start + n
+    for message in wire_messages(specs, bucket_bytes):
+        parts = [tensors[i].detach().reshape(-1) for i in message]
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+    return out
+
+
+def _empty_messages(specs: Sequence[Spec], device: torch.device, bucket_bytes: int = BUCKET_BYTES
+                    ) -> List[torch.Tensor]:
+    """Receive buffers for the messages that carry ``specs``."""
+    return [torch.empty(sum(math.prod(specs[i][0]) for i in message), dtype=specs[message[0]][1], device=device)
+            for message in wire_messages(specs, bucket_bytes)]
+
+
+def _unpack(buffers: Sequence[torch.Tensor], specs: Sequence[Spec], bucket_bytes: int = BUCKET_BYTES
+            ) -> List[torch.Tensor]:
+    out: List[Optional[torch.Tensor]] = [None] * len(specs)
+    for buf, message in zip(buffers, wire_messages(specs, bucket_bytes)):
+        offset = 0
+        for i in message:
+            n = math.prod(specs[i][0])
+            out[i] = buf[offset:offset + n].view(specs[i][0])
+            offset += n
     return out
 
 
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional[dist.ProcessGroup],
                       receive: bool) -> int:
-    """Broadcast ``tensors`` from global rank ``src`` over ``group`` (one message per dtype).
+    """Broadcast ``tensors`` from global rank ``src`` over ``group`` (large tensors as they are, small ones in
+    buckets: :func:`wire_messages`), one message at a time, so no rank holds more than one bucket beyond its own
+    tensors.
 
-    Only a rank with ``receive`` set overwrites its tensors with what arrived; the others take part without
-    touching theirs. Returns the bytes moved.
+    Only a rank with ``receive`` set overwrites its tensors with what arrived (a large one directly); the others
+    take part without touching theirs. Returns the bytes moved.
     """
-    buffers = _pack(tensors)
-    for buf in buffers:
+    specs = [(tuple(t.shape), t.dtype) for t in tensors]
+    sending = dist.get_rank() == src
+    moved = 0
+    for message in wire_messages(specs):
+        parts = [tensors[i] for i in message]
+        if sending:
+            buf = parts[0].detach().reshape(-1) if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])
+        elif receive and len(parts) == 1 and parts[0].is_contiguous():
+            buf = parts[0].detach().view(-1)  # straight into the tensor
+        else:
+            buf = torch.empty(sum(t.numel() for t in parts), dtype=parts[0].dtype, device=parts[0].device)
         dist.broadcast(buf, src=src, group=group)
-    if receive:
-        with torch.no_grad():
-            for t, value in zip(tensors, _unpack(buffers, [(tuple(t.shape), t.dtype) for t in tensors])):
-                t.copy_(value)
-    return sum(b.numel() * b.element_size() for b in buffers)
+        moved += buf.numel() * buf.element_size()
+        if receive and not sending:
+            with torch.no_grad():
+                offset = 0
+                for t in parts:
+                    if t.data_ptr() != buf.data_ptr() or len(parts) > 1:
+                        t.copy_(buf[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+    return moved
 
 
 def _wire_specs(mapping: ParamMapping, source_sig: StageSignature) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
@@ -172,14 +224,9 @@ def _receive_and_blend(plan: RecoveryPlan, stage_id: int, named_params: Mapping[
         _recv(norm_t, rank, timeout)
         value = norm_t.item()
         norms.append(None if math.isnan(value) else value)
-        sizes: Dict[torch.dtype, int] = {}
-        for shape, dtype in specs:
-            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-        buffers = []
-        for dtype, n in sizes.items():
-            buf = torch.empty(n, dtype=dtype, device=device)
+        buffers = _empty_messages(specs, device)
+        for buf in buffers:
             _recv(buf, rank, timeout)
-            buffers.append(buf)
             result.bytes_received += buf.numel() * buf.element_size()
         received.append(_unpack(buffers, specs))
         mappings.append(mapping)
