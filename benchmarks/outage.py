@@ -116,7 +116,11 @@ def run_memory(args, out: Path) -> dict:
            "deepspeed_checkfree.supervisor", "--pid-dir", str(out / "pids"),
            *train_cmd(args.checkfree_config, out, args.memory_steps, size)]
     log = open(out / "job.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    # glibc raises its mmap threshold each time a large block is freed, after which the steady peak RSS keeps
+    # growing for several steps; a fixed threshold makes RSS follow what is allocated (as the CUDA allocator's
+    # max_memory_allocated does).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env(), MALLOC_MMAP_THRESHOLD_=str(128 * 1024)), stdout=log,
+                            stderr=subprocess.STDOUT)
     kill_at = args.memory_steps // 2
     wait_rows(out, kill_at, proc)
     survivors = {r: int(Path(pid_file(str(out / "pids"), r)).read_text()) for r in (1, 3)}

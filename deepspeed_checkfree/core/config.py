@@ -108,6 +108,11 @@ class CheckFreeConfig(ConfigSection):
                                       "stage's engine (model, optimizer) before it is needed, so that a replacement "
                                       "only joins the group and rebuilds. It then holds a second copy of the stage "
                                       "on the machine: leave it off when the stage fills the accelerator's memory.")
+    store: Optional[str] = Field(None, description="Under the supervisor: keep the job's coordination state in "
+                                 "etcd (etcd://host:port[,host:port...], etcds:// for TLS), so that losing rank 0's "
+                                 "machine is survived. The supervisor reads it from the training script's "
+                                 "--deepspeed_config; its --store flag (or $CHECKFREE_STORE) may give the same "
+                                 "store, never another. Unset: the embedded store hosted by rank 0's supervisor.")
     heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "
                                                   "trainer tells its supervisor it is alive. A trainer silent for "
                                                   "detection_timeout_s is killed as hung and replaced. Default: "

@@ -33,12 +33,11 @@ from ..events import EventLog, identity
 from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
                        STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
                        TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
-from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, describe_store,
-                           is_store_failure, open_store)
+from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, choose_store,
+                           describe_store, is_store_failure, open_store)
 from .etcd_client import StoreError
 from .heartbeat import HeartbeatPipe
 from .membership import JoinRefused, Membership, job_token, request_join
-from .store_address import parse_store_url
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
@@ -78,11 +77,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args(argv)
-    if args.store:
-        try:
-            args.store = str(parse_store_url(args.store))
-        except ConfigError as err:
-            p.error(f"--store: {err}")
+    try:
+        args.store = choose_store(args.store, args.script_args)  # (also checkfree.store of --deepspeed_config)
+    except ConfigError as err:
+        p.error(f"--store: {err}")
     return args
 
 

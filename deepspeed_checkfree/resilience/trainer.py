@@ -42,7 +42,8 @@ from .connection_cut import CUT_BACKENDS, GenerationConnections
 from .death_watch import DeathWatch, deaths_since_arrival
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .coordination import prepare_client, rendezvous_polling, store_ports, trainer_store
+from .coordination import (check_trainer_store, death_watch_interval, prepare_client, rendezvous_polling,
+                           store_ports, trainer_store)
 from .membership import Membership, job_token
 from .stopping import stop_job
 
@@ -72,6 +73,7 @@ class ResilientTrainer:
                                  "torchrun), which starts and respawns it")
         self.build_engine = build_engine
         self.config = CheckFreeConfig.from_ds_config(ds_config)
+        check_trainer_store(self.config.store)
         if backend is None:
             from deepspeed.accelerator import get_accelerator
             backend = get_accelerator().communication_backend_name()
@@ -138,7 +140,7 @@ class ResilientTrainer:
         # its own store connection: the main thread's may be blocked.
         self.watch_membership = Membership(trainer_store(self.token, self.config.join_timeout_s), self.token,
                                            self.rank, self.world_size, self.config.join_timeout_s)
-        self.death_watch = DeathWatch()
+        self.death_watch = DeathWatch(interval_s=death_watch_interval())
         self.connections: Optional[GenerationConnections] = None
         latest = membership.latest_generation()
         generation = joining_generation(latest, latest >= 0 and membership.formed(latest))

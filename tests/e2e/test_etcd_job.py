@@ -54,11 +54,13 @@ def test_rank_0s_whole_machine_is_lost_and_replaced_by_a_join_under_checkfree_pl
 def test_one_etcd_member_killed_mid_run_and_a_join_with_a_wrong_token_leave_the_job_untouched(job_factory,
                                                                                               new_etcd_cluster):
     cluster = new_etcd_cluster()
-    job = job_factory("checkfree_no_failure.json", launcher="nodes", store=cluster.url, steps=20,
+    # The store named by the config's checkfree.store key, not by --store: every supervisor (the intruder's too)
+    # reads it from the training script's --deepspeed_config.
+    job = job_factory("checkfree_no_failure.json", launcher="nodes", checkfree={"store": cluster.url}, steps=20,
                       train_args=["--min-step-s", "0.2"])
     job.wait_for_step(3)
     cluster.kill(cluster.leader())  # the harder member to lose: a new leader is elected
-    intruder = job.start(job.join_command(2, "--store", cluster.url),
+    intruder = job.start(job.join_command(2),
                          env=dict(job.env, CHECKFREE_JOB_TOKEN="not-the-token"), stdout=subprocess.PIPE, text=True)
     out, _ = intruder.communicate(timeout=60)
     assert intruder.returncode == 3, out

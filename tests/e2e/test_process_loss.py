@@ -44,7 +44,8 @@ class Job:
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
                  token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
                  world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True,
-                 store: Optional[str] = None, supervisor_args: Sequence[str] = ()) -> None:
+                 store: Optional[str] = None, supervisor_args: Sequence[str] = (),
+                 extra_env: Optional[Dict[str, str]] = None) -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
@@ -63,6 +64,7 @@ class Job:
                                                                 if dumps else {})})
         if store is not None:  # the supervisors' --store default, and the joiners'
             self.env["CHECKFREE_STORE"] = store
+        self.env.update(extra_env or {})
         if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
             del self.env["DS_ACCELERATOR"]
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
@@ -245,7 +247,13 @@ def test_sigkill_of_a_middle_stage_under_the_deepspeed_launcher_and_a_refused_jo
         "the refused join did not disturb the job"
 
 
-@pytest.mark.parametrize("precision", ["bf16", "zero1"])
+# glibc serves large allocations by mmap and frees them back to the system, but raises that threshold each time
+# one is freed, after which blocks of up to 32 MiB stay in the heap: the peak RSS of a steady training loop then
+# keeps growing for several steps. A fixed threshold makes the resident set follow what is allocated (as
+# torch.cuda.max_memory_allocated does on a GPU).
+FOLLOW_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def peak_rss_bytes(pid: int) -> int:
     """The process's peak resident set (VmHWM) so far."""
     for line in open(f"/proc/{pid}/status"):
@@ -254,19 +262,19 @@ def peak_rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-def test_survivors_peak_memory_across_a_recovery_stays_within_a_fifth_of_their_stage(job_factory):
+def test_survivors_peak_memory_across_a_recovery_stays_within_a_tenth_of_their_stage(job_factory):
     # Weights dominate (d_model 1024, 16 tokens): a middle stage's weights plus Adam's moments are 302 MB. A
     # survivor that held a second copy of its stage's weights during the recovery (as before in-place recovery: up
     # to 83%; or a packed copy of the weights it sends: 33%) exceeds its own steady-state peak by a third or more.
-    # The bound is a fifth, not the goal's tenth: RSS on CPU carries the allocator's noise, measured 0-12% across
-    # runs of this test (benchmarks/outage.py reports the figure against the goal).
+    # Measured with the allocator following allocations (FOLLOW_ALLOCATIONS; without it the steady peak itself
+    # kept growing by up to 12% of the stage for six steps): +3 MB (1%).
     from deepspeed_checkfree.models import gpt
     d_model, layers = 1024, 8
     block = gpt.Block(gpt.GPTConfig(vocab_size=256, seq_len=16, d_model=d_model, n_heads=4, n_layers=layers))
     stage_state = 3 * 4 * sum(p.numel() for p in block.parameters()) * (layers // 4)
-    job = job_factory("checkfree_no_failure.json", steps=11, dumps=False, checkfree={"detection_timeout_s": 30.0},
-                      train_args=["--d-model", str(d_model), "--seq-len", "16"])
-    job.wait_for_step(6, timeout_s=300)  # (the allocator's steady state: the first steps still grow the heap)
+    job = job_factory("checkfree_no_failure.json", steps=8, dumps=False, checkfree={"detection_timeout_s": 30.0},
+                      train_args=["--d-model", str(d_model), "--seq-len", "16"], extra_env=FOLLOW_ALLOCATIONS)
+    job.wait_for_step(3, timeout_s=300)  # (the steady peak is reached in the second step)
     survivors = {r: int((job.out / "pids" / f"rank{r}.pid").read_text()) for r in (1, 3)}
     steady = {r: peak_rss_bytes(pid) for r, pid in survivors.items()}
     job.kill_trainer(2)
@@ -274,13 +282,14 @@ def test_survivors_peak_memory_across_a_recovery_stays_within_a_fifth_of_their_s
     job.wait_for_step(done_before + 2, timeout_s=300)
     excess = {r: peak_rss_bytes(pid) - steady[r] for r, pid in survivors.items()}
     job.wait(timeout_s=300)
-    assert job.steps_done() == 11
-    assert all(e <= 0.20 * stage_state for e in excess.values()), (excess, stage_state)
+    assert job.steps_done() == 8
+    assert all(e <= 0.10 * stage_state for e in excess.values()), (excess, stage_state)
     rec = outage(job, [2])
     # Push detection reaches every rank at once, far inside the 30 s detection timeout.
     assert rec["detected_s"] < 0.5, rec
 
 
+@pytest.mark.parametrize("precision", ["bf16", "zero1"])
 def test_sigkill_of_a_middle_stage_under_bf16_and_zero1_keeps_the_fp32_masters(job_factory, precision):
     ds = {"bf16": {"bf16": {"enabled": True}}, "zero1": {"zero_optimization": {"stage": 1}}}[precision]
     job = job_factory("checkfree_no_failure.json", deepspeed=ds)
