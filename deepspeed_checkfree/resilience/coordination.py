@@ -92,10 +92,11 @@ def trainer_store(token: str, timeout_s: float, environ: Mapping[str, str] = os.
 
 def configured_store(script_args: Sequence[str]) -> Tuple[Optional[str], Optional[str]]:
     """``checkfree.store`` of the DeepSpeed config the training script is given (``--deepspeed_config PATH``), and
-    that path; (None, None) without one.
+    that path; (None, None) without one. A config that cannot be read or parsed counts as naming no store: the
+    trainer reports it and stops the job (exit code 78, with its ``stopped`` record), as for any config error.
 
     Raises:
-        ConfigError: the config cannot be read or its checkfree section is invalid (the message says which).
+        ConfigError: ``checkfree.store`` is not a string.
     """
     path = None
     for i, arg in enumerate(script_args):
@@ -108,12 +109,15 @@ def configured_store(script_args: Sequence[str]) -> Tuple[Optional[str], Optiona
     try:
         with open(path) as f:
             ds_config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read the DeepSpeed config {path!r} given to the training script: {err}") from None
+    except (OSError, ValueError):
+        return None, path
     section = ds_config.get("checkfree") if isinstance(ds_config, dict) else None
     if isinstance(section, str):  # a YAML/JSON file of its own: parsed by the schema (which imports DeepSpeed)
         from ..core.config import CheckFreeConfig
-        return CheckFreeConfig.from_ds_config(ds_config).store, path
+        try:
+            return CheckFreeConfig.from_ds_config(ds_config).store, path
+        except ConfigError:
+            return None, path
     # (the trainer validates the whole section; the supervisor needs only this key, without importing DeepSpeed)
     store = section.get("store") if isinstance(section, dict) else None
     if store is not None and not isinstance(store, str):

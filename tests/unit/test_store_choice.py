@@ -39,13 +39,14 @@ def test_two_different_stores_are_refused_naming_both(tmp_path):
     assert "10.9.9.9" in str(err.value) and "10.0.0.1" in str(err.value) and "ds.json" in str(err.value)
 
 
-def test_a_malformed_url_or_value_and_an_unreadable_config_are_clear_errors(tmp_path):
+def test_a_malformed_url_or_value_is_a_clear_error_and_an_unreadable_config_is_the_trainers_to_report(tmp_path):
     with pytest.raises(ConfigError, match="etcd://"):
         choose_store(None, script_args(tmp_path, {"store": "http://10.0.0.1:2379"}))
     with pytest.raises(ConfigError, match="must be a URL string"):
         configured_store(script_args(tmp_path, {"store": 2379}))
-    with pytest.raises(ConfigError, match="cannot read the DeepSpeed config"):
-        configured_store(["--deepspeed_config", str(tmp_path / "missing.json")])
+    # An unreadable config names no store here: the trainer reports it and stops the job (exit code 78).
+    assert configured_store(["--deepspeed_config", str(tmp_path / "missing.json")])[0] is None
+    assert configured_store(script_args(tmp_path, "/nonexistent/checkfree.yaml"))[0] is None
 
 
 def test_a_trainer_whose_config_names_another_store_than_its_supervisors_stops():
