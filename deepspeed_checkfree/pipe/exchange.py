@@ -10,7 +10,7 @@ import math
 import time
 from datetime import timedelta
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,7 @@ def wire_messages(specs: Sequence[Spec], bucket_bytes: int = BUCKET_BYTES) -> Li
     messages: List[List[int]] = []
     open_bucket: Dict[torch.dtype, Tuple[List[int], int]] = {}
     for i, (shape, dtype) in enumerate(specs):
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         if size >= bucket_bytes:
             messages.append([i])
             continue
@@ -76,15 +76,18 @@ def wire_messages(specs: Sequence[Spec], bucket_bytes: int = BUCKET_BYTES) -> Li
     return messages
 
 
-def _pack(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> List[torch.Tensor]:
-    """The messages that carry ``tensors`` (:func:`wire_messages`): a large tensor itself, small ones flattened
-    together."""
+def _message(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One message's payload: a lone tensor itself (flattened, no copy), several flattened together."""
+    flat = [t.detach().reshape(-1) for t in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def _pack(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> Iterator[torch.Tensor]:
+    """The messages that carry ``tensors`` (:func:`wire_messages`), one at a time: a sender holds at most one
+    bucket beyond its own tensors."""
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
-    out = []
     for message in wire_messages(specs, bucket_bytes):
-        parts = [tensors[i].detach().reshape(-1) for i in message]
-        out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-    return out
+        yield _message([tensors[i] for i in message])
 
 
 def _empty_messages(specs: Sequence[Spec], device: torch.device, bucket_bytes: int = BUCKET_BYTES
@@ -120,20 +123,20 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional
     moved = 0
     for message in wire_messages(specs):
         parts = [tensors[i] for i in message]
+        direct = receive and not sending and len(parts) == 1 and parts[0].is_contiguous()
         if sending:
-            buf = parts[0].detach().reshape(-1) if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])
-        elif receive and len(parts) == 1 and parts[0].is_contiguous():
+            buf = _message(parts)
+        elif direct:
             buf = parts[0].detach().view(-1)  # straight into the tensor
         else:
             buf = torch.empty(sum(t.numel() for t in parts), dtype=parts[0].dtype, device=parts[0].device)
         dist.broadcast(buf, src=src, group=group)
         moved += buf.numel() * buf.element_size()
-        if receive and not sending:
+        if receive and not sending and not direct:
             with torch.no_grad():
                 offset = 0
                 for t in parts:
-                    if t.data_ptr() != buf.data_ptr() or len(parts) > 1:
-                        t.copy_(buf[offset:offset + t.numel()].view(t.shape))
+                    t.copy_(buf[offset:offset + t.numel()].view(t.shape))
                     offset += t.numel()
     return moved
 

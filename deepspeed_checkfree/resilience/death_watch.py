@@ -17,6 +17,8 @@ import logging
 import threading
 from typing import Callable, List, Mapping, Optional
 
+from .generation_store import replaced_members
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,7 +84,6 @@ def deaths_since_arrival(arrived: Mapping[int, int], moves: Callable[[], int],
         if count == seen[0]:
             return []
         seen[0] = count
-        return [r for r, inc in arrived.items() if (incarnation(r) or 0) != inc]
+        return replaced_members(arrived, incarnation)
 
     return dead_members
-

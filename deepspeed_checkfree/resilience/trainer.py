@@ -39,11 +39,11 @@ from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, 
                        STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
                        read_activation, supervised)
 from .connection_cut import CUT_BACKENDS, GenerationConnections
+from .coordination import (check_trainer_store, death_watch_interval, prepare_client, rendezvous_polling,
+                           store_ports, trainer_store)
 from .death_watch import DeathWatch, deaths_since_arrival
 from .generation_store import GenerationStore, replaced_members
 from .heartbeat import Heartbeat
-from .coordination import (check_trainer_store, death_watch_interval, prepare_client, rendezvous_polling,
-                           store_ports, trainer_store)
 from .membership import Membership, job_token
 from .stopping import stop_job
 
@@ -222,7 +222,8 @@ class ResilientTrainer:
         self.connections = connections
         self._form_group(membership, generation, arrived)
         self.generation = generation
-        watcher, abort = self.watch_membership, connections.cut if connections is not None else ds_internals.abort_world
+        watcher = self.watch_membership
+        abort = connections.cut if connections is not None else ds_internals.abort_world
 
         def abort_generation() -> None:  # (on the death watch's thread)
             self.events.write("death_seen", rank=self.rank, generation=generation, dead_ranks=self.death_watch.fired)

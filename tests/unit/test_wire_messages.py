@@ -26,7 +26,7 @@ def test_a_bucket_never_exceeds_its_size():
 def test_pack_sends_a_large_tensor_without_copying_it_and_unpack_restores_every_tensor():
     tensors = [torch.randn(300), torch.randn(600, 600), torch.randn(50).to(torch.bfloat16), torch.randn(7, 3)]
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
-    messages = _pack(tensors, bucket_bytes=2**20)
+    messages = list(_pack(tensors, bucket_bytes=2**20))
     assert any(m.data_ptr() == tensors[1].data_ptr() for m in messages), "the 1.4 MB tensor itself is the message"
     received = _empty_messages(specs, torch.device("cpu"), bucket_bytes=2**20)
     assert [b.numel() for b in received] == [m.numel() for m in messages]
