@@ -39,26 +39,30 @@ def main(scenario: str) -> None:
     watch.arm(deaths_since_arrival({r: 0 for r in range(WORLD)}, watcher.incarnation_moves, watcher.incarnation),
               connections.cut)
     dist.barrier()
-    tensor, waited = torch.zeros(4), None
-    t0 = time.monotonic()
+    tensor, left_at = torch.zeros(4), None
     try:
         if scenario == "death_record":
             if RANK == 2:
                 time.sleep(1.0)
+                store.set("event_time", str(time.time()))
                 membership.record_trainer(2, 1)  # its supervisor replaced it
             else:
                 dist.recv(tensor, src=1 - RANK)
         elif RANK == 2:
             time.sleep(1.0)
+            store.set("event_time", str(time.time()))
             connections.cut()  # rank 2 failed: its handler cuts the generation's connections
         else:
             dist.recv(tensor, src=RANK + 1)
     except RuntimeError as err:
-        waited = time.monotonic() - t0
+        left_at = time.time()
         connections.cut()  # what the failure handler does next
         print("ERROR " + str(err).splitlines()[0][:200], flush=True)
     watch.close()
-    print("RESULT " + json.dumps({"rank": RANK, "waited_s": waited}), flush=True)
+    # How long after the event (same machine, same clock) this rank left its wait; measured from the event, not
+    # from the barrier, which the ranks leave at slightly different times.
+    after = None if left_at is None else left_at - float(store.get("event_time"))
+    print("RESULT " + json.dumps({"rank": RANK, "after_event_s": after}), flush=True)
     store.set(f"done/{scenario}/{RANK}", "1")
     store.wait([f"done/{scenario}/{r}" for r in range(WORLD)])  # rank 0 hosts the store: leave together
     os._exit(0)  # (the cut groups would only complain on destruction)
