@@ -63,8 +63,12 @@ def main(scenario: str) -> None:
     # from the barrier, which the ranks leave at slightly different times.
     after = None if left_at is None else left_at - float(store.get("event_time"))
     print("RESULT " + json.dumps({"rank": RANK, "after_event_s": after}), flush=True)
-    store.set(f"done/{scenario}/{RANK}", "1")
-    store.wait([f"done/{scenario}/{r}" for r in range(WORLD)])  # rank 0 hosts the store: leave together
+    # Rank 0 hosts the store, so it leaves last: only once every other rank has read everything it needs. (Leaving
+    # when all ranks are done raced the store's reply to a rank still waiting: "Connection reset by peer".)
+    if RANK == 0:
+        store.wait([f"left/{scenario}/{r}" for r in range(1, WORLD)])
+    else:
+        store.set(f"left/{scenario}/{RANK}", "1")
     os._exit(0)  # (the cut groups would only complain on destruction)
 
 
