@@ -273,9 +273,8 @@ class Coordinator:
     # the leadership (external store) ----------------------------------------------------------------------------
 
     def _read_holder(self) -> Optional[leadership.Holder]:
-        key = self.membership.key(LEADER_KEY)
-        store = self.membership.store
-        return leadership.parse_holder(store.get(key).decode()) if store.check([key]) else None
+        value = self.membership.values_if_set([self.membership.key(LEADER_KEY)])[0]
+        return None if value is None else leadership.parse_holder(value.decode())
 
     def _lead_or_follow(self, now: float) -> None:
         if self.started_at is None:
@@ -329,7 +328,7 @@ class Coordinator:
         store = self.membership.store
         if not hasattr(store, "delete_prefix"):
             return
-        lasts = [self.membership.last_generation(r) for r in range(self.membership.world_size)]
+        lasts = self.membership.last_generations()
         gone = leadership.generations_to_delete(lasts, self.deleted_below)
         for generation in gone:
             deleted = store.delete_prefix(self.membership.key(generation_prefix(generation)))

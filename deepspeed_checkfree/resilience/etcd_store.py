@@ -76,6 +76,7 @@ class EtcdStore(dist.Store):
         self.prefix = etcd_key_prefix(token)
         self._keys = f"{self.prefix}k/".encode()  # the c10d keys
         self._receipts = f"{self.prefix}r/".encode()  # see _update
+        self._last_receipt: Optional[str] = None  # deleted by the next update's transaction (or by close)
         self.set_timeout(timeout)
 
     def __repr__(self) -> str:
@@ -132,7 +133,9 @@ class EtcdStore(dist.Store):
 
         A compare-and-swap transaction on the key's revision, retried on conflict. The transaction also writes a
         receipt under a fresh id: when the answer is lost (the member died after committing), the retry finds the
-        receipt and does not apply the change twice (an ``add`` counted twice would open a barrier early).
+        receipt and does not apply the change twice (an ``add`` counted twice would open a barrier early). The same
+        transaction deletes this store's previous receipt, so an update costs two requests (a read and the
+        transaction) and at most one receipt of each store is left over until :meth:`close`.
         """
         etcd_key = b64(self._key(key))
         receipt = b64(self._receipts + uuid.uuid4().hex.encode())
@@ -146,9 +149,11 @@ class EtcdStore(dist.Store):
             else:
                 compare = {"key": etcd_key, "target": "MOD", "result": "EQUAL",
                            "mod_revision": record["mod_revision"]}
-            puts = [{"request_put": {"key": etcd_key, "value": b64(new)}},
-                    {"request_put": {"key": receipt, "value": b64(new)}}]
-            out = self.etcd.txn([compare], puts, [{"request_range": {"key": etcd_key}}], deadline)
+            ops = [{"request_put": {"key": etcd_key, "value": b64(new)}},
+                   {"request_put": {"key": receipt, "value": b64(new)}}]
+            if self._last_receipt is not None:
+                ops.append({"request_delete_range": {"key": self._last_receipt}})
+            out = self.etcd.txn([compare], ops, [{"request_range": {"key": etcd_key}}], deadline)
             if out.get("succeeded"):
                 break
             kvs = out["responses"][0]["response_range"].get("kvs")
@@ -157,7 +162,7 @@ class EtcdStore(dist.Store):
             if done is not None:  # an earlier attempt of ours committed and only its answer was lost
                 new = unb64(done.get("value", ""))
                 break
-        self._post("kv/deleterange", {"key": receipt}, deadline)
+        self._last_receipt = receipt
         return new
 
     # ------------------------------------------------------------------------------------------------------
@@ -183,11 +188,11 @@ class EtcdStore(dist.Store):
             self._wait([key], self.timeout, deadline)
 
     def add(self, key: str, amount: int) -> int:
-        """Add ``amount`` to the integer at ``key`` (0 when unset), atomically; return the new value."""
-        if amount == 0:  # a read of a counter (leases, the join-request count): one request when the key exists
+        """Add ``amount`` to the integer at ``key`` (0 when unset), atomically; return the new value. ``add(key, 0)``
+        only reads: unlike TCPStore's, it does not create an unset key."""
+        if amount == 0:  # a read of a counter (leases, the join-request count): one request, and no write
             record = self._range(self._key(key))
-            if record is not None:
-                return int(unb64(record.get("value", "")) or b"0")
+            return int(unb64(record.get("value", "")) or b"0") if record is not None else 0
         return int(self._update(key, lambda old: str(int(old or b"0") + amount).encode()))
 
     def compare_set(self, key: str, expected_value: Union[str, bytes], desired_value: Union[str, bytes]) -> bytes:
@@ -268,6 +273,18 @@ class EtcdStore(dist.Store):
         record = self._range(self._key(key))
         return None if record is None else unb64(record.get("value", ""))
 
+    def values_if_set(self, keys: Sequence[str]) -> List[Optional[bytes]]:
+        """The value of each key, None where it is unset (no waiting), read together: one request per
+        :data:`MAX_TXN_OPS` keys (the members of a generation, every rank's lease)."""
+        deadline = self._deadline()
+        values: List[Optional[bytes]] = []
+        for i in range(0, len(keys), MAX_TXN_OPS):
+            ops = [{"request_range": {"key": b64(self._key(k))}} for k in keys[i:i + MAX_TXN_OPS]]
+            for response in self.etcd.txn([], ops, [], deadline).get("responses", []):
+                kvs = response["response_range"].get("kvs")
+                values.append(unb64(kvs[0].get("value", "")) if kvs else None)
+        return values
+
     def delete_prefix(self, sub_prefix: str) -> int:
         """Delete every key of the job that starts with ``sub_prefix`` (e.g. a finished generation's
         ``PrefixStore`` keys: pass its prefix followed by ``/``); return how many were deleted. An empty
@@ -277,5 +294,11 @@ class EtcdStore(dist.Store):
         return int(out.get("deleted", 0))
 
     def close(self) -> None:
-        """Close the HTTP connections (the keys stay)."""
+        """Delete this store's last update receipt and close the HTTP connections (the job's keys stay)."""
+        if self._last_receipt is not None:
+            try:
+                self.etcd.post("kv/deleterange", {"key": self._last_receipt}, time.monotonic() + 1.0)
+            except StoreError:
+                pass  # etcd is gone: one small key is left behind
+            self._last_receipt = None
         self.etcd.close()

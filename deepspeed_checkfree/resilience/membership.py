@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -30,7 +30,7 @@ from ..errors import CheckFreeError
 from .contract import (DONE_KEY, FRESH_START_KEY, INCARNATION_MOVES_KEY, JOIN_REQUESTS,  # noqa: F401
                        LEASE_TIMEOUT_S, PROGRESS_FACT, STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV,
                        STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
-                       death_fact, fact_key, finished_fact, formed_key, group_store_prefix, incarnation_fact,
+                       death_fact, fact_key, finished_fact, formed_key, incarnation_fact,
                        join_request_key, join_verdict_key, key_prefix, lease_key, member_key, pid_fact,
                        rank_generation_key, token_mac)
 
@@ -112,14 +112,27 @@ class Membership:
             return get_if_set(key)
         return self.store.get(key) if self.store.check([key]) else None
 
+    def values_if_set(self, keys: Sequence[str]) -> List[Optional[bytes]]:
+        """Each key's value, None where unset: one request on a store that reads many keys at once (the etcd
+        store), else one or two per key (the embedded store's requests take microseconds)."""
+        values_if_set = getattr(self.store, "values_if_set", None)
+        if values_if_set is not None:
+            return values_if_set(list(keys))
+        return [self._get_if_set(k) for k in keys]
+
     def last_generation(self, rank: Optional[int] = None) -> int:
         """The last generation ``rank`` (default: this rank) joined; -1 if none."""
         value = self._get_if_set(self.key(rank_generation_key(self.rank if rank is None else rank)))
         return -1 if value is None else int(value)
 
+    def last_generations(self) -> List[int]:
+        """The last generation each rank joined (-1 for none), read together."""
+        values = self.values_if_set([self.key(rank_generation_key(r)) for r in range(self.world_size)])
+        return [-1 if v is None else int(v) for v in values]
+
     def latest_generation(self) -> int:
         """The latest generation any rank arrived for; -1 if none."""
-        return max(self.last_generation(r) for r in range(self.world_size))
+        return max(self.last_generations())
 
     def formed(self, generation: int) -> bool:
         """Whether every rank arrived for ``generation`` (its process group formed, or was formed)."""
@@ -138,14 +151,18 @@ class Membership:
         """
         self.store.set(self.key(rank_generation_key(self.rank)), str(generation))
         self.store.set(self.key(member_key(generation, self.rank)), json.dumps(info.__dict__))
-        keys = [self.key(member_key(generation, r)) for r in range(self.world_size)]
+        n = self.world_size
+        # One read per round (on etcd): every member's entry, every rank's incarnation and the job's stop.
+        keys = ([self.key(member_key(generation, r)) for r in range(n)]
+                + [self.key(fact_key(incarnation_fact(r))) for r in range(n)] + [self.key(fact_key(STOPPED_FACT))])
         deadline = time.monotonic() + self.join_timeout_s
         while True:
-            self.raise_if_stopped()
-            values = {r: self._get_if_set(k) for r, k in enumerate(keys)}
-            members = {r: MemberInfo(**json.loads(v)) for r, v in values.items() if v is not None}
-            missing = [r for r in range(self.world_size)
-                       if r not in members or members[r].incarnation != (self.incarnation(r) or 0)]
+            values = self.values_if_set(keys)
+            if values[-1] is not None:
+                self.raise_if_stopped()
+            members = {r: MemberInfo(**json.loads(v)) for r, v in enumerate(values[:n]) if v is not None}
+            incarnations = [0 if v is None else json.loads(v) for v in values[n:2 * n]]
+            missing = [r for r in range(n) if r not in members or members[r].incarnation != incarnations[r]]
             if not missing:
                 break
             if time.monotonic() > deadline:
@@ -160,10 +177,6 @@ class Membership:
 
     def _lease_words(self, ranks) -> str:
         return ", ".join(f"rank {r}: lease {self.lease(r)}" for r in ranks) + " renewals so far"
-
-    def group_store(self, generation: int) -> dist.PrefixStore:
-        """The store a generation's process group rendezvouses on."""
-        return dist.PrefixStore(self.key(group_store_prefix(generation)), self.store)
 
     def finish(self) -> None:
         """Count this trainer as done with the job (and with the store)."""
@@ -227,6 +240,11 @@ class Membership:
         wanted = json.dumps({"rank": rank, "cause": cause, "reason": reason})
         # compare_set with an empty expectation sets only a missing key, and returns the value in force.
         return json.loads(self.store.compare_set(key, "", wanted))
+
+    def job_signals(self) -> Tuple[Optional[dict], int]:
+        """The job's stop (see :meth:`stopped`) and its fresh-start epoch, read together (a supervisor's tick)."""
+        stop, epoch = self.values_if_set([self.key(fact_key(STOPPED_FACT)), self.key(FRESH_START_KEY)])
+        return (None if stop is None else json.loads(stop)), (0 if epoch is None else int(epoch))
 
     def stopped(self) -> Optional[dict]:
         """The job's stop ({"rank", "cause", "reason"}), or None while it runs."""
@@ -310,19 +328,24 @@ class JoinReviewer:
         # of the previous one's lease
         self.leases: Dict[int, tuple] = dict(leases or {})
 
-    def _watch_leases(self, now: float) -> None:
-        for rank in range(self.membership.world_size):
-            value = self.membership.lease(rank)
+    def _watch_leases(self, now: float) -> int:
+        """Note who renewed its lease since the last look; returns how many join requests were made (all read
+        together)."""
+        n = self.membership.world_size
+        values = self.membership.values_if_set([self.membership.key(lease_key(r)) for r in range(n)]
+                                               + [JOIN_REQUESTS])
+        for rank in range(n):
+            value = int(values[rank] or 0)
             if rank not in self.leases or self.leases[rank][0] != value:
                 # A counter seen for the first time counts as renewed now only if it has ever been renewed.
                 seen = now if value > 0 or rank in self.leases else None
                 self.leases[rank] = (value, seen)
+        return int(values[n] or 0)
 
     def review(self, now: Optional[float] = None) -> list:
         """Answer what can be answered; returns the (request, admitted, reason) decided in this call."""
         now = time.monotonic() if now is None else now
-        self._watch_leases(now)
-        total = self.store.add(JOIN_REQUESTS, 0)
+        total = self._watch_leases(now)
         for index in range(self.reviewed + 1, total + 1):
             if not self.store.check([join_request_key(index)]):
                 break  # the joiner has counted itself but not written yet: next round

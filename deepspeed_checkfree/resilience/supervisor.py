@@ -259,10 +259,10 @@ class Supervisor:
                 next_tick = now + STORE_TICK_S
                 self._store_tick(now)
                 try:
-                    if self.membership.stopped() is not None:
+                    stop, epoch = self.membership.job_signals()
+                    if stop is not None:
                         self._end_active_for_stop()
                         return "stopped"
-                    epoch = self.membership.fresh_start_epoch()
                     if epoch > self.seen_fresh_start:
                         self.seen_fresh_start = epoch
                         if not self.membership.has_progress():

@@ -36,13 +36,13 @@ from ..pipe.engine import CheckFreeEngine
 from ..pipe.progress import StageProgress
 # (SPARE_ENV, SUPERVISED_ENV, STOPPED_EXIT_CODE and supervised are also this module's names since version 0.1.)
 from .contract import (DUMP_ENV, INCARNATION_ENV, SPARE_ENV, STOPPED_EXIT_CODE, STORE_ADDR_ENV,  # noqa: F401
-                       STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, incarnation_from_env, is_spare,
-                       read_activation, supervised)
+                       STORE_PORT_ENV, SUPERVISED_ENV, activated, dump_file, group_store_prefix, incarnation_from_env,
+                       is_spare, read_activation, supervised)
 from .connection_cut import CUT_BACKENDS, GenerationConnections
 from .coordination import (check_trainer_store, death_watch_interval, prepare_client, rendezvous_polling,
                            store_ports, trainer_store)
 from .death_watch import DeathWatch, deaths_since_arrival
-from .generation_store import GenerationStore, replaced_members
+from .generation_store import GenerationStore
 from .heartbeat import Heartbeat
 from .membership import Membership, job_token
 from .stopping import stop_job
@@ -333,8 +333,9 @@ class ResilientTrainer:
         ds_internals.set_default_group_timeout(startup)
         # A member that dies while the group forms (``arrived``: rank -> the incarnation it arrived as) ends the
         # wait at once, not after the start-up timeout.
-        store = GenerationStore(membership.group_store(generation),
-                                lambda: replaced_members(arrived, membership.incarnation), generation, startup,
+        store = GenerationStore(membership.store,
+                                deaths_since_arrival(arrived, membership.incarnation_moves, membership.incarnation),
+                                generation, startup, prefix=membership.key(group_store_prefix(generation)),
                                 **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store

@@ -1,11 +1,12 @@
 """One rank of the etcd store tests (started by tests/harness/ranks.run_ranks, which sets RANK and WORLD_SIZE):
 
     python tests/distributed/etcd_store_worker.py counter   URL TOKEN OUT_DIR ADDS
-    python tests/distributed/etcd_store_worker.py allreduce URL TOKEN OUT_DIR BACKEND GROUP_PREFIX
+    python tests/distributed/etcd_store_worker.py allreduce URL TOKEN OUT_DIR BACKEND GROUP_PREFIX THROUGH
 
 ``counter``: every rank adds 1 to one key ADDS times and races the others with compare_set on another; it saves
-what each call returned. ``allreduce``: a process group of BACKEND rendezvouses on ``PrefixStore(GROUP_PREFIX,
-EtcdStore(URL, TOKEN))`` and all-reduces each rank's rank + 1; it saves the sum.
+what each call returned. ``allreduce``: a process group of BACKEND rendezvouses on the keys under GROUP_PREFIX of
+``EtcdStore(URL, TOKEN)``, through a ``PrefixStore`` or the trainer's ``GenerationStore`` (THROUGH:
+prefix_store/generation_store), and all-reduces each rank's rank + 1; it saves the sum.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from deepspeed_checkfree.resilience.etcd_store import EtcdStore
+from deepspeed_checkfree.resilience.generation_store import GenerationStore
 
 
 def main() -> None:
@@ -34,9 +36,13 @@ def main() -> None:
         record["added"] = [store.add("counter", 1) for _ in range(adds)]
         record["compare_set"] = store.compare_set("winner", "", f"rank{rank}").decode()
     elif mode == "allreduce":
-        backend, group_prefix = sys.argv[5:7]
-        dist.init_process_group(backend, store=dist.PrefixStore(group_prefix, store), rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=60))
+        backend, group_prefix, through = sys.argv[5:8]
+        if through == "generation_store":
+            group_store = GenerationStore(store, lambda: [], 0, timedelta(seconds=60), prefix=group_prefix)
+        else:
+            group_store = dist.PrefixStore(group_prefix, store)
+        dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=60))
         t = torch.tensor([float(rank + 1)])
         dist.all_reduce(t)
         dist.barrier()

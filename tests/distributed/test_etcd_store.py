@@ -94,6 +94,60 @@ def test_store_operations_follow_tcpstore(etcd_cluster):
     assert etcd.num_keys() == 5  # cs, e, ap, m1, m2 (the add receipts are gone)
 
 
+def requests_of(store: EtcdStore, call) -> int:
+    """How many HTTP requests ``call()`` makes to etcd."""
+    made, post = [], store.etcd.post
+    store.etcd.post = lambda *a, **k: (made.append(a[0]), post(*a, **k))[1]
+    try:
+        call()
+    finally:
+        store.etcd.post = post
+    return len(made)
+
+
+def test_reads_of_many_keys_take_one_request_and_a_counter_read_writes_nothing(etcd_cluster):
+    store = store_on(etcd_cluster)
+    store.set("a", "1")
+    store.add("n", 4)
+    keys = ["a", "unset", "n"] + [f"more/{i}" for i in range(150)]  # more than one transaction's worth
+    got = []
+    assert requests_of(store, lambda: got.extend(store.values_if_set(keys))) == 2
+    assert got[:3] == [b"1", None, b"4"] and got[3:] == [None] * 150
+    assert requests_of(store, lambda: store.add("never set", 0)) == 1
+    assert not store.check(["never set"]) and store.add("never set", 0) == 0
+
+
+def test_an_add_costs_two_requests_and_leaves_at_most_one_receipt_until_close(etcd_cluster):
+    store = store_on(etcd_cluster)
+    receipts = f"{store.prefix}r/".encode()
+
+    def receipts_left() -> int:
+        out = store.etcd.post("kv/range", {"key": b64(receipts), "range_end": b64(prefix_end(receipts)),
+                                           "count_only": True}, time.monotonic() + 5)
+        return int(out.get("count", 0))
+
+    assert [requests_of(store, lambda: store.add("n", 1)) for _ in range(5)] == [2] * 5
+    assert store.get("n") == b"5" and receipts_left() == 1
+    store.close()
+    assert receipts_left() == 0
+
+
+def test_a_rendezvous_get_after_its_wait_costs_no_request(etcd_cluster):
+    from deepspeed_checkfree.resilience.generation_store import GenerationStore
+
+    store = store_on(etcd_cluster)
+    group = GenerationStore(store, lambda: [], 0, timedelta(seconds=10), prefix="g/0/pg")
+    group.set("addr/1", b"gloo address")
+    assert store.get("g/0/pg/addr/1") == b"gloo address"  # PrefixStore's layout: the generation's keys go with it
+    assert requests_of(store, lambda: group.wait(["addr/1"])) == 1
+    got = []
+    assert requests_of(store, lambda: got.append(group.get("addr/1"))) == 0 and got == [b"gloo address"]
+    assert requests_of(store, lambda: got.append(group.get("addr/1"))) == 1  # nothing kept: read again
+    group.wait(["addr/1"])
+    group.set("addr/1", b"new")  # a write drops what the wait read
+    assert group.get("addr/1") == b"new"
+
+
 def test_wait_returns_when_every_key_is_set_and_times_out_naming_the_missing_ones(etcd_cluster):
     store = store_on(etcd_cluster)
     store.set("w/a", "1")
@@ -148,9 +202,11 @@ def test_add_from_three_processes_counts_every_increment_once(etcd_cluster, tmp_
     assert len(winners) == 1 and winners <= {f"rank{r}" for r in range(world)}
 
 
-def test_gloo_rendezvous_and_all_reduce_on_the_etcd_store(etcd_cluster, tmp_path):
+@pytest.mark.parametrize("through", ["prefix_store", "generation_store"])
+def test_gloo_rendezvous_and_all_reduce_on_the_etcd_store(etcd_cluster, tmp_path, through):
+    # generation_store: the trainer's way (waits that end when a member dies, reads that return what they found)
     token, world = fresh_token(), 3
-    run_ranks(WORKER, world, ["allreduce", etcd_cluster.url, token, str(tmp_path), BACKEND, "g/0"],
+    run_ranks(WORKER, world, ["allreduce", etcd_cluster.url, token, str(tmp_path), BACKEND, "g/0", through],
               timeout_s=120, log_dir=tmp_path)
     assert [r["sum"] for r in read_ranks(tmp_path, world)] == [6.0] * world
     # Every key of the rendezvous is under the group's prefix, and goes with it.
@@ -189,8 +245,8 @@ def test_losing_one_member_of_three_keeps_the_store_and_rendezvous_working(new_e
     assert store.get("before") == b"1" and store.get("after follower") == b"2" and store.add("n", 1) == 1
     print(f"first call after killing a follower: {follower_s:.3f} s, the leader: {leader_s:.3f} s")
     # A new process group still forms on the two survivors.
-    run_ranks(WORKER, 2, ["allreduce", cluster.url, token, str(tmp_path), BACKEND, "g/1"], timeout_s=120,
-              log_dir=tmp_path)
+    run_ranks(WORKER, 2, ["allreduce", cluster.url, token, str(tmp_path), BACKEND, "g/1", "generation_store"],
+              timeout_s=120, log_dir=tmp_path)
     assert [r["sum"] for r in read_ranks(tmp_path, 2)] == [3.0, 3.0]
 
 

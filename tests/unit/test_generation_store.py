@@ -56,3 +56,17 @@ def test_a_group_forms_through_it_when_every_member_lives():
         assert isinstance(clone, GenerationStore) and clone.dead_members is store.dead_members
     finally:
         dist.destroy_process_group()
+
+
+def test_its_keys_lie_under_the_prefix_as_a_prefix_stores_do():
+    inner = dist.HashStore()
+    store = GenerationStore(inner, lambda: [], generation=2, timeout=timedelta(seconds=5), prefix="cf/x/g/2/pg")
+    store.set("addr/0", b"a")
+    assert store.add("n", 3) == 3 and store.compare_set("c", "", "v") == b"v"
+    store.multi_set(["m1", "m2"], ["1", "2"])
+    plain = dist.PrefixStore("cf/x/g/2/pg", inner)
+    assert plain.get("addr/0") == b"a" and plain.get("n") == b"3" and plain.get("c") == b"v"
+    assert store.get("addr/0") == b"a" and store.multi_get(["m1", "m2"]) == [b"1", b"2"]
+    assert store.check(["addr/0", "m2"]) and not store.check(["addr/1"])
+    assert store.delete_key("addr/0") and not plain.check(["addr/0"])
+    assert store.clone().prefix == "cf/x/g/2/pg"
