@@ -26,7 +26,7 @@ from ..errors import RecoveryError
 from ..events import EventLog, identity
 from ..repair.ds_pipeline import checkpoint_client_state
 from . import ds_internals
-from .exchange import RebuildResult, broadcast_tensors, gather_signatures, rebuild_stages
+from .exchange import RebuildResult, broadcast_state, broadcast_tensors, gather_signatures, rebuild_stages
 from .grad_norm import measure_stage_grad_norm, stage_gradients
 from .lr_boost import LRBoost
 from .plus_routing import PlusRouting, allow_route_hops, check_plus_setup
@@ -36,17 +36,6 @@ from .stage import stage_layers, stage_signature
 __all__ = ["CheckFreeEngine", "stage_layers", "stage_signature"]
 
 logger = logging.getLogger(__name__)
-
-
-def _to_cpu(obj):
-    """A copy of a (nested) state dict with every tensor on the CPU, to send as an object."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _no_update(*args, **kwargs) -> None:
@@ -307,21 +296,24 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
                               lost_stages=[self.stage_id], replica_rank=src)
             self._wipe_stage()
         group = self.grid.get_data_parallel_group()
-        nbytes = broadcast_tensors(list(self.module.parameters()), src, group, receive=me)
+        params = list(self.module.parameters())
+        nbytes = broadcast_tensors(params, src, group, receive=me)
         # Everything the replica's progress consists of, so the restored rank is its clone: also when the replica
         # had already applied the interrupted step and replays it without applying it again.
-        extra: List[Optional[dict]] = [None]
-        if self.global_rank == src:
-            extra = [{"optimizer": None if wrapped else _to_cpu(self.basic_optimizer.state_dict()),
-                      "progress": self.progress()}]
-        dist.broadcast_object_list(extra, src=src, group=group)
+        progress: List[Optional[StageProgress]] = [self.progress() if self.global_rank == src else None]
+        dist.broadcast_object_list(progress, src=src, group=group)
+        optimizer_state = None
+        if not wrapped:  # the source sends its own moments (no copy); a restored rank receives straight into its own
+            source_state = self.basic_optimizer.state_dict() if self.global_rank == src else None
+            optimizer_state, moved = broadcast_state(source_state, src, group, receive=me, device=params[0].device)
+            nbytes += moved
         if not me:
             return None
         if wrapped:
             self._reset_optimizer_state()
         else:
-            self.basic_optimizer.load_state_dict(extra[0]["optimizer"])
-        self.load_progress(extra[0]["progress"])
+            self.basic_optimizer.load_state_dict(optimizer_state)
+        self.load_progress(progress[0])
         self.module.zero_grad(set_to_none=True)
         record = dict(step=step, stage=self.stage_id, rank=self.global_rank, mode=self.checkfree.mode,
                       strategy="data_parallel_replica", sources=[self.stage_id], source_rank=src,

@@ -110,13 +110,14 @@ def _unpack(buffers: Sequence[torch.Tensor], specs: Sequence[Spec], bucket_bytes
 
 
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional[dist.ProcessGroup],
-                      receive: bool) -> int:
+                      receive: bool, device: Optional[torch.device] = None) -> int:
     """Broadcast ``tensors`` from global rank ``src`` over ``group`` (large tensors as they are, small ones in
     buckets: :func:`wire_messages`), one message at a time, so no rank holds more than one bucket beyond its own
     tensors.
 
     Only a rank with ``receive`` set overwrites its tensors with what arrived (a large one directly); the others
-    take part without touching theirs. Returns the bytes moved.
+    take part without touching theirs (theirs may be ``meta`` tensors that only give the shapes: each message is
+    then received into a buffer on ``device``). Returns the bytes moved.
     """
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
     sending = dist.get_rank() == src
@@ -129,7 +130,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional
         elif direct:
             buf = parts[0].detach().view(-1)  # straight into the tensor
         else:
-            buf = torch.empty(sum(t.numel() for t in parts), dtype=parts[0].dtype, device=parts[0].device)
+            buf = torch.empty(sum(t.numel() for t in parts), dtype=parts[0].dtype, device=device or parts[0].device)
         dist.broadcast(buf, src=src, group=group)
         moved += buf.numel() * buf.element_size()
         if receive and not sending and not direct:
@@ -139,6 +140,83 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional
                     t.copy_(buf[offset:offset + t.numel()].view(t.shape))
                     offset += t.numel()
     return moved
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where a tensor sent on the wire goes back into a state dict (:func:`split_state`)."""
+    index: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def split_state(obj: object, device: torch.device) -> Tuple[object, List[torch.Tensor]]:
+    """PURE: a nested state dict (an optimizer's) as a small skeleton and the tensors to broadcast: every tensor on
+    ``device`` is replaced by a :class:`TensorSlot` and listed (itself, not a copy); any other tensor (Adam's step
+    counters live on the CPU) stays in the skeleton, moved to the CPU."""
+    tensors: List[torch.Tensor] = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            if value.device != device:
+                return value.detach().cpu()
+            tensors.append(value.detach())
+            return TensorSlot(len(tensors) - 1, tuple(value.shape), value.dtype)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v) for v in value)
+        return value
+
+    return walk(obj), tensors
+
+
+def slots_of(skeleton: object) -> List[TensorSlot]:
+    """PURE: the skeleton's slots, in index order."""
+    found: List[TensorSlot] = []
+
+    def walk(value):
+        if isinstance(value, TensorSlot):
+            found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(skeleton)
+    return sorted(found, key=lambda slot: slot.index)
+
+
+def fill_state(skeleton: object, tensors: Sequence[torch.Tensor]) -> object:
+    """PURE: the state dict of ``skeleton`` with each slot replaced by its tensor (the inverse of
+    :func:`split_state`)."""
+    if isinstance(skeleton, TensorSlot):
+        return tensors[skeleton.index]
+    if isinstance(skeleton, dict):
+        return {k: fill_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(fill_state(v, tensors) for v in skeleton)
+    return skeleton
+
+
+def broadcast_state(state: Optional[object], src: int, group: Optional[dist.ProcessGroup], receive: bool,
+                    device: torch.device) -> Tuple[Optional[object], int]:
+    """Broadcast a state dict (``state``, given on ``src`` only) over ``group``: its skeleton as an object, its
+    tensors with :func:`broadcast_tensors`. The source sends its own tensors (no host copy, no pickled tensor data);
+    a receiving rank allocates each tensor once and receives straight into it; other ranks take part holding at
+    most one bucket. Returns (the state on a receiving rank, else None; bytes moved)."""
+    sending = dist.get_rank() == src
+    skeleton, tensors = split_state(state, device) if sending else (None, [])
+    carrier = [skeleton]
+    dist.broadcast_object_list(carrier, src=src, group=group)
+    skeleton = carrier[0]
+    if not sending:
+        where = device if receive else torch.device("meta")
+        tensors = [torch.empty(slot.shape, dtype=slot.dtype, device=where) for slot in slots_of(skeleton)]
+    moved = broadcast_tensors(tensors, src, group, receive=receive and not sending, device=device)
+    return (fill_state(skeleton, tensors) if receive and not sending else None), moved
 
 
 def _wire_specs(mapping: ParamMapping, source_sig: StageSignature) -> List[Tuple[Tuple[int, ...], torch.dtype]]:

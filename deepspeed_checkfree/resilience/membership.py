@@ -149,8 +149,8 @@ class Membership:
             MembershipTimeout: some ranks did not arrive within the join timeout (they are named).
             JobStopped: a rank stopped the job meanwhile.
         """
-        self.store.set(self.key(rank_generation_key(self.rank)), str(generation))
-        self.store.set(self.key(member_key(generation, self.rank)), json.dumps(info.__dict__))
+        self.store.multi_set([self.key(rank_generation_key(self.rank)), self.key(member_key(generation, self.rank))],
+                             [str(generation), json.dumps(info.__dict__)])
         n = self.world_size
         # One read per round (on etcd): every member's entry, every rank's incarnation and the job's stop.
         keys = ([self.key(member_key(generation, r)) for r in range(n)]

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from deepspeed_checkfree.events import read_events
+from deepspeed_checkfree.resilience.contract import STORE_LOST_EXIT_CODE
 
 from ..harness.oracle import (check_loss_falls, check_masters_refreshed, check_rebuild, check_same_state,
                               check_survivors_untouched, gradnorm_weights)
@@ -399,6 +400,30 @@ def test_node_loss_and_join_of_a_replacement_machine(job_factory):
     assert "admitted a new machine" in job.tail(10**6)
     check_rebuilt(job, rec["generation"], {1: [0, 2]})
     assert time.time() - killed < 200
+
+
+def test_rank_0s_machine_lost_under_the_embedded_store_stops_every_other_rank_naming_the_store(job_factory):
+    """The embedded store lives in rank 0's supervisor: without it no generation can form, so every other rank stops
+    within seconds with exit code 80, naming the store and the fix, and leaves no process behind (the fixture)."""
+    job = job_factory("checkfree_no_failure.json", launcher="nodes", steps=400, train_args=["--min-step-s", "0.2"])
+    job.wait_for_step(3)
+    os.killpg(job.procs[0].pid, signal.SIGKILL)  # rank 0's whole machine: launcher, supervisor (the store), trainer
+    job.procs[0].wait()
+    killed = time.monotonic()
+    job.procs = job.procs[1:]
+    job.wait(timeout_s=60, succeed=False)
+    took = time.monotonic() - killed
+    assert [p.returncode for p in job.procs] == [STORE_LOST_EXIT_CODE] * 3, job.tail()
+    assert took < 30, f"the other ranks took {took:.1f} s to stop"
+    log = job.tail(10**6)
+    for rank in (1, 2, 3):
+        assert (f"[checkfree rank={rank}] lost the embedded store at 127.0.0.1:{job.port + 1} (hosted by rank 0's "
+                f"supervisor)") in log, log[-4000:]
+    assert "rank 0's supervisor or machine is gone, which ends the job (--store etcd://... survives it)" in log
+    # (the supervisors' event records go to the events logger, here the job's log)
+    lost = [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"event": "store_lost"' in line]
+    assert sorted(e["rank"] for e in lost) == [1, 2, 3], lost
+    assert job.steps_done() < 400
 
 
 def test_replacement_dying_during_its_rebuild_under_torchrun(job_factory):

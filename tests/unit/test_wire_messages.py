@@ -34,3 +34,26 @@ def test_pack_sends_a_large_tensor_without_copying_it_and_unpack_restores_every_
         buf.copy_(msg)
     out = _unpack(received, specs, bucket_bytes=2**20)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(tensors, out))
+
+
+def test_an_optimizer_state_splits_into_a_skeleton_and_its_own_tensors_and_fills_back_exactly():
+    from deepspeed_checkfree.pipe.exchange import TensorSlot, fill_state, slots_of, split_state
+
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    skeleton, tensors = split_state(state, torch.device("cpu"))
+    moments = [t for s in state["state"].values() for k, t in s.items() if k != "step"]
+    assert all(any(t.data_ptr() == m.data_ptr() for t in tensors) for m in moments), "the moments, not copies"
+    assert isinstance(skeleton["state"][0]["exp_avg"], TensorSlot) and skeleton["param_groups"] == state["param_groups"]
+    assert [s.index for s in slots_of(skeleton)] == list(range(len(tensors)))
+    refilled = fill_state(skeleton, [t.clone() for t in tensors])
+    fresh = torch.optim.Adam(torch.nn.Linear(8, 4).parameters(), lr=0.1)
+    fresh.load_state_dict(refilled)
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # A tensor on another device than the wire's (Adam's step counters beside GPU moments) stays in the skeleton.
+    skeleton, tensors = split_state(state, torch.device("meta"))
+    assert tensors == [] and torch.equal(skeleton["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
