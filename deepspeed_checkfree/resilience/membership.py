@@ -212,6 +212,24 @@ class Membership:
         if pid is not None:
             self.record(pid_fact(rank, incarnation), pid)
 
+    def record_replacement(self, rank: int, dead_incarnation: int, death: TrainerDeath) -> None:
+        """``rank``'s trainer of ``dead_incarnation`` died (``death``) and the next incarnation takes over: both
+        facts in one write, then the counter (:meth:`record_trainer`, :meth:`record_death`)."""
+        self.store.multi_set([self.key(fact_key(incarnation_fact(rank))),
+                              self.key(fact_key(death_fact(rank, dead_incarnation)))],
+                             [json.dumps(dead_incarnation + 1), json.dumps(asdict(death))])
+        self.store.add(self.key(INCARNATION_MOVES_KEY), 1)
+
+    def exit_facts(self, rank: int) -> Dict[str, bool]:
+        """What the supervisor's decision on ``rank``'s trainer exit needs to know of the job
+        (:func:`~deepspeed_checkfree.core.fault_policy.on_trainer_exit`'s keyword arguments), in two reads."""
+        stop, progress, generation, finished = self.values_if_set(
+            [self.key(fact_key(STOPPED_FACT)), self.key(fact_key(PROGRESS_FACT)),
+             self.key(rank_generation_key(rank)), self.key(fact_key(finished_fact(rank)))])
+        formed = generation is not None and self.formed(int(generation))
+        return dict(job_stopped=stop is not None, job_has_progress=progress is not None, group_formed=formed,
+                    trainer_finished=finished is not None)
+
     def incarnation_moves(self) -> int:
         """How often any rank's incarnation moved on (one key: what a death watch polls)."""
         return self.store.add(self.key(INCARNATION_MOVES_KEY), 0)

@@ -392,21 +392,17 @@ class Supervisor:
             if rc == 0:
                 break  # (without asking the store, which rank 0's supervisor may already have closed)
             try:
-                decision = policy.on_trainer_exit(
-                    rc, stopped_code=STOPPED_EXIT_CODE, job_stopped=self.membership.stopped() is not None,
-                    job_has_progress=self.membership.has_progress(),
-                    group_formed=self.membership.formed(self.membership.last_generation(self.rank)),
-                    restarts=restarts, max_restarts=self.args.max_restarts,
-                    trainer_finished=self.membership.rank_finished(self.rank))
+                decision = policy.on_trainer_exit(rc, stopped_code=STOPPED_EXIT_CODE, restarts=restarts,
+                                                  max_restarts=self.args.max_restarts,
+                                                  **self.membership.exit_facts(self.rank))
             except (RuntimeError, OSError) as err:
                 raise StoreLost(str(err)) from err
             if decision.action == policy.FINISH:
                 break
             if decision.action == policy.STOP_JOB:
                 return self._stop(f"rank {self.rank}'s trainer exited ({_cause(rc)}): {decision.reason}", rc)
-            died_at = time.time()
-            self.membership.record_trainer(self.rank, incarnation + 1)  # the dead member stops counting
-            self.membership.record_death(self.rank, incarnation, TrainerDeath(time=died_at, returncode=rc))
+            # The dead member stops counting, and its death is on record, before anything else happens.
+            self.membership.record_replacement(self.rank, incarnation, TrainerDeath(time=time.time(), returncode=rc))
             if decision.action == policy.FRESH_START:
                 self.seen_fresh_start = self.membership.request_fresh_start()
             else:

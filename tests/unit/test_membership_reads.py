@@ -24,3 +24,21 @@ def test_every_ranks_last_generation_is_read_together():
     stores.set(members[0].key(rank_generation_key(2)), "4")
     assert members[1].last_generations() == [-1, -1, 4] and members[1].latest_generation() == 4
     assert members[0].values_if_set([members[0].key(rank_generation_key(2)), members[0].key("unset")]) == [b"4", None]
+
+
+def test_a_trainer_exit_is_decided_on_facts_read_together_and_its_replacement_recorded_in_one_write():
+    from deepspeed_checkfree.resilience.contract import TrainerDeath, formed_key
+
+    store = dist.HashStore()
+    supervisor = Membership(store, "tok", 1, 2, join_timeout_s=1.0)
+    assert supervisor.exit_facts(1) == dict(job_stopped=False, job_has_progress=False, group_formed=False,
+                                            trainer_finished=False)
+    store.set(supervisor.key(rank_generation_key(1)), "3")
+    store.set(supervisor.key(formed_key(3)), "1")
+    supervisor.record_progress()
+    assert supervisor.exit_facts(1) == dict(job_stopped=False, job_has_progress=True, group_formed=True,
+                                            trainer_finished=False)
+    moves = supervisor.incarnation_moves()
+    supervisor.record_replacement(1, 0, TrainerDeath(time=12.5, returncode=-9))
+    assert supervisor.incarnation(1) == 1 and supervisor.death(1, 0) == TrainerDeath(time=12.5, returncode=-9)
+    assert supervisor.incarnation_moves() == moves + 1
