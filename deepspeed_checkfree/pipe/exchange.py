@@ -146,8 +146,15 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional
 class TensorSlot:
     """Where a tensor sent on the wire goes back into a state dict (:func:`split_state`)."""
     index: int
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
+
+
+def _map_leaves(value: object, leaf: Callable[[object], object]) -> object:
+    """``value`` (nested dicts, lists and tuples) with every other value replaced by ``leaf(value)``."""
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_leaves(v, leaf) for v in value)
+    return leaf(value)
 
 
 def split_state(obj: object, device: torch.device) -> Tuple[object, List[torch.Tensor]]:
@@ -156,49 +163,21 @@ def split_state(obj: object, device: torch.device) -> Tuple[object, List[torch.T
     counters live on the CPU) stays in the skeleton, moved to the CPU."""
     tensors: List[torch.Tensor] = []
 
-    def walk(value):
-        if isinstance(value, torch.Tensor):
-            if value.device != device:
-                return value.detach().cpu()
-            tensors.append(value.detach())
-            return TensorSlot(len(tensors) - 1, tuple(value.shape), value.dtype)
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(walk(v) for v in value)
-        return value
+    def leaf(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.device != device:
+            return value.detach().cpu()
+        tensors.append(value.detach())
+        return TensorSlot(len(tensors) - 1)
 
-    return walk(obj), tensors
-
-
-def slots_of(skeleton: object) -> List[TensorSlot]:
-    """PURE: the skeleton's slots, in index order."""
-    found: List[TensorSlot] = []
-
-    def walk(value):
-        if isinstance(value, TensorSlot):
-            found.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(skeleton)
-    return sorted(found, key=lambda slot: slot.index)
+    return _map_leaves(obj, leaf), tensors
 
 
 def fill_state(skeleton: object, tensors: Sequence[torch.Tensor]) -> object:
     """PURE: the state dict of ``skeleton`` with each slot replaced by its tensor (the inverse of
     :func:`split_state`)."""
-    if isinstance(skeleton, TensorSlot):
-        return tensors[skeleton.index]
-    if isinstance(skeleton, dict):
-        return {k: fill_state(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(fill_state(v, tensors) for v in skeleton)
-    return skeleton
+    return _map_leaves(skeleton, lambda v: tensors[v.index] if isinstance(v, TensorSlot) else v)
 
 
 def broadcast_state(state: Optional[object], src: int, group: Optional[dist.ProcessGroup], receive: bool,
@@ -209,12 +188,12 @@ def broadcast_state(state: Optional[object], src: int, group: Optional[dist.Proc
     most one bucket. Returns (the state on a receiving rank, else None; bytes moved)."""
     sending = dist.get_rank() == src
     skeleton, tensors = split_state(state, device) if sending else (None, [])
-    carrier = [skeleton]
+    carrier = [(skeleton, [(tuple(t.shape), t.dtype) for t in tensors])]  # the slots' shapes, in slot order
     dist.broadcast_object_list(carrier, src=src, group=group)
-    skeleton = carrier[0]
+    skeleton, specs = carrier[0]
     if not sending:
         where = device if receive else torch.device("meta")
-        tensors = [torch.empty(slot.shape, dtype=slot.dtype, device=where) for slot in slots_of(skeleton)]
+        tensors = [torch.empty(shape, dtype=dtype, device=where) for shape, dtype in specs]
     moved = broadcast_tensors(tensors, src, group, receive=receive and not sending, device=device)
     return (fill_state(skeleton, tensors) if receive and not sending else None), moved
 

@@ -28,9 +28,8 @@ class GenerationStore(dist.Store):
         generation: for the error message.
         timeout: the waits' own timeout.
         prefix: every key is ``prefix/key`` in ``inner`` (as a ``PrefixStore`` has it); none if empty.
-        poll_first_s, poll_max_s: a wait polls first after ``poll_first_s``, backing off to ``poll_max_s`` (an
-            external store, where every poll is an HTTP request that its members serve for every waiting rank, is
-            polled less eagerly).
+        poll_max_s: a wait polls every :data:`POLL_S`, backing off to this (an external store, where every poll
+            is an HTTP request that its members serve for every waiting rank, is polled less eagerly).
         death_poll_s: how often a wait asks ``dead_members()``.
 
     On a store that reads keys without waiting (the etcd store's ``get_if_set`` and ``values_if_set``) a wait
@@ -39,13 +38,13 @@ class GenerationStore(dist.Store):
     """
 
     def __init__(self, inner: dist.Store, dead_members: Callable[[], List[int]], generation: int,
-                 timeout: timedelta, prefix: str = "", poll_first_s: float = POLL_S, poll_max_s: float = POLL_S,
+                 timeout: timedelta, prefix: str = "", poll_max_s: float = POLL_S,
                  death_poll_s: float = DEATH_POLL_S) -> None:
         super().__init__()
         self.inner, self.dead_members, self.generation = inner, dead_members, generation
         self.prefix = prefix
         self._timeout = timeout
-        self.poll_first_s, self.poll_max_s, self.death_poll_s = poll_first_s, poll_max_s, death_poll_s
+        self.poll_max_s, self.death_poll_s = poll_max_s, death_poll_s
         self._found: Dict[str, bytes] = {}  # what the last wait read, for the get that follows (dropped on a write)
 
     def _key(self, key: str) -> str:
@@ -63,7 +62,7 @@ class GenerationStore(dist.Store):
         present = present or (lambda: self.inner.check(full))
         limit = (timeout or self._timeout).total_seconds()
         deadline = time.monotonic() + limit
-        next_death_check, pause = 0.0, self.poll_first_s
+        next_death_check, pause = 0.0, POLL_S
         while not present():
             now = time.monotonic()
             dead: List[int] = []
@@ -163,7 +162,7 @@ class GenerationStore(dist.Store):
     def clone(self) -> "GenerationStore":
         """A second connection with the same waits (gloo uses one per background thread)."""
         return GenerationStore(self.inner.clone(), self.dead_members, self.generation, self._timeout, self.prefix,
-                               self.poll_first_s, self.poll_max_s, self.death_poll_s)
+                               self.poll_max_s, self.death_poll_s)
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout

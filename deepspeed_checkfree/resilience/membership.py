@@ -214,7 +214,7 @@ class Membership:
 
     def record_replacement(self, rank: int, dead_incarnation: int, death: TrainerDeath) -> None:
         """``rank``'s trainer of ``dead_incarnation`` died (``death``) and the next incarnation takes over: both
-        facts in one write, then the counter (:meth:`record_trainer`, :meth:`record_death`)."""
+        facts in one write, then the counter (as :meth:`record_trainer`)."""
         self.store.multi_set([self.key(fact_key(incarnation_fact(rank))),
                               self.key(fact_key(death_fact(rank, dead_incarnation)))],
                              [json.dumps(dead_incarnation + 1), json.dumps(asdict(death))])
@@ -237,10 +237,6 @@ class Membership:
     def incarnation(self, rank: int) -> Optional[int]:
         """The incarnation of ``rank``'s active trainer; None before its supervisor started one."""
         return self.fact(incarnation_fact(rank))
-
-    def record_death(self, rank: int, incarnation: int, death: TrainerDeath) -> None:
-        """``rank``'s trainer of ``incarnation`` died (its supervisor saw it exit)."""
-        self.record(death_fact(rank, incarnation), asdict(death))
 
     def death(self, rank: int, incarnation: int) -> Optional[TrainerDeath]:
         """How ``rank``'s trainer of ``incarnation`` died; None if no supervisor saw it die."""

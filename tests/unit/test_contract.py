@@ -61,7 +61,7 @@ def test_supervisor_facts_round_trip_through_the_store():
     trainer = Membership(store, "tok", rank=0, world_size=4, join_timeout_s=1.0)
     assert trainer.incarnation(2) is None and trainer.death(2, 0) is None
     supervisor.record_trainer(2, 1, pid=4242)
-    supervisor.record_death(2, 0, contract.TrainerDeath(time=12.5, returncode=-9))
+    supervisor.record_replacement(2, 0, contract.TrainerDeath(time=12.5, returncode=-9))
     assert trainer.incarnation(2) == 1 and trainer.fact(contract.pid_fact(2, 1)) == 4242
     assert trainer.death(2, 0) == contract.TrainerDeath(time=12.5, returncode=-9)
     assert store.check([f"{contract.key_prefix('tok')}/fact/death/2/0"])
