@@ -10,7 +10,7 @@ again, and respawning the trainer would loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import CheckFreeError, ConfigError
 
@@ -64,6 +64,7 @@ FINISH = "finish"            # the trainer completed the job
 STOP_JOB = "stop_job"        # stop this rank and tell every rank to stop
 REPLACE = "replace"          # start a replacement that rebuilds the stage (the others keep their state)
 FRESH_START = "fresh_start"  # no step has completed yet: every rank starts over from initialisation
+FENCED = "fenced"            # the rank was recorded lost while this machine was cut off: end, the job goes on
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class ExitDecision:
 
 
 def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, job_has_progress: bool,
-                    group_formed: bool, restarts: int, max_restarts: int, trainer_finished: bool = False
-                    ) -> ExitDecision:
+                    group_formed: bool, restarts: int, max_restarts: int, trainer_finished: bool = False,
+                    fenced_code: Optional[int] = None) -> ExitDecision:
     """What the supervisor does when its active trainer exited with ``returncode``.
 
     Args:
@@ -86,9 +87,13 @@ def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, jo
         restarts: replacements started so far for losses of this rank.
         max_restarts: the supervisor's ``--max-restarts``.
         trainer_finished: the trainer recorded that it completed the job (before it crashed while exiting).
+        fenced_code: the exit code of a trainer that found its rank recorded lost (it was cut off).
     """
     if returncode == 0 or trainer_finished:
         return ExitDecision(FINISH, "the trainer completed the job")
+    if fenced_code is not None and returncode == fenced_code:
+        return ExitDecision(FENCED, "the job recorded this rank as lost while this machine was cut off, and went on "
+                            "without it: this machine ends instead of coming back as a second copy of the rank")
     if returncode == stopped_code:
         return ExitDecision(STOP_JOB, "the trainer stopped the job on purpose (its log and the events file say why)")
     if job_stopped:
@@ -127,6 +132,14 @@ def on_spare_exit(returncode: int, *, stopped_code: int, consecutive_deaths: int
     return ExitDecision(SPARE_RESTART, "another spare is started")
 
 
+def startup_timeout_s(detection_timeout_s: float) -> float:
+    """How long a trainer may take to start, build its engine and form a group, during which neither a peer's
+    wait nor its supervisor's heartbeat check holds it to ``detection_timeout_s``: a fresh process pays first-use
+    costs (imports, op loading, allocation) the running ones paid long ago, and on a loaded machine a thread may
+    not run for seconds while a C extension loads."""
+    return max(120.0, 10.0 * detection_timeout_s)
+
+
 def heartbeat_overdue(now: float, last_beat: Optional[float], timeout_s: Optional[float]) -> Optional[float]:
     """Seconds since the trainer's last heartbeat if that exceeds ``timeout_s``, else None. A trainer that never
     beat yet (still importing) or announced no timeout is not judged."""
@@ -140,13 +153,60 @@ def heartbeat_overdue(now: float, last_beat: Optional[float], timeout_s: Optiona
 # Joins: admitted only for a rank whose machine is gone
 # ---------------------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------------------
+# Machines that go silent: the leader watches every supervisor's lease
+# ---------------------------------------------------------------------------------------------------------------
+
+def silent_ranks(renewed_at: Dict[int, Optional[float]], now: float, lease_timeout_s: float,
+                 recorded: Iterable[int] = ()) -> List[int]:
+    """The ranks whose supervisor has been silent for longer than ``lease_timeout_s``, not yet recorded as lost.
+
+    Args:
+        renewed_at: rank -> when the watcher last saw its lease change (its clock); None while the rank's supervisor
+            has never renewed it (still starting: its absence shows as a generation that does not form, which the
+            join timeout bounds, never as a false loss).
+        now: the watcher's clock.
+        lease_timeout_s: silence after which a supervisor counts as gone.
+        recorded: ranks already recorded as lost (their active incarnation has a loss record).
+    """
+    skip = set(recorded)
+    return [r for r, seen in sorted(renewed_at.items())
+            if seen is not None and r not in skip and now - seen > lease_timeout_s]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detection: what made a rank notice the failure, for its log line
+# ---------------------------------------------------------------------------------------------------------------
+
+BY_RECORD = "an abort record in the job's store"
+BY_TIMEOUT = "a timeout (detection_timeout_s)"
+BY_CLOSED = "a closed connection"
+BY_ERROR = "an error"
+
+
+def detection_trigger(error_text: str, aborted_by_record: bool) -> str:
+    """What made this rank notice a failure: the job's store told it (its death watch read the generation's abort
+    record, written for a dead trainer, a silent machine, a drain or another rank's failure, and cut this rank's
+    own connections, so the connection error that follows is its own doing), a peer's wait that timed out, or a
+    connection a peer closed (its process died, or it cut its connections after its own detection)."""
+    if aborted_by_record:
+        return BY_RECORD
+    text = error_text.lower()
+    if "timed out" in text or "timeout" in text:
+        return BY_TIMEOUT
+    if any(p in text for p in ("closed by peer", "reset by peer", "broken pipe", "pair closure", "connection refused")):
+        return BY_CLOSED
+    return BY_ERROR
+
+
 ADMIT = "admit"
 REFUSE = "refuse"
 PENDING = "pending"  # the rank's supervisor has not been silent for long enough yet: decide later
 
 
 def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requested_at: float,
-                 lease_renewed_at: Optional[float], lease_timeout_s: float, token_env: str) -> Tuple[str, str]:
+                 lease_renewed_at: Optional[float], lease_timeout_s: float, token_env: str,
+                 recorded_lost: Optional[str] = None) -> Tuple[str, str]:
     """Whether a machine that asked to take over ``rank`` is admitted.
 
     A rank's supervisor renews a lease while it runs (and replaces its trainer itself when that dies); a join
@@ -161,6 +221,8 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
         lease_renewed_at: when the reviewer last saw the rank's lease renewed (same clock); None if never.
         lease_timeout_s: silence after which a supervisor counts as gone.
         token_env: the variable that holds the token (for the message).
+        recorded_lost: how the rank's active trainer was recorded lost (its machine silent, a preemption notice),
+            if it was: the rank is free at once, without waiting for the lease timeout again.
 
     Returns:
         (:data:`ADMIT`, :data:`REFUSE` or :data:`PENDING`, the reason in words).
@@ -169,6 +231,8 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
         return REFUSE, f"the job token does not match the job's. Set {token_env} to the token the job was launched with"
     if not 0 <= rank < world_size:
         return REFUSE, f"rank {rank} is not in 0..{world_size - 1}"
+    if recorded_lost is not None:
+        return ADMIT, f"token verified; rank {rank} was recorded lost ({recorded_lost})"
     if lease_renewed_at is not None and lease_renewed_at > requested_at:
         return REFUSE, (f"rank {rank} is alive: its supervisor renewed its lease after the request. A join replaces "
                         f"only a rank whose machine is gone (supervisor silent for {lease_timeout_s:g} s); a dead "

@@ -21,6 +21,15 @@ class MemberInfo:
     pid: int
 
 
+def missing_members(members: Mapping[int, MemberInfo], incarnations: Mapping[int, int], world_size: int
+                    ) -> List[int]:
+    """The ranks that have not arrived for a generation: no member entry, or one of an incarnation that is not
+    the rank's active trainer any more (it died after arriving; a ghost is never waited for). Empty: the generation
+    can form. ``incarnations``: rank -> its active incarnation (0 where none is recorded)."""
+    return [r for r in range(world_size)
+            if r not in members or members[r].incarnation != incarnations.get(r, 0)]
+
+
 def joining_generation(latest_generation: int, latest_formed: bool) -> int:
     """The generation a trainer arrives for first: the latest one any rank arrived for (-1 if none), unless that one
     has already formed its process group, in which case the next one (where the survivors move as soon as they
@@ -118,6 +127,27 @@ def plan_rejoin(generation: int, members: Mapping[int, MemberInfo], stage_of: Ma
 # The outage record of a rejoin
 # ---------------------------------------------------------------------------------------------------------------
 
+# What started an outage (the ``start`` of its record), from what the job's store recorded of the lost ranks.
+TRAINER_DEATH = "trainer death"          # a supervisor saw its trainer exit
+MACHINE_SILENT = "machine silent"        # the leader recorded a supervisor whose lease went silent (machine gone)
+PREEMPTION = "preemption notice"         # a machine announced that it goes (a drain)
+COMMUNICATION = "communication failure"  # no loss was recorded: a transient error, or a partition that healed
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss of one rank's trainer as the job's store recorded it (its death record).
+
+    Attributes:
+        time: when it happened, as well as anyone could see it: for a trainer death, when its supervisor saw the
+            exit; for a silent machine, its supervisor's last lease renewal; for a preemption, when the notice came.
+        cause: :data:`TRAINER_DEATH`, :data:`MACHINE_SILENT` or :data:`PREEMPTION`.
+    """
+
+    time: float
+    cause: str
+
+
 @dataclass(frozen=True)
 class RankTimes:
     """One rank's wall-clock times (``time.time()``) around a failure, gathered after the first step it completes
@@ -129,6 +159,8 @@ class RankTimes:
     rejoined: float                # the new process group and engine exist
     rebuilt: float                 # state restored and lost stages rebuilt
     resumed: float                 # the first step of the new generation completed
+    completed_before: Optional[int] = None  # steps it had applied when the failure came (None: a replacement)
+    completed_after: Optional[int] = None   # steps it has applied after that first step
 
 
 @dataclass(frozen=True)
@@ -140,7 +172,9 @@ class Outage:
     lost_stages: List[int]
     replayed_step: int
     lost_steps: int
-    start: str                  # what dates the start of the outage
+    start: str                  # what started the outage (see the causes above)
+    method: str                 # how the lost state came back ("gradnorm_average", "copy", "exact hand-over", ...)
+    silent_s: float             # start to the first detection: the time nobody knew
     detected_s: Optional[float]
     rejoined_s: float
     rebuilt_s: float
@@ -148,33 +182,40 @@ class Outage:
     outage_s: float
 
 
-def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], death_times: Iterable[float]) -> Outage:
-    """The outage of the failure ``plan`` recovered from, from every rank's ``times`` and the times the supervisors
-    saw trainers of the lost ranks die (``death_times``, any since the job started).
+def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], losses: Iterable[Loss], method: str) -> Outage:
+    """The outage of the failure ``plan`` recovered from, from every rank's ``times`` and the job's records of this
+    failure's lost trainers (``losses``).
 
-    The outage starts at the first trainer death since the last completed step (the earliest of the ranks' last
-    ones), or, when no supervisor saw a death (a whole node vanished), at the first detection; it runs through any
-    failed attempts to this generation's first completed step. No step is lost: the interrupted one is replayed.
+    The start is the earliest trace of the failure. A trainer death or a preemption notice is dated by its record;
+    the kernel closes a dead process's sockets before its parent learns of the exit, so a neighbour's detection can
+    come first, and counts then. A machine that went silent left no trace: its outage starts at the survivors' last
+    completed step or at its supervisor's last lease renewal, whichever is earlier, and ``silent_s`` is the time
+    until the first detection. With no recorded loss (a transient error, a partition shorter than the lease timeout)
+    the first detection is the start.
 
-    The kernel closes a dead process's sockets before its parent learns of the exit, so a neighbour's detection can
-    precede the supervisor's record of the death: the start is the earliest trace of either kind. ``detected_s``
-    (start to the last detection) is therefore >= 0 and near 0 when every detection came at once; the times are
-    kept to the microsecond, so it is 0.0 only when the last detection *is* the earliest trace.
+    ``lost_steps`` counts the steps the job had completed before the failure and no longer holds after it: the
+    ranks report the steps they had applied before the failure and after the first step of the new generation (a
+    rank one step ahead keeps its update while the others replay it, so a sound recovery loses none).
     """
-    progress = [t.last_success for t in times if t.last_success is not None]
-    since = min(progress) if progress else 0.0
-    deaths = [d for d in death_times if d > since]
+    losses = list(losses)
     detected = [t.detected for t in times if t.detected is not None]
-    start = min(deaths + detected)
+    progress = [t.last_success for t in times if t.last_success is not None]
+    traces = [x.time for x in losses if x.cause != MACHINE_SILENT] + detected
+    silent = [x.time for x in losses if x.cause == MACHINE_SILENT]
+    if silent:
+        traces.append(min(silent + ([max(progress)] if progress else [])))
+    start = min(traces)
+    first = min(losses, key=lambda x: x.time).cause if losses else COMMUNICATION
 
     def phase(name: str) -> float:
         return round(max(getattr(t, name) for t in times) - start, 6)
 
+    before = [t.completed_before for t in times if t.completed_before is not None]
+    after = [t.completed_after for t in times if t.completed_after is not None]
+    lost_steps = max(0, max(before) - min(after)) if before and after else 0
     return Outage(generation=plan.generation, lost_ranks=list(plan.fresh_ranks), lost_stages=list(plan.hit_stages),
-                  replayed_step=plan.step, lost_steps=0,
-                  # The kill itself is not observable: its earliest trace is the supervisor seeing its child exit
-                  # or a neighbour's connection breaking (both within ~20 ms of it).
-                  start="trainer death" if deaths else "first detection (no supervisor saw a death)",
+                  replayed_step=plan.step, lost_steps=lost_steps, start=first, method=method,
+                  silent_s=round(max(0.0, min(detected) - start), 6) if detected else 0.0,
                   detected_s=round(max(detected) - start, 6) if detected else None,
                   rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
                   outage_s=phase("resumed"))

@@ -14,14 +14,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from ..core.config import ConfigSection, format_validation_error, read_config_file
 from ..errors import ConfigError
-from .config import SECTION, ExperimentConfig, from_dict, parse_experiment, to_dict
+from .config import SECTION, ExperimentConfig, parse_experiment, to_dict
 
 logger = logging.getLogger(__name__)
 SWEEP = "sweep"

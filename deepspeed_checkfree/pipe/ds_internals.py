@@ -294,6 +294,16 @@ def release_process_groups(engine: PipelineEngine) -> None:
                        "are not freed", ", ".join(held))
 
 
+def forget_failed_world() -> None:
+    """Undo what a failed ``init_process_group`` left behind. torch names the default group from a counter it takes
+    before the group's rendezvous, and resets the counter only in ``destroy_process_group``, which is not called
+    when no world exists: the next ``init_process_group`` of this process would then rendezvous under the next
+    name, where peers that formed their world first (a fresh replacement) wait under the first, and every later
+    generation would time out."""
+    if not dist.is_initialized():
+        c10d._world.group_count = 0
+
+
 def abort_world() -> None:
     """Abort every communicator of the current world (NCCL: ``ncclCommAbort``), from any thread; a pending
     operation then fails at once. (gloo's abort does not wake a pending operation: there the generation's

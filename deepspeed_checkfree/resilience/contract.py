@@ -118,8 +118,37 @@ LEASE_TIMEOUT_S = 5.0   # a supervisor whose lease has not been renewed for this
 
 
 def lease_key(rank: int) -> str:
-    """The store counter ``rank``'s supervisor renews every :data:`LEASE_INTERVAL_S` while it runs (a job key)."""
+    """The key ``rank``'s supervisor renews every :data:`LEASE_INTERVAL_S` while it runs (a job key): see
+    :func:`lease_value`."""
     return f"lease/{rank}"
+
+
+def lease_value(renewals: int, wall_time: float, owner: str) -> str:
+    """A lease's value: how often it was renewed, the supervisor's wall-clock time of the renewal (what dates the
+    start of an outage when its machine goes silent) and the supervisor's own id (a supervisor recorded lost that
+    comes back after a partition renews under its old id, and is not taken for the rank's new owner)."""
+    return f"{renewals} {wall_time:.6f} {owner}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    renewals: int = 0               # 0: never renewed
+    time: Optional[float] = None    # the supervisor's time.time() at its last renewal
+    owner: Optional[str] = None     # the renewing supervisor's id
+
+
+def parse_lease(value: Optional[bytes]) -> Lease:
+    """A lease's value, parsed; ``Lease()`` when it was never renewed."""
+    if not value:
+        return Lease()
+    count, when, owner = (value.decode().split(" ") + ["", ""])[:3]
+    return Lease(int(count), float(when) if when else None, owner or None)
+
+
+def lost_fact(rank: int) -> str:
+    """Fact: ``rank``'s machine was lost (its supervisor went silent, or it left on a preemption notice), so a
+    machine that joins may take the rank over at once: {"incarnation", "cause", "owner", "time"} (JSON)."""
+    return f"lost/{rank}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,6 +162,9 @@ STOPPED_EXIT_CODE = 78
 JOIN_REFUSED_EXIT_CODE = 3
 # A supervisor that lost the job's store (rank 0's supervisor or machine is gone) ends with this code.
 STORE_LOST_EXIT_CODE = 80
+# A supervisor (and its trainer) whose rank was recorded lost while it was cut off (a partition that healed): the
+# job went on without it, so it ends instead of coming back as a second copy of the rank.
+FENCED_EXIT_CODE = 81
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,8 +198,23 @@ def generation_prefix(generation: int) -> str:
 
 
 def formed_key(generation: int) -> str:
-    """Set once every rank has arrived for ``generation`` (its process group forms)."""
+    """How ``generation``'s arrival ended: every member's entry (JSON, written once every rank has arrived; its
+    process group forms), or :data:`ABORTED`. The one key everyone who arrived waits on."""
     return f"g/{generation}/formed"
+
+
+ABORTED = "aborted"  # formed_key's value for a generation that failed before it formed: everyone moves to the next
+
+
+def arrivals_key(generation: int) -> str:
+    """Counter: arrivals for ``generation`` (the arrival that reaches the world size checks the members)."""
+    return f"g/{generation}/arrivals"
+
+
+def abort_key(generation: int) -> str:
+    """Set (JSON: who and why) when ``generation`` has failed: a member died, went silent or leaves, or a member
+    detected a failure. Every trainer's death watch waits on it."""
+    return f"g/{generation}/abort"
 
 
 def group_store_prefix(generation: int) -> str:
@@ -195,6 +242,19 @@ def death_fact(rank: int, incarnation: int) -> str:
     return f"death/{rank}/{incarnation}"
 
 
+def leaving_fact(rank: int, incarnation: int) -> str:
+    """Fact: ``rank``'s trainer of ``incarnation`` is leaving (a preemption notice or a planned drain): JSON."""
+    return f"leaving/{rank}/{incarnation}"
+
+
+SIGNALS_KEY = "signals"  # counter of the job-wide signals to every supervisor (stop, fresh start, a rank lost)
+
+
+def signal_key(index: int) -> str:
+    """The ``index``-th job-wide signal (1-based, JSON); each supervisor waits for the next one."""
+    return f"signal/{index}"
+
+
 STOPPED_FACT = "stopped"    # fact: the job stopped: {"rank", "cause", "reason"} of the first rank that stopped it
 PROGRESS_FACT = "progress"  # fact: some rank has completed a step of this job
 FRESH_START_KEY = "fresh_start"  # counter: every rank's trainer starts over (a death before the first step)
@@ -219,10 +279,13 @@ def join_verdict_key(index: int) -> str:
 
 @dataclass(frozen=True)
 class TrainerDeath:
-    """What a supervisor records when its trainer dies; the trainer reads it to date the start of the outage."""
+    """The record of a lost trainer (written by its supervisor when it exits, by the leader when its machine went
+    silent, by the leaving rank on a drain); the trainers read it to date the start of the outage."""
 
-    time: float      # time.time() when the supervisor saw the exit
-    returncode: int  # negative: killed by that signal
+    time: float                  # trainer death: when the supervisor saw the exit; machine silent: the last lease
+                                 # renewal; preemption: when the notice came (time.time() of the writer)
+    returncode: Optional[int]    # negative: killed by that signal; None when no exit was seen
+    cause: str = "trainer death"  # core.rejoin's TRAINER_DEATH, MACHINE_SILENT or PREEMPTION
 
 
 # ---------------------------------------------------------------------------------------------------------------

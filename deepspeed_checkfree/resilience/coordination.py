@@ -1,35 +1,33 @@
-"""Where the job's coordination state lives, and which supervisor does the job-level duties.
+"""Where the job's coordination state lives: which store, how to reach it, and the checks around it.
 
 Embedded store (the default): rank 0's supervisor hosts a TCPStore on the master address, every other process is
-its client, and rank 0's supervisor answers joins. Losing rank 0's machine loses the store, and the job stops.
-External store (``--store etcd://h1:2379,h2:2379,h3:2379``): every supervisor and trainer is a client of the etcd
-cluster (:class:`.EtcdStore`, keys under the token's prefix); no machine is special. The job-level duties (answering
-joins, deleting finished generations' keys) go to a leader elected through the store
-(:mod:`deepspeed_checkfree.core.leadership`), and move to another live supervisor when the leader's machine is lost.
+its client (through :class:`.DeadlineStore`, so no request outlives the store's timeout when the host vanishes),
+and rank 0's supervisor does the job-level duties (:mod:`.coordinator`). Losing rank 0's machine loses the store,
+and the job stops. External store (``--store etcd://h1:2379,h2:2379,h3:2379``): every supervisor and trainer is a
+client of the etcd cluster (:class:`.EtcdStore`, keys under the token's prefix); no machine is special, and the
+job-level duties go to a leader elected through the store.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 from datetime import timedelta
 from typing import Mapping, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from ..core import leadership
 from ..core.fault_policy import COMMUNICATION, classify
 from ..errors import ConfigError
-from ..events import EventLog
-from .contract import (LEADER_KEY, LEASE_INTERVAL_S, STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV,
-                       generation_prefix, lease_key)
+from .contract import STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV, lease_key
 from .etcd_store import EtcdStore
-from .membership import JoinRefused, JoinReviewer, Membership, connect_store, host_store
+from .joins import JoinRefused
+from .membership import Membership
+from .store_access import DeadlineStore
 from .store_address import parse_store_url
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
-
-STAGGER_S = LEASE_INTERVAL_S  # rank r takes a silent leader's duties over r seconds after rank 1 would
 
 # etcd's TLS and authentication options, from the environment (a supervisor's trainers inherit it): the
 # EtcdStore constructor's argument for each variable.
@@ -55,6 +53,36 @@ def etcd_options(environ: Mapping[str, str] = os.environ) -> dict:
     if environ.get(ETCD_TOKEN_AUTH_ENV) == "1":
         options["token_auth"] = True
     return options
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host`` only (torch's TCPStore on its own would listen on every interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    return sock
+
+
+def host_store(host: str, port: int, timeout_s: float) -> Tuple[DeadlineStore, socket.socket]:
+    """Start the job's embedded store server bound to ``host``; returns (its client, the listening socket); keep
+    both alive."""
+    sock = listening_socket(host, port)
+    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, master_listen_fd=sock.fileno(),
+                          timeout=timedelta(seconds=timeout_s), use_libuv=True)
+    return DeadlineStore(store, timedelta(seconds=timeout_s), describe=describe_store(None, host, port),
+                         connect=lambda: _client(host, port, timeout_s)), sock
+
+
+def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> DeadlineStore:
+    """A client of the job's embedded store: no request outlives ``timeout_s``."""
+    return DeadlineStore(_client(host, port, timeout_s), timedelta(seconds=timeout_s),
+                         describe=describe_store(None, host, port), connect=lambda: _client(host, port, timeout_s))
 
 
 def open_store(*, store_url: Optional[str], token: str, master_addr: str, store_port: int, timeout_s: float,
@@ -167,14 +195,6 @@ def store_ports(environ: Mapping[str, str] = os.environ) -> Tuple[int, ...]:
     return (int(environ[STORE_PORT_ENV]),)
 
 
-def death_watch_interval(environ: Mapping[str, str] = os.environ) -> float:
-    """How often a trainer's death watch reads the death records: every 50 ms on the embedded store; every 250 ms
-    on etcd, where each read is a linearizable request every trainer makes all through training (at 50 ms, with 3
-    members on the trainers' 2 cores, failure-free steps were 30% slower). A dead process's neighbours, and through
-    the connection cut every rank, learn of it at once either way."""
-    return 0.25 if environ.get(STORE_URL_ENV) else 0.05
-
-
 def rendezvous_polling(environ: Mapping[str, str] = os.environ) -> dict:
     """How a generation's rendezvous store polls (:class:`.GenerationStore`'s options): the embedded store's polls
     cost microseconds; etcd serves each as a linearizable read, for every waiting rank, on the cores the replacement
@@ -222,130 +242,3 @@ def check_not_a_previous_run(membership: Membership, store_url: str) -> None:
                       f"token. Use a new {TOKEN_ENV} for each run, or delete the earlier run's keys first: python -c "
                       f"\"from deepspeed_checkfree.resilience.etcd_store import EtcdStore; "
                       f"EtcdStore('{store_url}', '<token>').delete_prefix('')\"")
-
-
-class Coordinator:
-    """One supervisor's share of the job-level work, called every store tick (:meth:`tick`): renew this rank's
-    lease; with the embedded store, answer joins if this supervisor hosts it; with an external store, claim or
-    follow the leadership and, while leading, answer joins and delete the keys of finished generations.
-
-    Args:
-        membership: this supervisor's view of the job (its store is the job's).
-        token: the job token (join requests carry its MAC).
-        hosted: this supervisor hosts the embedded store (it does the duties, no election).
-        external: the store is external (elect a leader).
-        lease_timeout_s: silence after which a supervisor counts as gone.
-        events: where detections and decisions are written.
-        prefix: the log lines' identity prefix.
-    """
-
-    def __init__(self, membership: Membership, token: str, *, hosted: bool, external: bool, lease_timeout_s: float,
-                 events: EventLog, prefix: str) -> None:
-        self.membership, self.token, self.events, self.prefix = membership, token, events, prefix
-        self.rank, self.external, self.lease_timeout_s = membership.rank, external, lease_timeout_s
-        self.reviewer: Optional[JoinReviewer] = (JoinReviewer(membership, token, lease_timeout_s=lease_timeout_s)
-                                                 if hosted else None)
-        self.next_lease = 0.0
-        self.next_leader_check = 0.0
-        self.started_at: Optional[float] = None
-        self.holder: Optional[leadership.Holder] = None
-        # (holder, its lease counter, monotonic time the counter was last seen to move)
-        self.holder_lease: Tuple[Optional[leadership.Holder], int, float] = (None, 0, 0.0)
-        self.deleted_below = 0
-
-    @property
-    def leading(self) -> bool:
-        return self.reviewer is not None
-
-    def tick(self, now: float) -> None:
-        """Raises: StoreLost: the store did not answer (torch's store errors are RuntimeErrors)."""
-        try:
-            if now >= self.next_lease:
-                self.membership.renew_lease(self.rank)
-                self.next_lease = now + LEASE_INTERVAL_S
-            if self.external and now >= self.next_leader_check:
-                self.next_leader_check = now + LEASE_INTERVAL_S
-                self._lead_or_follow(now)
-                if self.leading:
-                    self._delete_finished_generations()
-            if self.reviewer is not None:
-                self._review(now)
-        except (RuntimeError, OSError) as err:
-            raise StoreLost(str(err)) from err
-
-    # the leadership (external store) ----------------------------------------------------------------------------
-
-    def _read_holder(self) -> Optional[leadership.Holder]:
-        value = self.membership.values_if_set([self.membership.key(LEADER_KEY)])[0]
-        return None if value is None else leadership.parse_holder(value.decode())
-
-    def _lead_or_follow(self, now: float) -> None:
-        if self.started_at is None:
-            self.started_at = now
-        holder = self._read_holder()
-        silent_s = None
-        if holder is not None and holder.rank != self.rank:
-            lease = self.membership.lease(holder.rank)
-            if (holder, lease) != self.holder_lease[:2]:
-                self.holder_lease = (holder, lease, now)
-            silent_s = now - self.holder_lease[2]
-        self.holder = holder
-        action = leadership.leader_action(rank=self.rank, holder=holder, waited_s=now - self.started_at,
-                                          holder_silent_s=silent_s, lease_timeout_s=self.lease_timeout_s,
-                                          stagger_s=STAGGER_S)
-        if action == leadership.CLAIM:
-            wanted = leadership.successor(holder, self.rank).value()
-            standing = self.membership.store.compare_set(self.membership.key(LEADER_KEY),
-                                                         holder.value() if holder else "", wanted)
-            self.holder = leadership.parse_holder(standing.decode())
-            if self.holder is not None and self.holder.rank == self.rank:
-                self._became_leader(holder, silent_s, now)
-                return
-        if self.holder is None or self.holder.rank != self.rank:
-            if self.reviewer is not None:
-                logger.warning("%s no longer leads the job's coordination: rank %s does now", self.prefix,
-                               self.holder.rank if self.holder else None)
-                self.events.write("leader_lost", rank=self.rank,
-                                  leader=self.holder.rank if self.holder else None)
-            self.reviewer = None
-        elif self.reviewer is None:  # (restarted with the key still ours)
-            self._became_leader(None, None, now)
-
-    def _became_leader(self, previous: Optional[leadership.Holder], silent_s: Optional[float], now: float) -> None:
-        # The join reviewer starts from what this supervisor saw of the previous leader's lease, so a join for the
-        # lost leader's rank is admitted as soon as that rank has been silent for the lease timeout.
-        seen = {previous.rank: self.holder_lease[1:]} if previous is not None else {}
-        self.reviewer = JoinReviewer(self.membership, self.token, lease_timeout_s=self.lease_timeout_s, leases=seen)
-        self.deleted_below = 0
-        if previous is None:
-            logger.info("%s leads the job's coordination (answers joins)", self.prefix)
-            self.events.write("leader", rank=self.rank, epoch=self.holder.epoch, previous=None)
-        else:
-            logger.warning("%s took over the job's coordination from rank %d, whose supervisor has been silent for "
-                           "%.1f s (lease timeout %.1f s): this supervisor now answers joins", self.prefix,
-                           previous.rank, silent_s or 0.0, self.lease_timeout_s)
-            self.events.write("leader", rank=self.rank, epoch=self.holder.epoch, previous=previous.rank,
-                              previous_silent_s=round(silent_s or 0.0, 3))
-
-    def _delete_finished_generations(self) -> None:
-        store = self.membership.store
-        if not hasattr(store, "delete_prefix"):
-            return
-        lasts = self.membership.last_generations()
-        gone = leadership.generations_to_delete(lasts, self.deleted_below)
-        for generation in gone:
-            deleted = store.delete_prefix(self.membership.key(generation_prefix(generation)))
-            logger.debug("%s deleted generation %d's %d keys", self.prefix, generation, deleted)
-        self.deleted_below = gone.stop
-
-    # joins --------------------------------------------------------------------------------------------------------
-
-    def _review(self, now: float) -> None:
-        for req, admitted, reason in self.reviewer.review(now):
-            what = "admitted a new machine" if admitted else "refused a join"
-            log = logger.warning if admitted else logger.error
-            log("%s %s for rank %s (%s, pid %s): %s", self.prefix, what, req.get("rank"), req.get("host"),
-                req.get("pid"), reason)
-            self.events.write("join_admitted" if admitted else "join_refused", rank=req.get("rank"),
-                              host=req.get("host"), reason=reason)
-

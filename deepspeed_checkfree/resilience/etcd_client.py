@@ -135,6 +135,8 @@ class EtcdEndpoints:
         self.auth_lock = threading.Lock()
         self.authenticated = False
         self.authentications = 0  # how many auth tokens this client got (a new one after each expiry)
+        self.requests = 0  # HTTP requests sent (what the coordination costs the cluster)
+        self.connect_timeout_s = connect_timeout_s
 
     def names(self) -> str:
         return self.url.endpoint_names()
@@ -156,6 +158,7 @@ class EtcdEndpoints:
             for attempt in range(len(self.clients)):
                 i = (self.current + attempt) % len(self.clients)
                 client = self.clients[i]
+                self.requests += 1
                 try:
                     out = client.post(client.get_url(path), json=payload)
                 except (self.exceptions.ConnectionFailedError, self.exceptions.ConnectionTimeoutError,
@@ -183,6 +186,37 @@ class EtcdEndpoints:
                 if time.monotonic() >= deadline:
                     raise self.unreachable(last)
                 time.sleep(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+
+    def watch_once(self, key: str, start_revision: int, timeout_s: float) -> Optional[Dict[str, Any]]:
+        """The first event on ``key`` (base64) from ``start_revision`` on, or None when none came within
+        ``timeout_s``: one streamed request that etcd answers when the key changes (a long poll, no polling).
+
+        Raises:
+            StoreUnreachable: the current endpoint did not accept the watch (the caller falls back to reads, which
+                fail over).
+        """
+        client = self.clients[self.current]
+        self.requests += 1
+        body = {"create_request": {"key": key, "start_revision": int(start_revision)}}
+        try:
+            response = self.session.post(client.get_url("watch"), json=body, stream=True,
+                                         timeout=(self.connect_timeout_s, max(0.05, timeout_s)))
+        except Exception as e:  # noqa: BLE001 - requests' connection errors: fall back to the polling reads
+            raise self.unreachable({self.current: _transport_reason(e)}) from e
+        try:
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result", {})
+                if result.get("events"):
+                    return result["events"][0]
+        except Exception as e:  # noqa: BLE001 - the read timed out (nothing changed), or the stream broke
+            if "timed out" in str(e) or "Read timed out" in repr(e):
+                return None
+            raise self.unreachable({self.current: _transport_reason(e)}) from e
+        finally:
+            response.close()
+        return None
 
     def endpoint(self, i: int) -> str:
         return self.names().split(",")[i]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch.distributed as dist
 
@@ -267,6 +267,33 @@ class EtcdStore(dist.Store):
     # beyond c10d
     # ------------------------------------------------------------------------------------------------------
 
+    @property
+    def requests(self) -> int:
+        """HTTP requests this store has sent."""
+        return self.etcd.requests
+
+    def wait_for(self, key: str, timeout_s: float) -> Optional[bytes]:
+        """``key``'s value once it is set, None after ``timeout_s``: a read, then a watch that etcd answers when
+        the key is written (two requests however long the wait; polling reads if the watch cannot be opened)."""
+        etcd_key = self._key(key)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            out = self._post("kv/range", {"key": b64(etcd_key)})
+            kvs = out.get("kvs")
+            if kvs:
+                return unb64(kvs[0].get("value", ""))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            revision = int(out.get("header", {}).get("revision", 0)) + 1
+            try:
+                event = self.etcd.watch_once(b64(etcd_key), revision, left)
+            except StoreError:
+                time.sleep(min(POLL_MAX_S, max(0.0, deadline - time.monotonic())))
+                continue
+            if event is not None and event.get("type", "PUT") == "PUT":
+                return unb64(event.get("kv", {}).get("value", ""))
+
     def get_if_set(self, key: str) -> Optional[bytes]:
         """The value of ``key``, None when it is unset (no waiting): one request where ``check`` then ``get`` take
         two."""
@@ -284,6 +311,14 @@ class EtcdStore(dist.Store):
                 kvs = response["response_range"].get("kvs")
                 values.append(unb64(kvs[0].get("value", "")) if kvs else None)
         return values
+
+    def values_with_prefix(self, sub_prefix: str) -> Dict[str, bytes]:
+        """Every key of the job that starts with ``sub_prefix``, with its value: one range request (a generation's
+        published addresses, read together)."""
+        start = self._key(sub_prefix)
+        out = self._post("kv/range", {"key": b64(start), "range_end": b64(prefix_end(start))})
+        skip = len(self._keys)
+        return {unb64(kv["key"])[skip:].decode(): unb64(kv.get("value", "")) for kv in out.get("kvs", [])}
 
     def delete_prefix(self, sub_prefix: str) -> int:
         """Delete every key of the job that starts with ``sub_prefix`` (e.g. a finished generation's

@@ -1,51 +1,86 @@
-"""The rendezvous store of one generation: waits that give up as soon as a member of the generation dies.
+"""The rendezvous store of one generation: waits that give up as soon as the generation is aborted, and that read
+every member's published address in one request.
 
-Forming a process group blocks in the store until every member has published its address (gloo's full mesh, NCCL's
-unique id). If a member dies meanwhile, for example a replacement killed while the group forms, a plain store
-waits for the group's start-up timeout (minutes). This store polls instead, and between polls asks the job's
-membership whether a member of this generation has been replaced since it arrived (its supervisor saw it die and
-moved its rank's incarnation on); then it raises at once, and the survivors form the next generation.
+Forming a process group blocks in the store until every member has published its address (gloo's full mesh,
+NCCL's unique id). If a member dies meanwhile, for example a replacement killed while the group forms, a plain store
+waits for the group's start-up timeout (minutes). This store polls instead, and between polls reads the
+generation's abort record (its supervisor saw it die, the leader saw its machine go silent, or another member
+failed): then it raises at once, and the survivors form the next generation.
+
+gloo publishes one key per member (``<group>/<rank>``) and then waits for and reads each of them: N requests per
+member, N² per group. Here a key whose last segment is a number is *published*: written, and appended to one log per
+group prefix (etcd: read back with the others by one range read of the prefix). A wait reads every address
+published so far in one request; only for a key that is not there yet does it block on that key (one request that
+the store answers when it is written), then read the log again. Forming a group so costs each member a few requests
+whatever its size, plus two for each time it has to wait for a member that is late.
 """
 from __future__ import annotations
 
+import re
+import struct
 import time
 from datetime import timedelta
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch.distributed as dist
 
+from .store_access import get_if_set, wait_for
+
 POLL_S = 0.01  # a check is one round trip to the store (~0.2 ms; etcd: ~1-3 ms)
-DEATH_POLL_S = 0.05  # asking for deaths (one counter, see death_watch.deaths_since_arrival): less often
+DEATH_POLL_S = 0.05  # reading the abort record: less often
+BLOCK_PIECES = 5  # a blocking wait for a late member's address lasts this many death polls
+LOG = "__published"  # the log of one prefix's published keys
+_PUBLISHED = re.compile(r"^(.*/)?(\d+)$")
+_HEADER = struct.Struct("!II")  # one log entry: key length, value length, then both
+
+
+def _split(key: str):
+    """(prefix, key) of a published key (last segment a number), else None."""
+    match = _PUBLISHED.match(key)
+    return None if match is None else (match.group(1) or "", key)
+
+
+def encode_entry(key: str, value: bytes) -> bytes:
+    raw = key.encode()
+    return _HEADER.pack(len(raw), len(value)) + raw + value
+
+
+def decode_log(data: bytes) -> Dict[str, bytes]:
+    """Every entry of a published-keys log (a later entry of a key wins)."""
+    found, i = {}, 0
+    while i + _HEADER.size <= len(data):
+        klen, vlen = _HEADER.unpack_from(data, i)
+        i += _HEADER.size
+        found[data[i:i + klen].decode()] = bytes(data[i + klen:i + klen + vlen])
+        i += klen + vlen
+    return found
 
 
 class GenerationStore(dist.Store):
-    """The keys under ``prefix`` of a store (the job's), whose blocking ``get``/``wait`` end when ``dead_members()``
-    names a member.
+    """The keys under ``prefix`` of a store (the job's), whose blocking ``get``/``wait`` end when ``aborted()``
+    returns a record.
 
     Args:
         inner: the store the keys live in.
-        dead_members: returns the ranks of this generation's members that have died (empty while all live).
+        aborted: returns the generation's abort record (None while it stands).
         generation: for the error message.
         timeout: the waits' own timeout.
         prefix: every key is ``prefix/key`` in ``inner`` (as a ``PrefixStore`` has it); none if empty.
         poll_max_s: a wait polls every :data:`POLL_S`, backing off to this (an external store, where every poll
             is an HTTP request that its members serve for every waiting rank, is polled less eagerly).
-        death_poll_s: how often a wait asks ``dead_members()``.
-
-    On a store that reads keys without waiting (the etcd store's ``get_if_set`` and ``values_if_set``) a wait
-    polls with those reads and keeps what it found: the ``get`` that follows a ``wait`` for its key (gloo's
-    rendezvous does that for every peer) costs no request, and a ``get`` alone costs one per poll.
+        death_poll_s: how often a wait reads the abort record.
     """
 
-    def __init__(self, inner: dist.Store, dead_members: Callable[[], List[int]], generation: int,
+    def __init__(self, inner: dist.Store, aborted: Callable[[], Optional[dict]], generation: int,
                  timeout: timedelta, prefix: str = "", poll_max_s: float = POLL_S,
                  death_poll_s: float = DEATH_POLL_S) -> None:
         super().__init__()
-        self.inner, self.dead_members, self.generation = inner, dead_members, generation
+        self.inner, self.aborted, self.generation = inner, aborted, generation
         self.prefix = prefix
         self._timeout = timeout
         self.poll_max_s, self.death_poll_s = poll_max_s, death_poll_s
-        self._found: Dict[str, bytes] = {}  # what the last wait read, for the get that follows (dropped on a write)
+        self._published: Dict[str, bytes] = {}  # published keys read so far (they are written once)
+        self._by_range = hasattr(inner, "values_with_prefix")  # etcd: read a prefix in one request
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -53,107 +88,108 @@ class GenerationStore(dist.Store):
     def _keys(self, keys) -> List[str]:
         return [self._key(k) for k in keys]
 
+    # published keys ------------------------------------------------------------------------------------------------
+
+    def _publish(self, key: str, group: str, value) -> None:
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        if not self._by_range:
+            self.inner.append(self._key(group + LOG), encode_entry(key, value))
+        self.inner.set(self._key(key), value)  # (what a late member's blocking wait wakes on)
+        self._published[key] = value
+
+    def _read_published(self, group: str) -> None:
+        """Everything published under ``group`` so far, in one request."""
+        if self._by_range:
+            start = self._key(group)
+            found = {k[len(self._key("")):]: v for k, v in self.inner.values_with_prefix(start).items()}
+        else:
+            log = get_if_set(self.inner, self._key(group + LOG))
+            found = decode_log(log) if log else {}
+        self._published.update({k: v for k, v in found.items() if _split(k) is not None})
+
     # the waits ---------------------------------------------------------------------------------------------------
 
-    def _wait_for(self, keys: List[str], timeout: Optional[timedelta] = None,
-                  present: Optional[Callable[[], bool]] = None) -> None:
-        """Return once ``present()`` (default: every key of ``keys`` is set); ``keys`` name the wait in errors."""
-        full = self._keys(keys)
-        present = present or (lambda: self.inner.check(full))
+    def _wait_for(self, keys: List[str], timeout: Optional[timedelta] = None) -> None:
+        """Return once every key of ``keys`` is set; raise when the generation is aborted or after the timeout."""
         limit = (timeout or self._timeout).total_seconds()
         deadline = time.monotonic() + limit
         next_death_check, pause = 0.0, POLL_S
-        while not present():
+        while True:
+            missing = [k for k in keys if k not in self._published]
+            plain = [k for k in missing if _split(k) is None]
+            for group in {_split(k)[0] for k in missing if _split(k) is not None}:
+                self._read_published(group)
+            late = [k for k in missing if _split(k) is not None and k not in self._published]
+            if not late and (not plain or self.inner.check(self._keys(plain))):
+                return
             now = time.monotonic()
-            dead: List[int] = []
             if now >= next_death_check:
-                dead, next_death_check = self.dead_members(), now + self.death_poll_s
-            if dead:
-                raise dist.DistNetworkError(
-                    f"rank(s) {dead} died while generation {self.generation} formed its process group (their "
-                    f"supervisors saw the trainers exit): the survivors form the next generation")
+                record, next_death_check = self.aborted(), now + self.death_poll_s
+                if record is not None:
+                    raise dist.DistNetworkError(
+                        f"generation {self.generation} was aborted while it formed its process group "
+                        f"({record.get('reason', record)}): the survivors form the next generation")
             if time.monotonic() > deadline:
                 raise dist.DistStoreError(f"timed out waiting {limit:.0f} s for keys {keys} while generation "
                                           f"{self.generation} formed its process group")
+            if late:
+                # A member that has not published yet: one request that the store answers when it does (or after a
+                # piece of the wait, for a look at the abort record), instead of polling.
+                piece = min(self.death_poll_s * BLOCK_PIECES, max(0.0, deadline - time.monotonic()))
+                if wait_for(self.inner, self._key(late[0]), piece) is None:
+                    next_death_check = 0.0
+                continue
             time.sleep(pause)
             pause = min(pause * 1.5, self.poll_max_s)
 
     def get(self, key: str) -> bytes:
-        if key in self._found:
-            return self._found.pop(key)
-        get_if_set = getattr(self.inner, "get_if_set", None)
-        if get_if_set is None:
+        if _split(key) is None:
             self._wait_for([key])
             return self.inner.get(self._key(key))
-        full, found = self._key(key), []
-
-        def present() -> bool:
-            value = get_if_set(full)
-            if value is not None:
-                found.append(value)
-            return value is not None
-
-        self._wait_for([key], present=present)
-        return found[0]
+        self._wait_for([key])
+        return self._published[key]
 
     def wait(self, keys: List[str], timeout: Optional[timedelta] = None) -> None:
+        self._wait_for(list(keys), timeout)
+
+    def check(self, keys: List[str]) -> bool:
         keys = list(keys)
-        values_if_set = getattr(self.inner, "values_if_set", None)
-        if values_if_set is None:
-            self._wait_for(keys, timeout)
-            return
-        full = self._keys(keys)
+        for group in {_split(k)[0] for k in keys if _split(k) is not None and k not in self._published}:
+            self._read_published(group)
+        plain = [k for k in keys if _split(k) is None]
+        return all(k in self._published for k in keys if _split(k) is not None) and (
+            not plain or self.inner.check(self._keys(plain)))
 
-        def present() -> bool:
-            values = values_if_set(full)
-            if any(v is None for v in values):
-                return False
-            self._found = dict(zip(keys, values))
-            return True
+    def set(self, key: str, value) -> None:
+        split = _split(key)
+        if split is not None:
+            self._publish(key, split[0], value)
+        else:
+            self.inner.set(self._key(key), value)
 
-        self._wait_for(keys, timeout, present=present)
+    def multi_get(self, keys: List[str]) -> List[bytes]:
+        return [self.get(k) for k in keys]
 
-    def _written(self, *keys: str) -> None:
-        for key in keys:
-            self._found.pop(key, None)
+    def multi_set(self, keys: List[str], values) -> None:
+        for k, v in zip(keys, values):
+            self.set(k, v)
 
     # the rest is the inner store's ----------------------------------------------------------------------------------
 
-    def set(self, key: str, value) -> None:
-        self._written(key)
-        self.inner.set(self._key(key), value)
-
     def add(self, key: str, amount: int) -> int:
-        self._written(key)
         return self.inner.add(self._key(key), amount)
 
     def compare_set(self, key: str, expected, desired) -> bytes:
-        self._written(key)
         return self.inner.compare_set(self._key(key), expected, desired)
 
-    def check(self, keys: List[str]) -> bool:
-        return self.inner.check(self._keys(keys))
-
     def append(self, key: str, value) -> None:
-        self._written(key)
         self.inner.append(self._key(key), value)
-
-    def multi_get(self, keys: List[str]) -> List[bytes]:
-        keys = list(keys)
-        self.wait(keys)
-        if all(k in self._found for k in keys):
-            return [self._found.pop(k) for k in keys]
-        return self.inner.multi_get(self._keys(keys))
-
-    def multi_set(self, keys: List[str], values) -> None:
-        self._written(*keys)
-        self.inner.multi_set(self._keys(keys), values)
 
     def has_extended_api(self) -> bool:
         return self.inner.has_extended_api()
 
     def delete_key(self, key: str) -> bool:
-        self._written(key)
+        self._published.pop(key, None)
         return self.inner.delete_key(self._key(key))
 
     def num_keys(self) -> int:
@@ -161,7 +197,7 @@ class GenerationStore(dist.Store):
 
     def clone(self) -> "GenerationStore":
         """A second connection with the same waits (gloo uses one per background thread)."""
-        return GenerationStore(self.inner.clone(), self.dead_members, self.generation, self._timeout, self.prefix,
+        return GenerationStore(self.inner.clone(), self.aborted, self.generation, self._timeout, self.prefix,
                                self.poll_max_s, self.death_poll_s)
 
     def set_timeout(self, timeout: timedelta) -> None:
@@ -170,9 +206,3 @@ class GenerationStore(dist.Store):
     @property
     def timeout(self) -> timedelta:
         return self._timeout
-
-
-def replaced_members(incarnations: Mapping[int, int], current: Callable[[int], Optional[int]]) -> List[int]:
-    """The ranks whose supervisor has moved the incarnation on since they arrived (``incarnations``: rank -> the
-    incarnation it arrived as; ``current(rank)``: the rank's incarnation now)."""
-    return [r for r, inc in incarnations.items() if (current(r) or 0) != inc]

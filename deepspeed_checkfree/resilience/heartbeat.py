@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Optional
 
 from ..core.fault_policy import heartbeat_overdue
@@ -48,6 +47,11 @@ class Heartbeat:
         beat.thread.start()
         return beat
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """From the next beat on, the supervisor may kill this trainer after ``timeout_s`` of silence (a start-up
+        allowance until the trainer's first completed step, ``detection_timeout_s`` from then on)."""
+        self.timeout_s = timeout_s
+
     def finish(self) -> None:
         """The trainer is done (finished or stopping): tell the supervisor not to judge its silence any more, since
         the interpreter's shutdown may take longer than the timeout."""
@@ -58,8 +62,8 @@ class Heartbeat:
             pass
 
     def _run(self) -> None:
-        line = heartbeat_line(self.timeout_s)
         while not self.done.is_set():
+            line = heartbeat_line(self.timeout_s)
             if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
                 self._orphaned(f"its supervisor (pid {self.supervisor_pid}) is gone")
             try:

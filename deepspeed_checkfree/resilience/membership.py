@@ -1,42 +1,34 @@
-"""Job membership over a persistent key-value store: generations, who is fresh, and token-checked joins.
+"""Job membership over a persistent key-value store: generations, who is fresh, who was lost, the job-wide facts.
 
-Every time the process group has to be re-formed (a trainer died), the members move to the next *generation*:
-each publishes its rank, whether it still holds its stage's state, and how many steps it has completed, then all
-wait until the whole world is there (a member counts only while it is its rank's active trainer) and form a new
-process group on a store prefix of that generation. Keys live under a prefix derived from the job token, so a
-process without the token can neither read nor join a generation; a new machine asks to join and is admitted by
-rank 0's supervisor only with the right token and only for a rank whose supervisor is gone. The store also carries
-the job-wide stop, the first completed step and the supervisors' leases. The key names are :mod:`.contract`'s.
+Every time the process group has to be re-formed (a trainer died, a machine went silent or left), the members move
+to the next *generation*: each publishes its rank, whether it still holds its stage's state and how many steps it
+has completed, and counts itself in; the arrival that completes the count checks that every rank's active trainer
+is there and writes the generation's member list, which everyone else waits for with one blocking request. A
+generation that fails (before or after it formed) gets an *abort* record, the one key every trainer's death watch
+waits on. Keys live under a prefix derived from the job token, so a process without the token can neither read nor
+join a generation. The store also carries the job-wide stop, the first completed step, the supervisors' leases and
+the signals supervisors act on. The key names are :mod:`.contract`'s; every read is one request
+(:mod:`.store_access`), so a re-formation costs each member a handful of requests whatever the world size.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import os
-import secrets
-import socket
 import time
 from dataclasses import asdict
-from datetime import timedelta
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from ..core.fault_policy import ADMIT, PENDING, join_verdict
-from ..core.rejoin import MemberInfo
+from ..core.rejoin import MemberInfo, missing_members
 from ..errors import CheckFreeError
-# (MemberInfo, STORE_PORT_ENV, STORE_PORT_OFFSET, TOKEN_ENV, JOIN_REQUESTS and key_prefix are also this module's
-# names since version 0.1.)
-from .contract import (DONE_KEY, FRESH_START_KEY, INCARNATION_MOVES_KEY, JOIN_REQUESTS,  # noqa: F401
-                       LEASE_TIMEOUT_S, PROGRESS_FACT, STOP_ACKS_KEY, STOPPED_FACT, STORE_PORT_ENV,
-                       STORE_PORT_OFFSET, TOKEN_ENV, TrainerDeath,
-                       death_fact, fact_key, finished_fact, formed_key, incarnation_fact,
-                       join_request_key, join_verdict_key, key_prefix, lease_key, member_key, pid_fact,
-                       rank_generation_key, token_mac)
+from .contract import (ABORTED, Lease, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNALS_KEY, STOP_ACKS_KEY, STOPPED_FACT,
+                       TOKEN_ENV, TrainerDeath, abort_key, arrivals_key, death_fact, fact_key, finished_fact,
+                       formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact, member_key,
+                       parse_lease, pid_fact, rank_generation_key, signal_key)
+from .store_access import get_if_set, values_if_set, wait_for
 
-
-class JoinRefused(CheckFreeError):
-    """A process asked to join the job without the job's token (or for a rank that is not free)."""
+ARRIVAL_WAIT_S = 2.0  # a member waiting for its generation to form looks at the job's stop this often
 
 
 class MembershipTimeout(CheckFreeError):
@@ -45,6 +37,11 @@ class MembershipTimeout(CheckFreeError):
 
 class JobStopped(CheckFreeError):
     """Another rank stopped the job (the message gives its rank and reason)."""
+
+
+class Fenced(Exception):
+    """This trainer's rank was recorded lost while it was cut off (its machine's lease went silent, or it drained):
+    the job went on without it, so it must not come back as a second copy of the rank."""
 
 
 def job_token(explicit: Optional[str] = None) -> str:
@@ -61,36 +58,13 @@ def job_token(explicit: Optional[str] = None) -> str:
     return token
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket listening on ``host`` only (torch's TCPStore on its own would listen on every interface)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(512)
-    return sock
-
-
-def host_store(host: str, port: int, timeout_s: float) -> tuple:
-    """Start the job's persistent store server bound to ``host``; returns (store, socket) (keep both alive)."""
-    sock = listening_socket(host, port)
-    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, master_listen_fd=sock.fileno(),
-                          timeout=timedelta(seconds=timeout_s), use_libuv=True)
-    return store, sock
-
-
-def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
-    """A client of the job's store."""
-    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-
-
 class Membership:
-    """One trainer's view of the job's generations.
+    """One process's view of the job's generations and facts.
 
     Args:
         store: the job's store (client).
         token: the job token.
-        rank, world_size: this trainer's global rank and the job's size.
+        rank, world_size: this process's global rank and the job's size.
         join_timeout_s: how long to wait for every rank to arrive for a generation.
     """
 
@@ -105,25 +79,16 @@ class Membership:
         """The store key of ``name`` (one of :mod:`.contract`'s keys) under this job's prefix."""
         return f"{self.prefix}/{name}"
 
-    def _get_if_set(self, key: str) -> Optional[bytes]:
-        """``key``'s value, None when unset; one request on a store that can (the etcd store), else two."""
-        get_if_set = getattr(self.store, "get_if_set", None)
-        if get_if_set is not None:
-            return get_if_set(key)
-        return self.store.get(key) if self.store.check([key]) else None
-
     def values_if_set(self, keys: Sequence[str]) -> List[Optional[bytes]]:
-        """Each key's value, None where unset: one request on a store that reads many keys at once (the etcd
-        store), else one or two per key (the embedded store's requests take microseconds)."""
-        values_if_set = getattr(self.store, "values_if_set", None)
-        if values_if_set is not None:
-            return values_if_set(list(keys))
-        return [self._get_if_set(k) for k in keys]
+        """Each (full) key's value, None where unset, read together (:func:`.store_access.values_if_set`)."""
+        return values_if_set(self.store, keys)
 
-    def last_generation(self, rank: Optional[int] = None) -> int:
-        """The last generation ``rank`` (default: this rank) joined; -1 if none."""
-        value = self._get_if_set(self.key(rank_generation_key(self.rank if rank is None else rank)))
-        return -1 if value is None else int(value)
+    def _get(self, name: str) -> Optional[bytes]:
+        return get_if_set(self.store, self.key(name))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Generations
+    # ------------------------------------------------------------------------------------------------------
 
     def last_generations(self) -> List[int]:
         """The last generation each rank joined (-1 for none), read together."""
@@ -135,57 +100,144 @@ class Membership:
         return max(self.last_generations())
 
     def formed(self, generation: int) -> bool:
-        """Whether every rank arrived for ``generation`` (its process group formed, or was formed)."""
-        return self.store.check([self.key(formed_key(generation))])
+        """Whether ``generation``'s arrival has ended: it formed (every rank arrived) or was aborted before."""
+        return self._get(formed_key(generation)) is not None
 
-    def arrive(self, generation: int, info: MemberInfo) -> Dict[int, MemberInfo]:
-        """Announce this rank for ``generation`` and wait until every rank has; return everyone's info.
+    def arrive(self, generation: int, info: MemberInfo,
+               on_waiting: Optional[Callable[[int, List[int], float], None]] = None
+               ) -> Tuple[int, Dict[int, MemberInfo]]:
+        """Announce this rank for ``generation`` and wait until every rank has; return the generation that formed
+        (a later one if ``generation`` was aborted before it formed) and everyone's info.
 
         A rank counts as arrived only while the member it announced is its rank's active trainer (its supervisor
-        moves the rank's incarnation on before it starts another), so a trainer that died after arriving is never
-        waited for as a ghost.
+        records the incarnation before it starts a trainer, and moves it on before it starts another), so a trainer
+        that died after arriving is never waited for as a ghost: its replacement arrives in its place.
+
+        Args:
+            generation: the generation to arrive for.
+            info: what this rank says of itself.
+            on_waiting: called as ``on_waiting(generation, missing_ranks, waited_s)`` after :data:`ARRIVAL_WAIT_S`
+                of waiting, then every 30 s (to tell the user what the job waits for).
 
         Raises:
+            Fenced: this trainer is not its rank's active one any more (its rank was recorded lost).
             MembershipTimeout: some ranks did not arrive within the join timeout (they are named).
             JobStopped: a rank stopped the job meanwhile.
         """
-        self.store.multi_set([self.key(rank_generation_key(self.rank)), self.key(member_key(generation, self.rank))],
-                             [str(generation), json.dumps(info.__dict__)])
-        n = self.world_size
-        # One read per round (on etcd): every member's entry, every rank's incarnation and the job's stop.
-        keys = ([self.key(member_key(generation, r)) for r in range(n)]
-                + [self.key(fact_key(incarnation_fact(r))) for r in range(n)] + [self.key(fact_key(STOPPED_FACT))])
-        deadline = time.monotonic() + self.join_timeout_s
+        started = time.monotonic()
+        next_report = started + ARRIVAL_WAIT_S
         while True:
-            values = self.values_if_set(keys)
-            if values[-1] is not None:
+            ended, active = self.values_if_set([self.key(formed_key(generation)),
+                                                self.key(fact_key(incarnation_fact(self.rank)))])
+            if active is not None and json.loads(active) != info.incarnation:
+                raise Fenced(f"rank {self.rank}'s active trainer is incarnation {json.loads(active)}, not this one "
+                             f"({info.incarnation}): the job recorded this rank as lost and went on without it")
+            if ended is not None:
+                members = self._formed_with(generation, ended, info)
+                if members is not None:
+                    return generation, members  # (it formed with this member's earlier arrival)
+                generation += 1  # aborted, or formed without this incarnation: the job is at a later generation
+                continue
+            self.store.multi_set([self.key(rank_generation_key(self.rank)), self.key(member_key(generation, self.rank))],
+                                 [str(generation), json.dumps(info.__dict__)])
+            if self.store.add(self.key(arrivals_key(generation)), 1) >= self.world_size:
+                self._form(generation)
+            while True:
+                value = wait_for(self.store, self.key(formed_key(generation)), ARRIVAL_WAIT_S)
+                if value is not None:
+                    break
                 self.raise_if_stopped()
-            members = {r: MemberInfo(**json.loads(v)) for r, v in enumerate(values[:n]) if v is not None}
-            incarnations = [0 if v is None else json.loads(v) for v in values[n:2 * n]]
-            missing = [r for r in range(n) if r not in members or members[r].incarnation != incarnations[r]]
-            if not missing:
-                break
-            if time.monotonic() > deadline:
-                raise MembershipTimeout(
-                    f"generation {generation}: ranks {missing} did not arrive within join_timeout_s="
-                    f"{self.join_timeout_s} (their supervisors are {self._lease_words(missing)}). Start a "
-                    f"replacement machine for them with the join command (see the README), or raise "
-                    f"checkfree.join_timeout_s.")
-            time.sleep(0.05)
-        self.store.set(self.key(formed_key(generation)), "1")
-        return members
+                now = time.monotonic()
+                if now >= next_report or now - started > self.join_timeout_s:
+                    missing = self.missing(generation)
+                    if now - started > self.join_timeout_s:
+                        raise MembershipTimeout(
+                            f"generation {generation}: ranks {missing} did not arrive within join_timeout_s="
+                            f"{self.join_timeout_s} ({self._lease_words(missing)}). Start a replacement machine "
+                            f"for them with the join command (see the README), or raise checkfree.join_timeout_s.")
+                    if on_waiting is not None and missing:
+                        on_waiting(generation, missing, now - started)
+                    next_report = now + 30.0
+            members = self._formed_with(generation, value, info)
+            if members is None:
+                generation += 1
+                continue
+            return generation, members
 
-    def _lease_words(self, ranks) -> str:
-        return ", ".join(f"rank {r}: lease {self.lease(r)}" for r in ranks) + " renewals so far"
+    def _formed_with(self, generation: int, value: bytes, info: MemberInfo) -> Optional[Dict[int, MemberInfo]]:
+        """The members of a generation whose arrival ended with ``value``, if it formed with ``info``; None if it
+        was aborted or formed with an earlier trainer of this rank (which died: it fails, and the job moves on).
+
+        Raises:
+            Fenced: it formed with a later trainer of this rank.
+        """
+        if value.decode() == ABORTED:
+            return None
+        members = {int(r): MemberInfo(**m) for r, m in json.loads(value).items()}
+        mine = members[self.rank].incarnation
+        if mine > info.incarnation:
+            raise Fenced(f"generation {generation} formed with rank {self.rank}'s incarnation {mine}, later than "
+                         f"this one ({info.incarnation})")
+        return members if mine == info.incarnation else None
+
+    def _members_and_incarnations(self, generation: int) -> Tuple[Dict[int, MemberInfo], Dict[int, int]]:
+        n = self.world_size
+        values = self.values_if_set([self.key(member_key(generation, r)) for r in range(n)]
+                                    + [self.key(fact_key(incarnation_fact(r))) for r in range(n)])
+        members = {r: MemberInfo(**json.loads(v)) for r, v in enumerate(values[:n]) if v is not None}
+        incarnations = {r: json.loads(v) for r, v in enumerate(values[n:]) if v is not None}
+        return members, incarnations
+
+    def missing(self, generation: int) -> List[int]:
+        """The ranks ``generation`` still waits for (one batched read)."""
+        members, incarnations = self._members_and_incarnations(generation)
+        return missing_members(members, incarnations, self.world_size)
+
+    def _form(self, generation: int) -> None:
+        """Called by an arrival that made the count reach the world size (and by every later one): if every rank's
+        active trainer has arrived and the generation was not aborted, write the member list, which ends everyone's
+        wait. The write is a compare-and-set, so an abort that came first stands."""
+        n = self.world_size
+        keys = ([self.key(member_key(generation, r)) for r in range(n)]
+                + [self.key(fact_key(incarnation_fact(r))) for r in range(n)])
+        if hasattr(self.store, "values_if_set"):  # etcd: one request, unset keys included
+            values = self.store.values_if_set(keys)
+        elif self.store.check(keys):  # else two: every entry exists (or a rank has not arrived yet)
+            values = self.store.multi_get(keys)
+        else:
+            return
+        members = {r: MemberInfo(**json.loads(v)) for r, v in enumerate(values[:n]) if v is not None}
+        incarnations = {r: json.loads(v) for r, v in enumerate(values[n:]) if v is not None}
+        if missing_members(members, incarnations, n):
+            return
+        # (an abort written meanwhile either came first, and this compare-and-set leaves it, or it fires every
+        # member's death watch as soon as the generation forms)
+        listing = json.dumps({str(r): m.__dict__ for r, m in sorted(members.items())})
+        self.store.compare_set(self.key(formed_key(generation)), "", listing)
+
+    def abort(self, generation: int, reason: str) -> None:
+        """Record that ``generation`` failed: its members' death watches wake, a wait for it to form ends (everyone
+        moves to the next generation), and its rendezvous gives up. Idempotent; the first reason is kept."""
+        record = json.dumps({"rank": self.rank, "reason": reason, "time": time.time()})
+        self.store.compare_set(self.key(abort_key(generation)), "", record)
+        self.store.compare_set(self.key(formed_key(generation)), "", ABORTED)
+
+    def abort_reason(self, generation: int) -> Optional[dict]:
+        """``generation``'s abort record ({"rank", "reason", "time"}), None while it stands."""
+        value = self._get(abort_key(generation))
+        return None if value is None else json.loads(value)
+
+    def _lease_words(self, ranks: Sequence[int]) -> str:
+        leases = self.leases(ranks)
+        now = time.time()
+        return "; ".join(f"rank {r}'s supervisor " + (f"last renewed its lease {now - leases[r].time:.0f} s ago"
+                                                      if leases[r].time is not None else "never renewed its lease")
+                         for r in ranks)
 
     def finish(self) -> None:
         """Count this trainer as done with the job (and with the store)."""
         self.record(finished_fact(self.rank), True)
         self.store.add(self.key(DONE_KEY), 1)
-
-    def rank_finished(self, rank: int) -> bool:
-        """Whether ``rank``'s trainer completed the job."""
-        return self.fact(finished_fact(rank)) is not None
 
     def finished(self) -> int:
         """How many trainers are done with the job."""
@@ -201,50 +253,55 @@ class Membership:
 
     def fact(self, name: str) -> Optional[object]:
         """A fact published with :meth:`record`; None if nobody has."""
-        value = self._get_if_set(self.key(fact_key(name)))
+        value = self._get(fact_key(name))
         return None if value is None else json.loads(value)
 
     def record_trainer(self, rank: int, incarnation: int, pid: Optional[int] = None) -> None:
         """``rank``'s active trainer is now ``incarnation``, process ``pid`` (its supervisor says so; before the
         process exists, with no pid, so that no member of an older incarnation counts as arrived any more)."""
-        self.record(incarnation_fact(rank), incarnation)
-        self.store.add(self.key(INCARNATION_MOVES_KEY), 1)  # (after the fact: a watcher that sees it move finds it)
-        if pid is not None:
-            self.record(pid_fact(rank, incarnation), pid)
+        names = [incarnation_fact(rank)] + ([pid_fact(rank, incarnation)] if pid is not None else [])
+        values = [incarnation] + ([pid] if pid is not None else [])
+        self.store.multi_set([self.key(fact_key(n)) for n in names], [json.dumps(v) for v in values])
 
-    def record_replacement(self, rank: int, dead_incarnation: int, death: TrainerDeath) -> None:
-        """``rank``'s trainer of ``dead_incarnation`` died (``death``) and the next incarnation takes over: both
-        facts in one write, then the counter (as :meth:`record_trainer`)."""
+    def record_loss(self, rank: int, incarnation: int, death: TrainerDeath, generation: int) -> None:
+        """``rank``'s trainer of ``incarnation`` is lost (``death`` says how) and the next incarnation takes over,
+        in one write; then the generation it was in (``generation``, its last; -1 for none) is aborted."""
         self.store.multi_set([self.key(fact_key(incarnation_fact(rank))),
-                              self.key(fact_key(death_fact(rank, dead_incarnation)))],
-                             [json.dumps(dead_incarnation + 1), json.dumps(asdict(death))])
-        self.store.add(self.key(INCARNATION_MOVES_KEY), 1)
+                              self.key(fact_key(death_fact(rank, incarnation)))],
+                             [json.dumps(incarnation + 1), json.dumps(asdict(death))])
+        if generation >= 0:
+            self.abort(generation, f"rank {rank}'s trainer (incarnation {incarnation}) was lost: {death.cause}")
 
-    def exit_facts(self, rank: int) -> Dict[str, bool]:
+    def exit_facts(self, rank: int) -> Dict[str, object]:
         """What the supervisor's decision on ``rank``'s trainer exit needs to know of the job
-        (:func:`~deepspeed_checkfree.core.fault_policy.on_trainer_exit`'s keyword arguments), in two reads."""
+        (:func:`~deepspeed_checkfree.core.fault_policy.on_trainer_exit`'s keyword arguments) and the generation the
+        trainer was last in, in two reads."""
         stop, progress, generation, finished = self.values_if_set(
             [self.key(fact_key(STOPPED_FACT)), self.key(fact_key(PROGRESS_FACT)),
              self.key(rank_generation_key(rank)), self.key(fact_key(finished_fact(rank)))])
-        formed = generation is not None and self.formed(int(generation))
+        last = -1 if generation is None else int(generation)
+        ended = self._get(formed_key(last)) if last >= 0 else None
+        formed = ended is not None and ended.decode() != ABORTED
         return dict(job_stopped=stop is not None, job_has_progress=progress is not None, group_formed=formed,
-                    trainer_finished=finished is not None)
-
-    def incarnation_moves(self) -> int:
-        """How often any rank's incarnation moved on (one key: what a death watch polls)."""
-        return self.store.add(self.key(INCARNATION_MOVES_KEY), 0)
+                    trainer_finished=finished is not None, generation=last)
 
     def incarnation(self, rank: int) -> Optional[int]:
         """The incarnation of ``rank``'s active trainer; None before its supervisor started one."""
         return self.fact(incarnation_fact(rank))
 
+    def incarnations(self, ranks: Optional[Sequence[int]] = None) -> Dict[int, Optional[int]]:
+        """The active incarnation of each rank (default: all), read together."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        values = self.values_if_set([self.key(fact_key(incarnation_fact(r))) for r in ranks])
+        return {r: None if v is None else json.loads(v) for r, v in zip(ranks, values)}
+
     def death(self, rank: int, incarnation: int) -> Optional[TrainerDeath]:
-        """How ``rank``'s trainer of ``incarnation`` died; None if no supervisor saw it die."""
+        """How ``rank``'s trainer of ``incarnation`` was lost; None if it was not recorded."""
         value = self.fact(death_fact(rank, incarnation))
         return TrainerDeath(**value) if value else None
 
     # ------------------------------------------------------------------------------------------------------
-    # The job's stop, its first completed step, fresh starts and the supervisors' leases
+    # The job's stop, its first completed step, fresh starts, the supervisors' leases and signals
     # ------------------------------------------------------------------------------------------------------
 
     def stop(self, rank: int, cause: str, reason: str) -> dict:
@@ -253,12 +310,10 @@ class Membership:
         key = self.key(fact_key(STOPPED_FACT))
         wanted = json.dumps({"rank": rank, "cause": cause, "reason": reason})
         # compare_set with an empty expectation sets only a missing key, and returns the value in force.
-        return json.loads(self.store.compare_set(key, "", wanted))
-
-    def job_signals(self) -> Tuple[Optional[dict], int]:
-        """The job's stop (see :meth:`stopped`) and its fresh-start epoch, read together (a supervisor's tick)."""
-        stop, epoch = self.values_if_set([self.key(fact_key(STOPPED_FACT)), self.key(FRESH_START_KEY)])
-        return (None if stop is None else json.loads(stop)), (0 if epoch is None else int(epoch))
+        standing = self.store.compare_set(key, "", wanted)
+        if standing.decode() == wanted:
+            self.post_signal("stop")
+        return json.loads(standing)
 
     def stopped(self) -> Optional[dict]:
         """The job's stop ({"rank", "cause", "reason"}), or None while it runs."""
@@ -286,102 +341,61 @@ class Membership:
 
     def request_fresh_start(self) -> int:
         """Ask every rank's trainer to start over (returns the new fresh-start epoch)."""
-        return self.store.add(self.key(FRESH_START_KEY), 1)
+        epoch = self.store.add(self.key(FRESH_START_KEY), 1)
+        self.post_signal("fresh_start", epoch=epoch)
+        return epoch
 
     def fresh_start_epoch(self) -> int:
         return self.store.add(self.key(FRESH_START_KEY), 0)
 
-    def renew_lease(self, rank: int) -> int:
-        """``rank``'s supervisor is alive (called every LEASE_INTERVAL_S)."""
-        return self.store.add(self.key(lease_key(rank)), 1)
+    def renew_lease(self, rank: int, renewals: int, owner: str) -> None:
+        """``rank``'s supervisor ``owner`` is alive: its ``renewals``-th renewal, with this machine's wall time."""
+        self.store.set(self.key(lease_key(rank)), lease_value(renewals, time.time(), owner))
+
+    def leases(self, ranks: Optional[Sequence[int]] = None) -> Dict[int, Lease]:
+        """Each rank's lease (default: all ranks), read together."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        values = self.values_if_set([self.key(lease_key(r)) for r in ranks])
+        return {r: parse_lease(v) for r, v in zip(ranks, values)}
 
     def lease(self, rank: int) -> int:
         """How often ``rank``'s lease has been renewed."""
-        return self.store.add(self.key(lease_key(rank)), 0)
+        return self.leases([rank])[rank].renewals
 
+    def record_machine_loss(self, rank: int, incarnation: int, cause: str, owner: Optional[str], when: float,
+                            generation: int) -> None:
+        """``rank``'s machine is gone (``cause``: its supervisor ``owner`` went silent after ``when``, or it left on
+        a preemption notice at ``when``): its trainer of ``incarnation`` is recorded lost, its generation aborted,
+        the rank freed for a machine that joins, and every supervisor told."""
+        self.record(lost_fact(rank), {"incarnation": incarnation, "cause": cause, "owner": owner, "time": when})
+        self.record_loss(rank, incarnation, TrainerDeath(time=when, returncode=None, cause=cause), generation)
+        self.post_signal("lost", rank=rank, incarnation=incarnation, cause=cause, owner=owner)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Joining from a new machine: request, admission by rank 0's supervisor, verdict
-# ---------------------------------------------------------------------------------------------------------------
+    def lost_machines(self, ranks: Optional[Sequence[int]] = None) -> Dict[int, dict]:
+        """The ranks recorded lost and not yet taken over (their active incarnation is the one after the lost one):
+        rank -> the loss record. Two batched reads."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        values = self.values_if_set([self.key(fact_key(lost_fact(r))) for r in ranks])
+        lost = {r: json.loads(v) for r, v in zip(ranks, values) if v is not None}
+        if not lost:
+            return {}
+        current = self.incarnations(list(lost))
+        return {r: rec for r, rec in lost.items() if current[r] == rec["incarnation"] + 1}
 
-def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> None:
-    """Ask to take over ``rank``; returns when admitted.
+    def post_signal(self, kind: str, **payload: object) -> int:
+        """Tell every supervisor something (``kind``: "stop", "fresh_start", "lost", "leaving"); returns its index.
+        Supervisors wait for the next signal with one blocking request (:meth:`next_signal`)."""
+        index = self.store.add(self.key(SIGNALS_KEY), 1)
+        self.store.set(self.key(signal_key(index)), json.dumps({"kind": kind, **payload}))
+        return index
 
-    Raises:
-        JoinRefused: the supervisor refused (wrong token, rank out of range, rank alive); the message says why.
-    """
-    nonce = secrets.token_hex(16)
-    index = store.add(JOIN_REQUESTS, 1)
-    store.set(join_request_key(index), json.dumps({"rank": rank, "nonce": nonce, "mac": token_mac(token, nonce),
-                                                   "host": socket.gethostname(), "pid": os.getpid()}))
-    verdict_key = join_verdict_key(index)
-    deadline = time.monotonic() + timeout_s
-    while not store.check([verdict_key]):
-        if time.monotonic() > deadline:
-            raise JoinRefused(f"no answer to the join request for rank {rank} within {timeout_s} s: is the job "
-                              f"running, and is this the job's store address?")
-        time.sleep(0.05)
-    verdict = json.loads(store.get(verdict_key))
-    if not verdict["admitted"]:
-        raise JoinRefused(f"join refused for rank {rank}: {verdict['reason']}")
-
-
-class JoinReviewer:
-    """Rank 0's supervisor answers join requests with it (:meth:`review`, called periodically). It watches every
-    rank's lease, and admits a request with the job's token only for a rank whose supervisor has been silent for
-    ``lease_timeout_s`` (:func:`~deepspeed_checkfree.core.fault_policy.join_verdict`).
-    """
-
-    def __init__(self, membership: Membership, token: str, lease_timeout_s: float = LEASE_TIMEOUT_S,
-                 leases: Optional[Dict[int, tuple]] = None) -> None:
-        self.membership, self.store, self.token = membership, membership.store, token
-        self.lease_timeout_s = lease_timeout_s
-        self.reviewed = 0            # requests answered or seen so far
-        self.pending: Dict[int, tuple] = {}  # index -> (request, first seen at)
-        # rank -> (lease counter, monotonic time it was last seen to change); a new leader starts from what it saw
-        # of the previous one's lease
-        self.leases: Dict[int, tuple] = dict(leases or {})
-
-    def _watch_leases(self, now: float) -> int:
-        """Note who renewed its lease since the last look; returns how many join requests were made (all read
-        together)."""
-        n = self.membership.world_size
-        values = self.membership.values_if_set([self.membership.key(lease_key(r)) for r in range(n)]
-                                               + [JOIN_REQUESTS])
-        for rank in range(n):
-            value = int(values[rank] or 0)
-            if rank not in self.leases or self.leases[rank][0] != value:
-                # A counter seen for the first time counts as renewed now only if it has ever been renewed.
-                seen = now if value > 0 or rank in self.leases else None
-                self.leases[rank] = (value, seen)
-        return int(values[n] or 0)
-
-    def review(self, now: Optional[float] = None) -> list:
-        """Answer what can be answered; returns the (request, admitted, reason) decided in this call."""
-        now = time.monotonic() if now is None else now
-        total = self._watch_leases(now)
-        for index in range(self.reviewed + 1, total + 1):
-            if not self.store.check([join_request_key(index)]):
-                break  # the joiner has counted itself but not written yet: next round
-            self.reviewed = index
-            if self.store.check([join_verdict_key(index)]):
-                continue  # answered already (by an earlier leader)
-            self.pending[index] = (json.loads(self.store.get(join_request_key(index))), now)
-        decided = []
-        for index, (req, seen) in sorted(self.pending.items()):
-            token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
-            rank = int(req.get("rank", -1))
-            verdict, reason = join_verdict(token_ok=token_ok, rank=rank, world_size=self.membership.world_size,
-                                           now=now, requested_at=seen,
-                                           lease_renewed_at=self.leases.get(rank, (0, None))[1],
-                                           lease_timeout_s=self.lease_timeout_s, token_env=TOKEN_ENV)
-            if verdict == PENDING:
-                continue
-            if verdict == ADMIT:
-                self.leases[rank] = (self.leases.get(rank, (0, None))[0], now)  # the rank is taken from now on
-            # Only the first verdict stands (a leader that was replaced while it reviewed cannot overrule the next).
-            wanted = json.dumps({"admitted": verdict == ADMIT, "reason": reason})
-            standing = json.loads(self.store.compare_set(join_verdict_key(index), "", wanted))
-            del self.pending[index]
-            decided.append((req, standing["admitted"], standing["reason"]))
-        return decided
+    def next_signal(self, seen: int, timeout_s: float) -> Tuple[int, Optional[dict]]:
+        """The signal after the ``seen``-th: ``(seen + 1, signal)`` once it is posted, ``(seen, None)`` after
+        ``timeout_s``. A signal whose poster died between counting and writing it is skipped once later ones exist
+        (``(seen + 1, None)``)."""
+        value = wait_for(self.store, self.key(signal_key(seen + 1)), timeout_s)
+        if value is not None:
+            return seen + 1, json.loads(value)
+        if self.store.add(self.key(SIGNALS_KEY), 0) > seen + 1 and self._get(signal_key(seen + 1)) is None:
+            return seen + 1, None
+        return seen, None

@@ -21,29 +21,34 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from typing import List, Optional
 
 from ..core import fault_policy as policy
 from ..errors import ConfigError
 from ..events import EventLog, identity
-from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
-                       STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
-                       TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
-from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, choose_store,
-                           describe_store, is_store_failure, open_store)
+from .children import Child, Launcher, cause_of
+from .contract import (FENCED_EXIT_CODE, JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, SIGNALS_KEY,
+                       STOPPED_EXIT_CODE, STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV,
+                       SUPERVISOR_EVENTS_ENV, TrainerDeath, supervisor_pid_file)
+from .coordination import (StoreLost, check_job_exists, check_not_a_previous_run, choose_store, describe_store,
+                           is_store_failure, open_store)
+from .coordinator import Coordinator
 from .etcd_client import StoreError
-from .heartbeat import HeartbeatPipe
-from .membership import JoinRefused, Membership, job_token, request_join
+from .joins import JoinRefused, request_join
+from .membership import Membership, job_token
+from .signal_watch import SignalWatch
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
 STOP_GRACE_S = 3.0    # a trainer told to end (job stopped, SIGTERM) gets this long before SIGKILL
 STOP_LINGER_S = 10.0  # rank 0's supervisor keeps the store up this long for the others to see a stop
-STORE_TICK_S = 0.25   # how often the supervisor looks at the job's store
+STORE_TICK_S = 0.25   # how often the supervisor looks at its children and its share of the job-level work
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -61,16 +66,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         f"TLS), the same on every machine (default: ${STORE_URL_ENV}; unset: the embedded store "
                         f"hosted by rank 0's supervisor, which does not survive the loss of rank 0's machine)")
     p.add_argument("--store-timeout", type=float, default=600.0, metavar="S",
-                   help="the job's store may not answer for this long before this rank stops (exit code 80); set "
-                        "it to checkfree.join_timeout_s")
+                   help="the job's store may not answer a request for this long before this rank stops (exit code "
+                        "80): also when the store's machine vanished without closing its connections")
     p.add_argument("--max-restarts", type=int, default=100, help="replacements to start before giving up")
     p.add_argument("--no-spare", action="store_true",
                    help="do not keep a warm spare trainer (saves its memory; a replacement then pays the start-up)")
-    p.add_argument("--lease-timeout", type=float, default=LEASE_TIMEOUT_S,
-                   help="rank 0: a supervisor silent this long is gone, and a join for its rank is admitted")
+    p.add_argument("--lease-timeout", type=float, default=LEASE_TIMEOUT_S, metavar="S",
+                   help="a supervisor whose lease (renewed every second) has been silent this long is recorded lost "
+                        "by the leader: its generation is aborted and a join for its rank is admitted")
     p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
-                   help="write the active trainer's pid to PID_DIR/rank<R>.pid, this supervisor's to "
-                        "supervisor<R>.pid and every started process to rank<R>.started (for demos and tests)")
+                   help="write the active trainer's pid to PID_DIR/rank<R>.pid, the warm spare's to "
+                        "rank<R>.spare.pid, this supervisor's to supervisor<R>.pid, and every process it starts to "
+                        "rank<R>.started (one 'ROLE PID' line each): how to find the process to signal or kill")
     p.add_argument("--events-file", default=os.environ.get(SUPERVISOR_EVENTS_ENV),
                    help="append supervisor events (trainer deaths, hangs, spares, joins, stops) here as JSON lines")
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -88,43 +95,6 @@ class Terminated(Exception):
     """The supervisor was told to end (SIGTERM, SIGHUP, SIGINT)."""
 
 
-def _cause(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-class Child:
-    """A trainer process the supervisor started, active or a warm spare, and its heartbeat pipe."""
-
-    def __init__(self, popen: subprocess.Popen, pipe: HeartbeatPipe, spare: bool) -> None:
-        self.popen, self.pipe, self.spare = popen, pipe, spare
-        self.pid = popen.pid
-
-    def poll(self) -> Optional[int]:
-        return self.popen.poll()
-
-    def end(self, grace_s: float, sig: int = signal.SIGTERM) -> None:
-        """Make the process exit: a spare by closing its stdin, an active trainer by ``sig``; SIGKILL after
-        ``grace_s``. Returns once it is reaped."""
-        if self.popen.poll() is None:
-            try:
-                if self.spare and self.popen.stdin is not None and not self.popen.stdin.closed:
-                    self.popen.stdin.close()  # an unneeded spare exits when its stdin closes
-                elif grace_s > 0:
-                    self.popen.send_signal(sig)
-                else:
-                    self.popen.kill()
-                self.popen.wait(timeout=grace_s)
-            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
-                self.popen.kill()
-                self.popen.wait()
-        self.pipe.close()
-
-
 class Supervisor:
     """Keeps one rank's trainer alive. See the module docstring."""
 
@@ -139,6 +109,7 @@ class Supervisor:
         self.master_port = args.master_port or int(env["MASTER_PORT"])
         self.store_port = args.store_port or int(env.get(STORE_PORT_ENV, self.master_port + STORE_PORT_OFFSET))
         self.token = job_token()
+        self.owner = uuid.uuid4().hex[:16]  # this supervisor's id in its lease (a fenced one is told apart by it)
         self.events = EventLog(args.events_file)
         self.store_url: Optional[str] = args.store
         self.server = None
@@ -147,9 +118,23 @@ class Supervisor:
         self.spare_deaths = 0      # in a row, since the last activation
         self.keep_spare = not args.no_spare
         self.seen_fresh_start = 0  # the fresh-start epoch this rank's trainer belongs to
+        self.incarnation = 0
+        self.launcher = Launcher(args.script, list(args.script_args), dict(
+            rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
+            master_port=self.master_port, store_port=self.store_port, supervisor_pid=os.getpid(),
+            store_url=self.store_url), self.rank, args.pid_dir)
 
     def _prefix(self) -> str:
         return identity(rank=self.rank)
+
+    def join_command(self, rank: int) -> str:
+        """The command a user runs on a new machine to take over ``rank`` (for the log lines)."""
+        words = ["python", "-m", "deepspeed_checkfree.supervisor", "--join", "--rank", str(rank), "--world-size",
+                 str(self.world_size), "--master-addr", self.master_addr, "--master-port", str(self.master_port)]
+        if self.store_url:
+            words += ["--store", self.store_url]
+        return (f"CHECKFREE_JOB_TOKEN=<the job's token> {shlex.join(words + [self.args.script])} "
+                f"{shlex.join(self.args.script_args)}").rstrip()
 
     def connect(self) -> None:
         # Without an external store, rank 0's supervisor hosts the embedded one: it outlives its trainers, so the
@@ -159,63 +144,38 @@ class Supervisor:
                                              store_port=self.store_port, timeout_s=self.args.store_timeout,
                                              host=hosted)
         self.membership = Membership(self.store, self.token, self.rank, self.world_size, join_timeout_s=600)
-        self.coordinator = Coordinator(self.membership, self.token, hosted=hosted, external=bool(self.store_url),
-                                       lease_timeout_s=self.args.lease_timeout, events=self.events,
-                                       prefix=self._prefix())
+        self.coordinator = Coordinator(self.membership, self.token, owner=self.owner, hosted=hosted,
+                                       external=bool(self.store_url), lease_timeout_s=self.args.lease_timeout,
+                                       events=self.events, prefix=self._prefix(), join_command=self.join_command)
+
+    def _watch_signals(self) -> None:
+        seen = self.store.add(self.membership.key(SIGNALS_KEY), 0)
+        self.signals = SignalWatch(Membership(self.store.clone(), self.token, self.rank, self.world_size, 600), seen)
 
     # ------------------------------------------------------------------------------------------------------
     # Children
     # ------------------------------------------------------------------------------------------------------
-
-    def _record_pid(self, role: str, pid: int) -> None:
-        if self.args.pid_dir:
-            os.makedirs(self.args.pid_dir, exist_ok=True)
-            with open(started_file(self.args.pid_dir, self.rank), "a") as f:
-                f.write(f"{role} {pid}\n")
-
-    def _start(self, incarnation: Optional[int]) -> Child:
-        """Start the trainer script: active with ``incarnation``, or as a warm spare (``None``)."""
-        cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
-        spare = incarnation is None
-        pipe = HeartbeatPipe()
-        env = dict(os.environ, **trainer_env(
-            rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
-            master_port=self.master_port, store_port=self.store_port, incarnation=0 if spare else incarnation,
-            spare=spare, heartbeat_fd=pipe.write_fd, supervisor_pid=os.getpid(), store_url=self.store_url))
-        popen = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if spare else subprocess.DEVNULL, text=True,
-                                 pass_fds=(pipe.write_fd,))
-        pipe.started()
-        self._record_pid("spare" if spare else "trainer", popen.pid)
-        return Child(popen, pipe, spare)
 
     def _activate(self, incarnation: int) -> Child:
         """The trainer of ``incarnation``: the warm spare if it is alive, else a new process; then a new spare."""
         child, spare = None, self.spare
         self.spare = None
         if spare is not None and spare.poll() is None:
-            try:
-                spare.popen.stdin.write(activation_line(incarnation))
-                spare.popen.stdin.flush()
-                spare.popen.stdin.close()
-                spare.spare = False
+            if spare.activate(incarnation):
                 child = spare
-            except (BrokenPipeError, OSError):
+            else:
                 spare.end(grace_s=0)
         if child is None:
-            child = self._start(incarnation)
+            child = self.launcher.start(incarnation)
         self.spare_deaths = 0
+        self.launcher.announce_spare(None)
         if self.keep_spare:
-            self.spare = self._start(None)
+            self.spare = self.launcher.start(None)
         return child
 
     def _announce(self, child: Child, incarnation: int) -> None:
         self.membership.record_trainer(self.rank, incarnation, child.pid)
-        if self.args.pid_dir:
-            os.makedirs(self.args.pid_dir, exist_ok=True)
-            path = pid_file(self.args.pid_dir, self.rank)
-            with open(path + ".tmp", "w") as f:
-                f.write(str(child.pid))
-            os.replace(path + ".tmp", path)
+        self.launcher.announce_active(child.pid)
 
     def _check_spare(self) -> None:
         if self.spare is None or self.spare.poll() is None:
@@ -224,24 +184,35 @@ class Supervisor:
         self.spare.end(grace_s=0)
         self.spare_deaths += 1
         decision = policy.on_spare_exit(rc, stopped_code=STOPPED_EXIT_CODE, consecutive_deaths=self.spare_deaths)
-        self.spare = self._start(None) if decision.action == policy.SPARE_RESTART else None
+        self.spare = self.launcher.start(None) if decision.action == policy.SPARE_RESTART else None
         new = f"; new spare pid {self.spare.pid}" if self.spare is not None else ""
-        logger.warning("%s warm spare pid %d died (%s): %s%s", self._prefix(), pid, _cause(rc), decision.reason, new)
+        logger.warning("%s warm spare pid %d died (%s): %s%s", self._prefix(), pid, cause_of(rc), decision.reason, new)
         self.events.write("spare_died", rank=self.rank, pid=pid, returncode=rc, action=decision.action,
                           reason=decision.reason, new_spare_pid=self.spare.pid if self.spare is not None else None)
         if self.spare is None:
             self.keep_spare = False
+            self.launcher.announce_spare(None)
 
     # ------------------------------------------------------------------------------------------------------
-    # The job's store: lease, joins, stop, fresh start
+    # The job's store: lease, leader duties, signals
     # ------------------------------------------------------------------------------------------------------
 
     def _store_tick(self, now: float) -> None:
-        self.coordinator.tick(now)  # lease, and the job-level duties if this supervisor has them
+        try:
+            self.coordinator.tick(now)  # lease, and the job-level duties if this supervisor has them
+        except (RuntimeError, OSError) as err:
+            raise StoreLost(str(err)) from err
+        if self.signals.error is not None:
+            raise StoreLost(str(self.signals.error)) from self.signals.error
+
+    def _fenced(self) -> Optional[dict]:
+        return next((s for s in self.signals.lost if s.get("rank") == self.rank and s.get("owner") == self.owner),
+                    None)
 
     def _watch(self) -> str:
-        """Watch the active trainer until it exits ("exited"), the job stops ("stopped") or every rank starts over
-        ("fresh_start"); meanwhile keep the spare, the lease, the heartbeat and (its leader) the joins."""
+        """Watch the active trainer until it exits ("exited"), the job stops ("stopped"), every rank starts over
+        ("fresh_start") or this rank was recorded lost while it was cut off ("fenced"); meanwhile keep the spare,
+        the lease, the heartbeat and (its leader) the job-level duties."""
         hung_killed = False
         next_tick = 0.0
         while self.active.poll() is None:
@@ -258,15 +229,16 @@ class Supervisor:
             if now >= next_tick:
                 next_tick = now + STORE_TICK_S
                 self._store_tick(now)
+            if self._fenced() is not None:
+                return "fenced"
+            if self.signals.stop:
+                self._end_active_for_stop()
+                return "stopped"
+            if self.signals.fresh_start > self.seen_fresh_start:
+                self.seen_fresh_start = self.signals.fresh_start
                 try:
-                    stop, epoch = self.membership.job_signals()
-                    if stop is not None:
-                        self._end_active_for_stop()
-                        return "stopped"
-                    if epoch > self.seen_fresh_start:
-                        self.seen_fresh_start = epoch
-                        if not self.membership.has_progress():
-                            return "fresh_start"
+                    if not self.membership.has_progress():
+                        return "fresh_start"
                 except (RuntimeError, OSError) as err:
                     raise StoreLost(str(err)) from err
             time.sleep(0.02)
@@ -278,7 +250,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             self.active.end(grace_s=0)
 
-    def _stop(self, reason: str, returncode: int) -> int:
+    def _stop(self, reason: str, returncode: Optional[int]) -> int:
         """This rank stops with the job: publish the stop (the first one's reason is kept), end the spare, and on
         rank 0 keep the store up until every supervisor has seen it."""
         try:
@@ -300,6 +272,19 @@ class Supervisor:
                 time.sleep(0.05)
         return STOPPED_EXIT_CODE
 
+    def _fence(self, why: str) -> int:
+        """This rank was recorded lost while this machine was cut off: end the trainer at once (it must not send
+        anything to the job any more) and the spare, and end without touching the job."""
+        for child in (self.active, self.spare):
+            if child is not None:
+                child.end(grace_s=0)
+        logger.error("%s this machine was recorded lost by the job while it was cut off (%s): the job went on "
+                     "without it, so its trainer is ended and it does not come back as a second copy of rank %d. "
+                     "To use this machine again, start it as a replacement: %s", self._prefix(), why, self.rank,
+                     self.join_command(self.rank))
+        self.events.write("fenced", rank=self.rank, reason=why)
+        return FENCED_EXIT_CODE
+
     # ------------------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------------------
@@ -310,21 +295,25 @@ class Supervisor:
             os.makedirs(self.args.pid_dir, exist_ok=True)
             with open(supervisor_pid_file(self.args.pid_dir, self.rank), "w") as f:
                 f.write(str(os.getpid()))
-            self._record_pid("supervisor", os.getpid())
-        incarnation = 0
+            self.launcher.record("supervisor", os.getpid())
         if self.store_url:
             (check_job_exists if self.args.join else check_not_a_previous_run)(self.membership, self.store_url)
-        if self.args.join:
-            request_join(self.store, self.token, self.rank, timeout_s=60)
-            # The new machine's trainer is a replacement: it continues the rank's incarnations.
-            incarnation = (self.membership.incarnation(self.rank) or 0) + 1
-            logger.warning("%s joined the job as a replacement (incarnation %d)", self._prefix(), incarnation)
-        self.seen_fresh_start = self.membership.fresh_start_epoch()
-        self.membership.record_trainer(self.rank, incarnation)
-        self.active = self._start(incarnation)
-        if self.keep_spare:
-            self.spare = self._start(None)
+        incarnation = 0
         try:
+            if self.args.join:
+                # The spare warms up (imports, ops) while the job's leader decides: an admitted join then activates
+                # a ready trainer instead of paying its start-up.
+                if self.keep_spare:
+                    self.spare = self.launcher.start(None)
+                request_join(self.store, self.token, self.rank, timeout_s=60)
+                # The new machine's trainer is a replacement: it continues the rank's incarnations.
+                incarnation = (self.membership.incarnation(self.rank) or 0) + 1
+                logger.warning("%s joined the job as a replacement (incarnation %d)", self._prefix(), incarnation)
+            self.coordinator.renew()  # the rank's lease is this supervisor's from now on
+            self._watch_signals()
+            self.seen_fresh_start = self.membership.fresh_start_epoch()
+            self.membership.record_trainer(self.rank, incarnation)
+            self.active = self._activate(incarnation)
             try:
                 return self._supervise(incarnation)
             except Exception as err:  # noqa: BLE001 - a store failure anywhere in the loop means the same
@@ -374,6 +363,10 @@ class Supervisor:
         while True:
             self._announce(self.active, incarnation)
             outcome = self._watch()
+            if outcome == "fenced":
+                lost = self._fenced()
+                return self._fence(f"its lease was silent; recorded as {lost.get('cause')} for trainer incarnation "
+                                   f"{lost.get('incarnation')}")
             if outcome == "stopped":
                 return self._stop("another rank stopped the job", self.active.poll())
             if outcome == "fresh_start":
@@ -392,24 +385,30 @@ class Supervisor:
             if rc == 0:
                 break  # (without asking the store, which rank 0's supervisor may already have closed)
             try:
-                decision = policy.on_trainer_exit(rc, stopped_code=STOPPED_EXIT_CODE, restarts=restarts,
-                                                  max_restarts=self.args.max_restarts,
-                                                  **self.membership.exit_facts(self.rank))
+                facts = self.membership.exit_facts(self.rank)
             except (RuntimeError, OSError) as err:
                 raise StoreLost(str(err)) from err
+            generation = facts.pop("generation")
+            decision = policy.on_trainer_exit(rc, stopped_code=STOPPED_EXIT_CODE, restarts=restarts,
+                                              max_restarts=self.args.max_restarts, fenced_code=FENCED_EXIT_CODE,
+                                              **facts)
             if decision.action == policy.FINISH:
                 break
+            if decision.action == policy.FENCED:
+                return self._fence(decision.reason)
             if decision.action == policy.STOP_JOB:
-                return self._stop(f"rank {self.rank}'s trainer exited ({_cause(rc)}): {decision.reason}", rc)
-            # The dead member stops counting, and its death is on record, before anything else happens.
-            self.membership.record_replacement(self.rank, incarnation, TrainerDeath(time=time.time(), returncode=rc))
+                return self._stop(f"rank {self.rank}'s trainer exited ({cause_of(rc)}): {decision.reason}", rc)
+            # The dead member stops counting, its death is on record and its generation aborted (every rank's death
+            # watch wakes), before anything else happens.
+            self.membership.record_loss(self.rank, incarnation, TrainerDeath(time=time.time(), returncode=rc),
+                                        generation)
             if decision.action == policy.FRESH_START:
                 self.seen_fresh_start = self.membership.request_fresh_start()
             else:
                 restarts += 1
             incarnation += 1
             self.active = self._activate(incarnation)
-            logger.warning("%s trainer died (%s); replacement pid %d started: %s", self._prefix(), _cause(rc),
+            logger.warning("%s trainer died (%s); replacement pid %d started: %s", self._prefix(), cause_of(rc),
                            self.active.pid, decision.reason)
             self.events.write("trainer_died", rank=self.rank, returncode=rc, incarnation=incarnation - 1,
                               replacement_pid=self.active.pid, action=decision.action)

@@ -38,7 +38,7 @@ def main() -> None:
     elif mode == "allreduce":
         backend, group_prefix, through = sys.argv[5:8]
         if through == "generation_store":
-            group_store = GenerationStore(store, lambda: [], 0, timedelta(seconds=60), prefix=group_prefix)
+            group_store = GenerationStore(store, lambda: None, 0, timedelta(seconds=60), prefix=group_prefix)
         else:
             group_store = dist.PrefixStore(group_prefix, store)
         dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size,

@@ -1,8 +1,9 @@
 """Worker of tests/distributed/test_push_detection.py: three gloo ranks, each blocked on a peer that is alive, and
 how long each takes to leave its wait when the generation fails (the group's timeout is 60 s).
 
-- ``death_record``: rank 2 plays its supervisor and moves its own incarnation on (what a supervisor does when its
-  trainer dies). Ranks 0 and 1 wait on each other; only their death watches can end the wait.
+- ``death_record``: rank 2 plays its supervisor and records its own trainer's loss, which aborts the generation
+  (what a supervisor does when its trainer dies, and the leader when a machine goes silent). Ranks 0 and 1 wait on
+  each other; only their death watches, blocked on the generation's abort record, can end the wait.
 - ``cascade``: no death record. Rank 0 waits on rank 1, rank 1 on rank 2; rank 2 fails and cuts its connections,
   as a trainer's failure handler does. Rank 1 leaves its wait, cuts its own, and so rank 0 leaves its wait too.
 """
@@ -18,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from deepspeed_checkfree.resilience.connection_cut import GenerationConnections
-from deepspeed_checkfree.resilience.death_watch import DeathWatch, deaths_since_arrival
+from deepspeed_checkfree.resilience.contract import TrainerDeath
+from deepspeed_checkfree.resilience.death_watch import DeathWatch
 from deepspeed_checkfree.resilience.membership import Membership
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -35,9 +37,8 @@ def main(scenario: str) -> None:
     connections = GenerationConnections(keep_ports={port})
     dist.init_process_group("gloo", store=dist.PrefixStore(scenario, store), rank=RANK, world_size=WORLD,
                             timeout=GROUP_TIMEOUT)
-    watch = DeathWatch(interval_s=0.05)
-    watch.arm(deaths_since_arrival({r: 0 for r in range(WORLD)}, watcher.incarnation_moves, watcher.incarnation),
-              connections.cut)
+    watch = DeathWatch(watcher)
+    watch.arm(0, connections.cut)
     dist.barrier()
     tensor, left_at = torch.zeros(4), None
     try:
@@ -45,7 +46,7 @@ def main(scenario: str) -> None:
             if RANK == 2:
                 time.sleep(1.0)
                 store.set("event_time", str(time.time()))
-                membership.record_trainer(2, 1)  # its supervisor replaced it
+                membership.record_loss(2, 0, TrainerDeath(time.time(), -9), generation=0)  # its supervisor's record
             else:
                 dist.recv(tensor, src=1 - RANK)
         elif RANK == 2:

@@ -21,7 +21,9 @@ from deepspeed_checkfree.resilience.etcd_access import enable_auth, grant_job_ac
 from deepspeed_checkfree.resilience.etcd_client import EtcdEndpoints, b64, prefix_end, unb64
 from deepspeed_checkfree.resilience.etcd_store import (EtcdStore, StoreAccessDenied, StoreKeyTimeout,
                                                        StoreUnreachable)
-from deepspeed_checkfree.resilience.membership import JoinReviewer, Membership, request_join
+from deepspeed_checkfree.resilience.contract import JOIN_REQUESTS
+from deepspeed_checkfree.resilience.joins import JoinReviewer, request_join
+from deepspeed_checkfree.resilience.membership import Membership
 from deepspeed_checkfree.resilience.store_address import (etcd_job_password, etcd_job_user, etcd_key_prefix,
                                                           parse_store_url)
 
@@ -132,20 +134,30 @@ def test_an_add_costs_two_requests_and_leaves_at_most_one_receipt_until_close(et
     assert receipts_left() == 0
 
 
-def test_a_rendezvous_get_after_its_wait_costs_no_request(etcd_cluster):
+def test_a_rendezvous_reads_every_published_address_in_one_request_and_a_quiet_wait_costs_two(etcd_cluster):
     from deepspeed_checkfree.resilience.generation_store import GenerationStore
 
     store = store_on(etcd_cluster)
-    group = GenerationStore(store, lambda: [], 0, timedelta(seconds=10), prefix="g/0/pg")
-    group.set("addr/1", b"gloo address")
-    assert store.get("g/0/pg/addr/1") == b"gloo address"  # PrefixStore's layout: the generation's keys go with it
-    assert requests_of(store, lambda: group.wait(["addr/1"])) == 1
+    writer = GenerationStore(store.clone(), lambda: None, 0, timedelta(seconds=10), prefix="g/0/pg")
+    for rank in range(8):
+        writer.set(f"0//cpu//0/{rank}", f"gloo address {rank}".encode())
+    assert store.get("g/0/pg/0//cpu//0/3") == b"gloo address 3"  # PrefixStore's layout: the generation's keys
+    group = GenerationStore(store, lambda: None, 0, timedelta(seconds=10), prefix="g/0/pg")
     got = []
-    assert requests_of(store, lambda: got.append(group.get("addr/1"))) == 0 and got == [b"gloo address"]
-    assert requests_of(store, lambda: got.append(group.get("addr/1"))) == 1  # nothing kept: read again
-    group.wait(["addr/1"])
-    group.set("addr/1", b"new")  # a write drops what the wait read
-    assert group.get("addr/1") == b"new"
+
+    def read_all():
+        for rank in range(8):
+            group.wait([f"0//cpu//0/{rank}"])
+            got.append(group.get(f"0//cpu//0/{rank}"))
+
+    assert requests_of(store, read_all) == 1, "one range read of the group's prefix"
+    assert got == [f"gloo address {rank}".encode() for rank in range(8)]
+    # A late member: the wait blocks on its key with a watch (a read and a watch), then reads the prefix again.
+    threading.Timer(0.3, writer.set, args=("0//cpu//0/8", b"late")).start()
+    assert requests_of(store, lambda: group.wait(["0//cpu//0/8"])) <= 5
+    assert group.get("0//cpu//0/8") == b"late"
+    quiet = store.clone()
+    assert quiet.wait_for("never", 1.0) is None and quiet.requests == 3, "a read, a watch, the last read"
 
 
 def test_wait_returns_when_every_key_is_set_and_times_out_naming_the_missing_ones(etcd_cluster):
@@ -299,10 +311,14 @@ def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
     token = fresh_token()
     stores = [store_on(etcd_cluster, token) for _ in range(2)]
     members = [Membership(s, token, rank, 2, join_timeout_s=10) for rank, s in enumerate(stores)]
+    for rank, m in enumerate(members):
+        m.record_trainer(rank, 0)
     infos = [MemberInfo(rank=r, fresh=True, completed_steps=0, incarnation=0, pid=100 + r) for r in range(2)]
     threading.Thread(target=members[1].arrive, args=(0, infos[1])).start()
-    assert members[0].arrive(0, infos[0]) == {0: infos[0], 1: infos[1]}
-    assert members[1].last_generation() == 0
+    before = stores[0].requests
+    assert members[0].arrive(0, infos[0]) == (0, {0: infos[0], 1: infos[1]})
+    assert stores[0].requests - before <= 8, "an arrival is a handful of requests"
+    assert members[1].last_generations() == [0, 0]
     members[0].record("note", {"a": 1})
     assert members[1].fact("note") == {"a": 1}
     for m in members:
@@ -311,10 +327,11 @@ def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
     joiner = threading.Thread(target=request_join, args=(stores[1], token, 1, 10))
     joiner.start()
     deadline = time.monotonic() + 10
-    reviewer = JoinReviewer(members[0], token, lease_timeout_s=0.5)  # rank 1's supervisor never renews its lease
+    # rank 1's supervisor never renewed its lease: its join is admitted after the lease timeout
+    reviewer = JoinReviewer(members[0], token, lease_timeout_s=0.5, renewed_at={})
     decided = []
     while not decided and time.monotonic() < deadline:
-        decided = reviewer.review(time.monotonic())
+        decided = reviewer.review(time.monotonic(), stores[0].add(JOIN_REQUESTS, 0))
         time.sleep(0.05)
     joiner.join(10)
     assert [(req["rank"], admitted) for req, admitted, _ in decided] == [(1, True)]
@@ -341,7 +358,7 @@ def test_the_leader_deletes_the_keys_of_generations_every_rank_has_left(etcd_clu
     generation all ranks have moved past (members, formed, the process group's rendezvous keys)."""
     from deepspeed_checkfree.events import EventLog
     from deepspeed_checkfree.resilience.contract import formed_key, group_store_prefix, member_key, rank_generation_key
-    from deepspeed_checkfree.resilience.coordination import Coordinator
+    from deepspeed_checkfree.resilience.coordinator import Coordinator
 
     token, world = fresh_token(), 2
     store = store_on(etcd_cluster, token)
@@ -349,19 +366,19 @@ def test_the_leader_deletes_the_keys_of_generations_every_rank_has_left(etcd_clu
     for generation in range(4):
         for r in range(world):
             store.set(membership.key(member_key(generation, r)), "{}")
-        store.set(membership.key(formed_key(generation)), "1")
+        store.set(membership.key(formed_key(generation)), "{}")
         dist.PrefixStore(membership.key(group_store_prefix(generation)), store).set("0", "gloo address")
     for r, last in enumerate((3, 2)):  # rank 1 is still in generation 2
         store.set(membership.key(rank_generation_key(r)), str(last))
-    leader = Coordinator(membership, token, hosted=False, external=True, lease_timeout_s=5.0, events=EventLog(None),
-                         prefix="[test]")
+    leader = Coordinator(membership, token, owner="o0", hosted=False, external=True, lease_timeout_s=5.0,
+                         events=EventLog(None), prefix="[test]")
     leader.tick(time.monotonic())
     assert leader.leading
     left = lambda g: [k for k in (member_key(g, 0), formed_key(g), group_store_prefix(g) + "/0")  # noqa: E731
                       if store.check([membership.key(k)])]
     assert left(0) == left(1) == [] and len(left(2)) == len(left(3)) == 3
     store.set(membership.key(rank_generation_key(1)), "3")
-    leader.next_leader_check = 0.0
+    leader.next_look = leader.next_cleanup = 0.0
     leader.tick(time.monotonic())
     assert left(2) == [] and len(left(3)) == 3, "the generation in use stays"
     assert store.check([membership.key(rank_generation_key(0))]), "job-wide keys stay"

@@ -11,8 +11,10 @@ import torch.distributed as dist
 from deepspeed_checkfree.core import leadership as lead
 from deepspeed_checkfree.events import EventLog
 from deepspeed_checkfree.resilience import contract
-from deepspeed_checkfree.resilience.coordination import Coordinator, check_job_exists
-from deepspeed_checkfree.resilience.membership import JoinRefused, Membership
+from deepspeed_checkfree.resilience.coordination import check_job_exists
+from deepspeed_checkfree.resilience.coordinator import Coordinator
+from deepspeed_checkfree.resilience.joins import JoinRefused
+from deepspeed_checkfree.resilience.membership import Membership
 
 
 def action(rank, holder, waited_s=0.0, silent_s=None):
@@ -51,10 +53,13 @@ def test_only_generations_every_rank_has_left_are_deleted():
 class Machine:
     """One supervisor's coordinator on the shared store, ticked by the test's clock."""
 
-    def __init__(self, store, rank: int, world: int = 4, token: str = "tok") -> None:
+    def __init__(self, store, rank: int, world: int = 4, token: str = "tok", hosted: bool = False,
+                 external: bool = True, owner: str = None) -> None:
         self.membership = Membership(store, token, rank, world, join_timeout_s=1.0)
-        self.coordinator = Coordinator(self.membership, token, hosted=False, external=True, lease_timeout_s=5.0,
-                                       events=EventLog(None), prefix=f"[rank {rank}]")
+        self.membership.record_trainer(rank, 0)
+        self.coordinator = Coordinator(self.membership, token, owner=owner or f"owner-{rank}", hosted=hosted,
+                                       external=external, lease_timeout_s=5.0, events=EventLog(None),
+                                       prefix=f"[rank {rank}]")
         self.alive = True
 
     def tick(self, now: float) -> None:
@@ -163,3 +168,60 @@ def test_a_launch_on_a_tokens_keys_of_a_finished_or_stopped_run_is_refused_with_
     stopped.stop(1, "config", "unknown key")
     with pytest.raises(JoinRefused, match=r"a job that stopped \(rank 1: unknown key\).*new CHECKFREE_JOB_TOKEN"):
         check_not_a_previous_run(stopped, "etcd://h:2379")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The leader watches every lease: a machine that goes silent is recorded lost within the lease timeout
+# ---------------------------------------------------------------------------------------------------------------
+
+def embedded(store, world: int = 4) -> List[Machine]:
+    """The embedded store's supervisors: rank 0's hosts the store and leads."""
+    return [Machine(store, r, world, hosted=r == 0, external=False) for r in range(world)]
+
+
+def test_a_silent_machine_is_recorded_lost_its_generation_aborted_and_a_join_for_it_admitted_at_once():
+    store = dist.HashStore()
+    machines = embedded(store)
+    m = machines[0].membership
+    store.set(m.key(contract.rank_generation_key(2)), "7")  # rank 2's trainer is in generation 7
+    now = run(machines, 0.0, 3.0)
+    assert m.abort_reason(7) is None
+    machines[2].alive = False  # its machine vanishes: no renewal, no packet
+    silent_at = now
+    while m.abort_reason(7) is None:
+        now = run(machines, now, now + 0.25)
+        assert now - silent_at < 7.5, "recorded within the lease timeout (5 s) and a renewal interval"
+    assert now - silent_at > 4.0
+    assert "rank 2's trainer (incarnation 0) was lost: machine silent" in m.abort_reason(7)["reason"]
+    assert m.incarnation(2) == 1 and m.death(2, 0).cause == "machine silent"
+    assert m.lost_machines()[2]["owner"] == "owner-2"
+    signals = [m.next_signal(0, 0.01)[1]]
+    assert signals == [{"kind": "lost", "rank": 2, "incarnation": 0, "cause": "machine silent", "owner": "owner-2"}]
+    # A joiner's request is answered in the next tick: no second lease wait.
+    nonce = "n"
+    index = store.add(contract.JOIN_REQUESTS, 1)
+    store.set(contract.join_request_key(index), json.dumps({"rank": 2, "nonce": nonce,
+                                                            "mac": contract.token_mac("tok", nonce)}))
+    run(machines, now, now + 1.0)
+    verdict = json.loads(store.get(contract.join_verdict_key(index)))
+    assert verdict["admitted"] and "recorded lost (machine silent)" in verdict["reason"]
+
+
+def test_a_supervisor_back_from_a_partition_is_not_taken_for_alive_and_a_joined_one_is_watched_again():
+    store = dist.HashStore()
+    machines = embedded(store)
+    m = machines[0].membership
+    now = run(machines, 0.0, 2.0)
+    machines[3].alive = False
+    now = run(machines, now, now + 8.0)
+    assert m.incarnation(3) == 1
+    machines[3].alive = True  # the partition heals: it renews under its old id, and the leader ignores it
+    now = run(machines, now, now + 8.0)
+    assert m.incarnation(3) == 1 and len(m.lost_machines()) == 1, "recorded once, not again, not alive"
+    joined = Machine(store, 3, hosted=False, external=False, owner="new-machine")
+    joined.membership.record_trainer(3, 2)
+    machines[3] = joined
+    now = run(machines, now, now + 3.0)
+    joined.alive = False  # the new machine goes silent too: it is judged like any other
+    now = run(machines, now, now + 8.0)
+    assert m.incarnation(3) == 3 and m.lost_machines()[3]["owner"] == "new-machine"

@@ -1,44 +1,83 @@
-"""Membership's batched reads on a store without them (the embedded store's path; the etcd store reads them in
-one request, tests/distributed/test_etcd_store.py)."""
+"""What the coordination costs the job's store, pinned at small world sizes so that a regression to requests that
+grow with the world fails here (the benchmark, benchmarks/coordination_scale.py, measures it at scale). Every
+member is a client of its own (Counting) on one in-memory store; the etcd store's batched reads are tested against
+a real etcd in tests/distributed/test_etcd_store.py."""
 from __future__ import annotations
 
-import torch.distributed as dist
+import threading
 
-from deepspeed_checkfree.resilience.contract import rank_generation_key
+import pytest
+
+from deepspeed_checkfree.core.rejoin import MemberInfo
+from deepspeed_checkfree.events import EventLog
+from deepspeed_checkfree.resilience.contract import TrainerDeath, formed_key, rank_generation_key
+from deepspeed_checkfree.resilience.coordinator import Coordinator
 from deepspeed_checkfree.resilience.membership import Membership
 
-
-def test_the_supervisors_tick_reads_the_stop_and_the_fresh_start_epoch_together():
-    membership = Membership(dist.HashStore(), "tok", 0, 2, join_timeout_s=1.0)
-    assert membership.job_signals() == (None, 0)
-    membership.request_fresh_start()
-    assert membership.job_signals() == (None, 1)
-    membership.stop(1, "trainer", "a config error")
-    assert membership.job_signals() == ({"rank": 1, "cause": "trainer", "reason": "a config error"}, 1)
+from .test_death_watch import Counting
 
 
-def test_every_ranks_last_generation_is_read_together():
-    stores = dist.HashStore()
-    members = [Membership(stores, "tok", r, 3, join_timeout_s=1.0) for r in range(3)]
-    assert members[0].last_generations() == [-1, -1, -1] and members[0].latest_generation() == -1
-    stores.set(members[0].key(rank_generation_key(2)), "4")
-    assert members[1].last_generations() == [-1, -1, 4] and members[1].latest_generation() == 4
-    assert members[0].values_if_set([members[0].key(rank_generation_key(2)), members[0].key("unset")]) == [b"4", None]
+def arrive_together(world: int, generation: int = 0) -> dict:
+    """Every rank arrives for ``generation`` at once; returns rank -> the requests its arrival made."""
+    shared = Counting()
+    clients = {r: shared.view() for r in range(world)}
+    for r in range(world):
+        Membership(clients[r], "tok", r, world, 10.0).record_trainer(r, 0)
+        clients[r].requests = 0
+    formed = {}
+
+    def arrive(rank: int) -> None:
+        m = Membership(clients[rank], "tok", rank, world, 10.0)
+        formed[rank] = m.arrive(generation, MemberInfo(rank, True, 0, 0, rank))
+
+    threads = [threading.Thread(target=arrive, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(formed) == world and all(g == generation and len(m) == world for g, m in formed.values())
+    return {r: c.requests for r, c in clients.items()}
 
 
-def test_a_trainer_exit_is_decided_on_facts_read_together_and_its_replacement_recorded_in_one_write():
-    from deepspeed_checkfree.resilience.contract import TrainerDeath, formed_key
+@pytest.mark.parametrize("world", [4, 16])
+def test_an_arrival_costs_each_member_a_handful_of_requests_whatever_the_world_size(world):
+    # Each member: two reads (its generation's end, its rank's active incarnation: one request on etcd), one write
+    # (its entry), one add (the count), one blocking read of the member list. The arrival that completes the count
+    # also checks the members (two requests: every entry and incarnation at once) and writes the list.
+    requests = arrive_together(world)
+    assert sorted(requests.values())[:-1] == [5] * (world - 1), requests
+    assert max(requests.values()) <= 5 + 3, requests
 
-    store = dist.HashStore()
-    supervisor = Membership(store, "tok", 1, 2, join_timeout_s=1.0)
+
+def test_a_quiet_supervisor_costs_the_store_one_request_a_second_and_the_leader_two():
+    shared = Counting()
+    clients = [shared.view() for _ in range(4)]
+    coordinators = [Coordinator(Membership(c, "tok", r, 4, 1.0), "tok", owner=f"o{r}", hosted=r == 0,
+                                external=False, lease_timeout_s=5.0, events=EventLog(None), prefix=f"[{r}]")
+                    for r, c in enumerate(clients)]
+    for now in (0.0, 1.0, 2.0):  # start-up: every lease comes to exist
+        for c in coordinators:
+            c.tick(now)
+    for c in clients:
+        c.requests = 0
+    for now in (3.0, 4.0, 5.0, 6.0, 7.0):
+        for c in coordinators:
+            c.tick(now)
+            c.tick(now + 0.5)  # (the supervisor ticks four times a second: only once a second does it cost)
+    assert [c.requests for c in clients] == [10, 5, 5, 5], [c.requests for c in clients]
+
+
+def test_a_trainer_exit_is_decided_on_facts_read_together_and_its_loss_recorded_in_one_write():
+    shared = Counting()
+    supervisor = Membership(shared.view(), "tok", 1, 2, join_timeout_s=1.0)
     assert supervisor.exit_facts(1) == dict(job_stopped=False, job_has_progress=False, group_formed=False,
-                                            trainer_finished=False)
-    store.set(supervisor.key(rank_generation_key(1)), "3")
-    store.set(supervisor.key(formed_key(3)), "1")
+                                            trainer_finished=False, generation=-1)
+    shared.shared.set(supervisor.key(rank_generation_key(1)), "3")
+    shared.shared.set(supervisor.key(formed_key(3)), '{"0": {}, "1": {}}')
     supervisor.record_progress()
     assert supervisor.exit_facts(1) == dict(job_stopped=False, job_has_progress=True, group_formed=True,
-                                            trainer_finished=False)
-    moves = supervisor.incarnation_moves()
-    supervisor.record_replacement(1, 0, TrainerDeath(time=12.5, returncode=-9))
+                                            trainer_finished=False, generation=3)
+    writes = shared.view()
+    Membership(writes, "tok", 1, 2, 1.0).record_loss(1, 0, TrainerDeath(time=12.5, returncode=-9), generation=3)
+    assert writes.requests == 3, "the incarnation and the death in one write, then the abort (two)"
     assert supervisor.incarnation(1) == 1 and supervisor.death(1, 0) == TrainerDeath(time=12.5, returncode=-9)
-    assert supervisor.incarnation_moves() == moves + 1

@@ -1,0 +1,106 @@
+"""Joining from a new machine: the request (with the job token's MAC), the leader's review, the verdict.
+
+A machine that replaces a lost one asks to take over its rank. The supervisor that does the job-level duties (rank
+0's with the embedded store, the elected leader on etcd) admits it only with the job's token and only for a rank
+whose machine is gone: recorded lost (its supervisor's lease went silent, or it left on a preemption notice), or
+silent for the lease timeout as this reviewer saw it. Join requests are public keys, because a joiner does not
+know the job's prefix before it is admitted; each verdict is written by compare-and-set, so only one ever stands.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import socket
+import time
+from typing import Dict, Optional
+
+import torch.distributed as dist
+
+from ..core.fault_policy import ADMIT, PENDING, join_verdict
+from ..errors import CheckFreeError
+from .contract import TOKEN_ENV, JOIN_REQUESTS, join_request_key, join_verdict_key, token_mac
+from .membership import Membership
+from .store_access import wait_for
+
+
+class JoinRefused(CheckFreeError):
+    """A process asked to join the job without the job's token (or for a rank that is not free)."""
+
+
+def request_join(store: dist.Store, token: str, rank: int, timeout_s: float) -> None:
+    """Ask to take over ``rank``; returns when admitted.
+
+    Raises:
+        JoinRefused: the supervisor refused (wrong token, rank out of range, rank alive), or nobody answered within
+            ``timeout_s``; the message says why.
+    """
+    nonce = secrets.token_hex(16)
+    index = store.add(JOIN_REQUESTS, 1)
+    store.set(join_request_key(index), json.dumps({"rank": rank, "nonce": nonce, "mac": token_mac(token, nonce),
+                                                   "host": socket.gethostname(), "pid": os.getpid()}))
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while value is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise JoinRefused(f"no answer to the join request for rank {rank} within {timeout_s:g} s: is the job "
+                              f"running, and is this the job's store address?")
+        value = wait_for(store, join_verdict_key(index), min(left, 5.0))
+    verdict = json.loads(value)
+    if not verdict["admitted"]:
+        raise JoinRefused(f"join refused for rank {rank}: {verdict['reason']}")
+
+
+class JoinReviewer:
+    """The leader answers join requests with it (:meth:`review`, called every store tick).
+
+    Args:
+        membership: the leader's view of the job.
+        token: the job token.
+        lease_timeout_s: silence after which a supervisor counts as gone.
+        renewed_at: rank -> when the leader last saw the rank's lease renewed by its owner (its monotonic clock;
+            None: never), kept up to date by the leader's lease watch and shared with this reviewer.
+    """
+
+    def __init__(self, membership: Membership, token: str, lease_timeout_s: float,
+                 renewed_at: Dict[int, Optional[float]]) -> None:
+        self.membership, self.store, self.token = membership, membership.store, token
+        self.lease_timeout_s = lease_timeout_s
+        self.renewed_at = renewed_at
+        self.reviewed = 0            # requests answered or seen so far
+        self.pending: Dict[int, tuple] = {}  # index -> (request, first seen at)
+
+    def review(self, now: float, requests: int) -> list:
+        """Answer what can be answered, ``requests`` being the count of join requests made so far; returns the
+        (request, admitted, reason) decided in this call."""
+        for index in range(self.reviewed + 1, requests + 1):
+            value = self.membership.values_if_set([join_request_key(index), join_verdict_key(index)])
+            if value[0] is None:
+                break  # the joiner has counted itself but not written yet: next round
+            self.reviewed = index
+            if value[1] is None:  # (else answered already, by an earlier leader)
+                self.pending[index] = (json.loads(value[0]), now)
+        if not self.pending:
+            return []
+        lost = self.membership.lost_machines()
+        decided = []
+        for index, (req, seen) in sorted(self.pending.items()):
+            token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
+            rank = int(req.get("rank", -1))
+            verdict, reason = join_verdict(token_ok=token_ok, rank=rank, world_size=self.membership.world_size,
+                                           now=now, requested_at=seen, lease_renewed_at=self.renewed_at.get(rank),
+                                           lease_timeout_s=self.lease_timeout_s, token_env=TOKEN_ENV,
+                                           recorded_lost=lost[rank]["cause"] if rank in lost else None)
+            if verdict == PENDING:
+                continue
+            if verdict == ADMIT:
+                self.renewed_at[rank] = now  # the rank is taken from now on
+                lost.pop(rank, None)
+            # Only the first verdict stands (a leader that was replaced while it reviewed cannot overrule the next).
+            wanted = json.dumps({"admitted": verdict == ADMIT, "reason": reason})
+            standing = json.loads(self.store.compare_set(join_verdict_key(index), "", wanted))
+            del self.pending[index]
+            decided.append((req, standing["admitted"], standing["reason"]))
+        return decided
