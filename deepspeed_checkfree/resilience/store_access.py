@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, Sequence
@@ -148,18 +149,31 @@ class DeadlineStore(dist.Store):
 
     def wait_for(self, key: str, timeout_s: float) -> Optional[bytes]:
         """``key``'s value once it is set, or None after ``timeout_s``: one request that the server answers when the
-        key is set (TCPStore's ``get`` blocks server-side until then)."""
+        key is set (TCPStore's ``get`` blocks server-side until then).
+
+        TCPStore's server (torch 2.13, libuv) also wakes the waiters of a key when another client compare-and-sets
+        that key while it is unset (which :meth:`get_if_set` does), and the woken ``get`` then returns an empty
+        value: such a wake is not the key being set, and the wait goes on. (Every key the coordination waits for
+        holds a non-empty value.)"""
         inner = self.inner
 
         def blocking_get() -> Optional[bytes]:
             before = inner.timeout
-            inner.set_timeout(timedelta(seconds=timeout_s))
+            deadline = time.monotonic() + timeout_s
             try:
-                return inner.get(key)
-            except dist.DistStoreError as err:
-                if "timeout" in str(err).lower():
-                    return None
-                raise
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    inner.set_timeout(timedelta(seconds=left))
+                    try:
+                        value = inner.get(key)
+                    except dist.DistStoreError as err:
+                        if "timeout" in str(err).lower():
+                            return None
+                        raise
+                    if value:
+                        return value
             finally:
                 inner.set_timeout(before)
 
@@ -199,11 +213,15 @@ def wait_for(store: dist.Store, key: str, timeout_s: float) -> Optional[bytes]:
     method = getattr(store, "wait_for", None)
     if method is not None:
         return method(key, timeout_s)
-    try:
-        store.wait([key], timedelta(seconds=timeout_s))
-    except dist.DistStoreError:
-        return None
-    return store.get(key)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        except dist.DistStoreError:
+            return None
+        value = store.get(key)
+        if value or time.monotonic() >= deadline:  # (see DeadlineStore.wait_for: an empty value is a false wake)
+            return value or None
 
 
 def request_count(store: dist.Store) -> Optional[int]:
