@@ -24,7 +24,7 @@ from .contract import STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV, 
 from .etcd_store import EtcdStore
 from .joins import JoinRefused
 from .membership import Membership
-from .store_access import DeadlineStore
+from .store_access import DeadlineStore, connected
 from .store_address import parse_store_url
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
@@ -81,8 +81,8 @@ def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 
 def connect_store(host: str, port: int, timeout_s: float) -> DeadlineStore:
     """A client of the job's embedded store: no request outlives ``timeout_s``."""
-    return DeadlineStore(_client(host, port, timeout_s), timedelta(seconds=timeout_s),
-                         describe=describe_store(None, host, port), connect=lambda: _client(host, port, timeout_s))
+    return connected(lambda: _client(host, port, timeout_s), timedelta(seconds=timeout_s),
+                     describe_store(None, host, port))
 
 
 def open_store(*, store_url: Optional[str], token: str, master_addr: str, store_port: int, timeout_s: float,

@@ -309,6 +309,10 @@ class JobSession:
         """The job is done: the supervisor hears first (once every trainer counts as finished, rank 0's supervisor
         closes the store)."""
         self.death_watch.close()
+        close = getattr(self.death_watch.membership.store, "close", None)
+        if close is not None:
+            close()  # (its thread's blocked wait ends now, not while the interpreter shuts down)
+        self.death_watch.thread.join(1.0)
         if self.heartbeat is not None:
             self.heartbeat.finish()
         self.membership.finish()

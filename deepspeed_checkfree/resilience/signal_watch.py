@@ -21,15 +21,24 @@ class SignalWatch:
         self.fresh_start = 0
         self.lost: List[dict] = []
         self.error: Optional[BaseException] = None
+        self.closed = False
         self._lock = threading.Lock()
         threading.Thread(target=self._run, name="checkfree-signals", daemon=True).start()
 
+    def close(self) -> None:
+        """Stop listening: the blocked wait ends now (see :meth:`.DeadlineStore.close`)."""
+        self.closed = True
+        close = getattr(self.membership.store, "close", None)
+        if close is not None:
+            close()
+
     def _run(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 self.seen, signal_ = self.membership.next_signal(self.seen, SIGNAL_WAIT_S)
             except Exception as err:  # noqa: BLE001 - the store is lost: the supervisor's loop reports it
-                self.error = err
+                if not self.closed:
+                    self.error = err
                 return
             if signal_ is None:
                 continue

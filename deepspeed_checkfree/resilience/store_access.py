@@ -15,7 +15,9 @@ coordination's cost).
 """
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -46,9 +48,10 @@ class DeadlineStore(dist.Store):
     """
 
     def __init__(self, inner: dist.Store, timeout: timedelta, describe: str = "the job's store",
-                 connect: Optional[Callable[[], dist.Store]] = None) -> None:
+                 connect: Optional[Callable[[], dist.Store]] = None, sockets: Sequence[int] = ()) -> None:
         super().__init__()  # the pybind trampoline needs it
         self.inner, self._timeout, self.describe, self._connect = inner, timeout, describe, connect
+        self.sockets = tuple(sockets)  # the client's connection (file descriptors), for close()
         self.requests = 0
         self._broken: Optional[str] = None
         self._calls: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
@@ -85,7 +88,17 @@ class DeadlineStore(dist.Store):
             raise StoreUnresponsive(self._broken) from None
 
     def close(self) -> None:
-        """Stop the call thread (the client's connection closes with ``inner``)."""
+        """Give the connection up now: a call blocked in it (a wait) fails at once, and so does every later one.
+
+        A thread blocked in a TCPStore call when the interpreter shuts down, whose call then returns (its store
+        closed), aborts the whole process ("terminate called without an active exception"): a process ends its
+        waits this way before it exits."""
+        self._broken = self._broken or f"{self.describe}: this client was closed"
+        for fd in self.sockets:
+            try:
+                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._calls.put(None)
 
     # c10d's Store --------------------------------------------------------------------------------------------------
@@ -130,8 +143,9 @@ class DeadlineStore(dist.Store):
 
     def clone(self) -> "DeadlineStore":
         """A second connection with the same deadlines (a thread that blocks in waits needs its own)."""
-        inner = self._connect() if self._connect is not None else self.inner.clone()
-        return DeadlineStore(inner, self._timeout, self.describe, self._connect)
+        if self._connect is None:
+            return DeadlineStore(self.inner.clone(), self._timeout, self.describe)
+        return connected(self._connect, self._timeout, self.describe)
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout
@@ -178,6 +192,28 @@ class DeadlineStore(dist.Store):
                 inner.set_timeout(before)
 
         return self._call("wait_for", blocking_get, wait_s=timeout_s)
+
+
+def connected(connect: Callable[[], dist.Store], timeout: timedelta, describe: str) -> DeadlineStore:
+    """A client made by ``connect()``, with deadlines, that knows its connection (see :meth:`DeadlineStore.close`)."""
+    before = set(_socket_fds())
+    inner = connect()
+    return DeadlineStore(inner, timeout, describe, connect, sockets=[fd for fd in _socket_fds() if fd not in before])
+
+
+def _socket_fds() -> List[int]:
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux: close() cannot cut a blocked call short
+        return []
+    found = []
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -343,6 +343,9 @@ class Supervisor:
             for child in (self.spare, self.active):
                 if child is not None:
                     child.end(grace_s=STOP_GRACE_S)
+            self.launcher.announce_spare(None)
+            if getattr(self, "signals", None) is not None:
+                self.signals.close()
 
     def _finished_before_the_store_closed(self) -> bool:
         """Whether the active trainer had said it finished and then exits cleanly: rank 0's supervisor closes the
@@ -443,5 +446,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + signal.SIGTERM
 
 
+def run_and_exit(argv: Optional[List[str]] = None) -> None:
+    """``main``, then leave without the interpreter's shutdown: a store client's thread may still be blocked in a
+    wait that the closing store ends, and such a thread aborts a shutting-down interpreter (see
+    :meth:`.DeadlineStore.close`)."""
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -127,7 +127,8 @@ class Job:
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"job did not finish in {timeout_s} s\n{self.tail()}")
         self.processes.finished = True
-        trainers = {int(f.read_text()) for f in (self.out / "pids").glob("rank*.pid")}
+        trainers = {int((self.out / "pids" / f"rank{r}.pid").read_text()) for r in range(self.world)
+                    if (self.out / "pids" / f"rank{r}.pid").exists()}
         assert trainers and trainers <= set(self.processes.seen), "the job's trainers were tracked by pid"
         if succeed:
             assert all(p.returncode == 0 for p in self.procs), self.tail()
@@ -396,7 +397,7 @@ def test_node_loss_and_join_of_a_replacement_machine(job_factory):
     job.wait()
     check_completed(job)
     rec = outage(job, [1])
-    assert rec["start"].startswith("first detection")
+    assert rec["start"] == "machine silent" and rec["silent_s"] > 0, rec
     assert "admitted a new machine" in job.tail(10**6)
     check_rebuilt(job, rec["generation"], {1: [0, 2]})
     assert time.time() - killed < 200
