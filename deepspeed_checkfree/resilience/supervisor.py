@@ -38,6 +38,7 @@ from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a
 from .etcd_client import StoreError
 from .heartbeat import HeartbeatPipe
 from .membership import JoinRefused, Membership, job_token, request_join
+from .network import set_gloo_interface
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
 
@@ -305,6 +306,9 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        if not set_gloo_interface(os.environ, master_addr=self.master_addr, store_url=self.store_url, rank=self.rank,
+                                  events=self.events, prefix=self._prefix()):
+            return STOPPED_EXIT_CODE  # (no trainer could reach the other machines: the fix is logged)
         self.connect()
         if self.args.pid_dir:
             os.makedirs(self.args.pid_dir, exist_ok=True)
