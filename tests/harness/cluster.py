@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
+from .etcd import EtcdCluster, require_etcd
 from .job import Job, world_info
 from .netns import Host, Hosts
 from .processes import LEFTOVER, close_all
@@ -51,6 +52,7 @@ class HostJob(Job):
         self.hosts, self.gloo_ifname, self.time_limit_s = hosts, gloo_ifname, time_limit_s
         self.master_addr = hosts[0].address
         self.host_of: Dict[int, Host] = {}  # where each rank's supervisor runs now
+        self.etcd: Optional[EtcdCluster] = None  # the job's etcd cluster, when the fixture started one
         if hostname_address is not None:
             for host in hosts:
                 host.resolve_hostname(hostname_address)
@@ -98,15 +100,25 @@ class HostJob(Job):
 
 @pytest.fixture
 def host_jobs(tmp_path, new_hosts) -> Iterator:
-    """A factory of jobs, each on a bed of its own: ``host_jobs(hosts=5, **HostJob kwargs)``. After the test it ends
-    every process of the jobs by pid and fails the test if one outlived a job that had finished."""
+    """A factory of jobs, each on a bed of its own: ``host_jobs(hosts=5, etcd=0, **HostJob kwargs)``; with ``etcd=k``
+    the job's store is an etcd cluster of k members on the bed's last k hosts (``job.etcd``), started first. After
+    the test it ends every process of the jobs by pid and fails the test if one outlived a job that had finished."""
     jobs: List[HostJob] = []
+    clusters: List[EtcdCluster] = []
 
-    def make(hosts: Optional[int] = None, **kwargs) -> HostJob:
+    def make(hosts: Optional[int] = None, etcd: int = 0, **kwargs) -> HostJob:
         home = tmp_path / f"job{len(jobs)}"
         home.mkdir()
-        bed = new_hosts(hosts or kwargs.get("world", 4))
+        bed = new_hosts(hosts or kwargs.get("world", 4) + etcd)
+        cluster = None
+        if etcd:
+            require_etcd()
+            (home / "etcd").mkdir()
+            cluster = EtcdCluster(home / "etcd", etcd, hosts=bed.hosts[-etcd:])
+            clusters.append(cluster)
+            kwargs["store"] = cluster.start().url
         jobs.append(HostJob(home, bed, **kwargs))
+        jobs[-1].etcd = cluster
         return jobs[-1]
 
     yield make
@@ -115,4 +127,6 @@ def host_jobs(tmp_path, new_hosts) -> Iterator:
     finally:
         for job in jobs:
             job.close()
+        for cluster in clusters:
+            cluster.close()
     assert not left, LEFTOVER + "\n".join(left)
