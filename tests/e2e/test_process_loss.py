@@ -40,7 +40,7 @@ class Job(harness_job.Job):
                  **kwargs) -> None:
         super().__init__(tmp, config, checkfree, **kwargs)
         assert self.cfg["checkfree"].get("lr_boost", LR_BOOST) == LR_BOOST
-        world, supervisor = self.world, self.supervisor
+        world, supervisor = self.world, self.supervisor_module
         if launcher == "deepspeed":
             self.procs.append(self.start([str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port",
                                           str(self.port), "--module", *supervisor]))

@@ -61,7 +61,7 @@ class HostJob(Job):
             self.procs.append(self.run_on(hosts[rank], rank, [
                 sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
                 f"--node_rank={rank}", f"--master_addr={self.master_addr}", f"--master_port={self.port}",
-                "--module", *self.supervisor]))
+                "--module", *self.supervisor_module]))
 
     def host_env(self, host: Host) -> Dict[str, str]:
         env = dict(self.env)

@@ -72,8 +72,9 @@ class Job:
             del self.env["DS_ACCELERATOR"]
         self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
                            "--out", str(self.out), *train_args]
-        self.supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.pid_dir), *supervisor_args,
-                           *self.train_args]  # what a launcher runs as --module / -m
+        # What a launcher runs as --module / -m.
+        self.supervisor_module = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.pid_dir),
+                                  *supervisor_args, *self.train_args]
         self.log = open(tmp / "job.log", "w+")
         self.procs: List[subprocess.Popen] = []  # the launchers: the job is over when they have exited
 
