@@ -42,6 +42,7 @@ from .coordinator import Coordinator
 from .etcd_client import StoreError
 from .joins import JoinRefused, request_join
 from .membership import Membership, job_token
+from .network import set_gloo_interface
 from .signal_watch import SignalWatch
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
@@ -290,6 +291,9 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        if not set_gloo_interface(os.environ, master_addr=self.master_addr, store_url=self.store_url, rank=self.rank,
+                                  events=self.events, prefix=self._prefix()):
+            return STOPPED_EXIT_CODE  # (no trainer could reach the other machines: the fix is logged)
         self.connect()
         if self.args.pid_dir:
             os.makedirs(self.args.pid_dir, exist_ok=True)

@@ -8,8 +8,6 @@ is tracked by pid; at the end the test ends those (and only those) and fails if 
 """
 from __future__ import annotations
 
-import base64
-import csv
 import json
 import os
 import signal
@@ -22,58 +20,27 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from deepspeed_checkfree.events import read_events
 from deepspeed_checkfree.resilience.contract import STORE_LOST_EXIT_CODE
 
+from ..harness import job as harness_job
+from ..harness.job import BIN, DETECTION_TIMEOUT_S, world_info
 from ..harness.oracle import (check_loss_falls, check_masters_refreshed, check_rebuild, check_same_state,
                               check_survivors_untouched, gradnorm_weights)
-from ..harness.ports import reserve_ports
-from ..harness.processes import LEFTOVER, ProcessTracker, close_all
-from ..harness.ranks import REPO, cpu_env, require_multi_process_marker
+from ..harness.processes import LEFTOVER, close_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STEPS = 22
-DETECTION_TIMEOUT_S = 4.0
 LR_BOOST = 1.1  # the configs' (default) boost of a rebuilt stage's learning rate
-BIN = Path(sys.executable).parent
 
 
-class Job:
-    """A running training job, every process it starts (tracked by pid), and what it wrote."""
+class Job(harness_job.Job):
+    """A job under one of the stock launchers on this machine, and its state dumps around each rebuild."""
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, launcher: str = "deepspeed",
-                 token: str = "e2e-token-1234", steps: int = STEPS, deepspeed: Optional[dict] = None,
-                 world: int = 4, train_args: Sequence[str] = (), accelerator: str = "cpu", dumps: bool = True,
-                 store: Optional[str] = None, supervisor_args: Sequence[str] = (),
-                 extra_env: Optional[Dict[str, str]] = None) -> None:
-        require_multi_process_marker()
-        self.steps, self.world = steps, world
-        cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
-        # Several ranks share 2 cores here: a timeout well above a step's longest wait keeps false alarms away.
-        cfg["checkfree"]["detection_timeout_s"] = DETECTION_TIMEOUT_S
-        cfg["checkfree"].update(checkfree or {})
-        assert cfg["checkfree"].get("lr_boost", LR_BOOST) == LR_BOOST
-        self.out = tmp / "out"
-        self.config = tmp / config
-        self.config.write_text(json.dumps(cfg))
-        self.ports = reserve_ports(2)  # MASTER_PORT, and the CheckFree store on MASTER_PORT + 1
-        self.port = self.ports.port
-        self.processes = ProcessTracker()
-        self.token = token
-        self.env = cpu_env({"CHECKFREE_JOB_TOKEN": token, **({"CHECKFREE_DUMP_DIR": str(self.out / "dumps")}
-                                                                if dumps else {})})
-        if store is not None:  # the supervisors' --store default, and the joiners'
-            self.env["CHECKFREE_STORE"] = store
-        self.env.update(extra_env or {})
-        if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
-            del self.env["DS_ACCELERATOR"]
-        self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
-                           "--out", str(self.out), *train_args]
-        self.log = open(tmp / "job.log", "w+")
-        self.procs: List[subprocess.Popen] = []  # the launchers: the job is over when they have exited
-        supervisor = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.out / "pids"), *supervisor_args,
-                      *self.train_args]
+                 **kwargs) -> None:
+        super().__init__(tmp, config, checkfree, **kwargs)
+        assert self.cfg["checkfree"].get("lr_boost", LR_BOOST) == LR_BOOST
+        world, supervisor = self.world, self.supervisor_module
         if launcher == "deepspeed":
             self.procs.append(self.start([str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port",
                                           str(self.port), "--module", *supervisor]))
@@ -82,7 +49,7 @@ class Job:
                                           str(self.port), "-m", *supervisor]))
         elif launcher == "nodes":
             # One DeepSpeed node launcher per rank, as the multi-node runner starts on each machine.
-            info = base64.urlsafe_b64encode(json.dumps({f"node{i}": [0] for i in range(4)}).encode()).decode()
+            info = world_info(4)
             for node in range(4):
                 self.procs.append(self.start(
                     [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
@@ -90,66 +57,6 @@ class Job:
                      *supervisor], new_session=True))
         else:
             raise ValueError(launcher)
-
-    def start(self, cmd: Sequence[str], env: Optional[Dict[str, str]] = None, new_session: bool = False,
-              **kwargs) -> subprocess.Popen:
-        """Start a process of this job (tracked, with everything it starts)."""
-        kwargs.setdefault("stdout", self.log)
-        kwargs.setdefault("stderr", subprocess.STDOUT)
-        return self.processes.popen(cmd, env=env or self.env, cwd=REPO, start_new_session=new_session, **kwargs)
-
-    def join_command(self, rank: int, *extra: str) -> List[str]:
-        """A supervisor that joins the running job as ``rank`` (a new machine)."""
-        return [sys.executable, "-m", "deepspeed_checkfree.supervisor", "--join", "--rank", str(rank),
-                "--world-size", str(self.world), "--master-addr", "127.0.0.1", "--master-port", str(self.port),
-                *extra, *self.train_args]
-
-    def steps_done(self) -> int:
-        path = self.out / "metrics.csv"
-        return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
-
-    def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.steps_done() < step:
-            assert all(p.poll() is None for p in self.procs), self.tail()
-            assert time.monotonic() < deadline, f"no step {step} after {timeout_s} s\n{self.tail()}"
-            time.sleep(0.05)
-
-    def kill_trainer(self, rank: int) -> None:
-        os.kill(int((self.out / "pids" / f"rank{rank}.pid").read_text()), signal.SIGKILL)
-
-    def wait(self, timeout_s: float = 300, succeed: bool = True) -> None:
-        """Wait for the launchers to exit (and, with ``succeed``, assert they all exited 0)."""
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"job did not finish in {timeout_s} s\n{self.tail()}")
-        self.processes.finished = True
-        trainers = {int((self.out / "pids" / f"rank{r}.pid").read_text()) for r in range(self.world)
-                    if (self.out / "pids" / f"rank{r}.pid").exists()}
-        assert trainers and trainers <= set(self.processes.seen), "the job's trainers were tracked by pid"
-        if succeed:
-            assert all(p.returncode == 0 for p in self.procs), self.tail()
-
-    def close(self) -> None:
-        """Free the job's ports and log (its processes are ended by the fixture, by pid)."""
-        self.ports.release()
-        self.log.close()
-
-    def tail(self, n: int = 6000) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-n:]
-
-    # what the job wrote -------------------------------------------------------------------------------------
-
-    def metrics(self) -> List[dict]:
-        return list(csv.DictReader(open(self.out / "metrics.csv")))
-
-    def events(self) -> List[dict]:
-        return read_events(str(self.out / "events.jsonl"))
 
     def dump(self, generation: int, when: str, rank: int) -> dict:
         return torch.load(self.out / "dumps" / f"g{generation}-{when}-rank{rank}.pt", weights_only=False)

@@ -1,6 +1,6 @@
-"""A real etcd cluster on loopback for the tests: N members (3 by default), each with its own data directory and
-ports from :mod:`.ports`, started, waited for until healthy, killed member by member or all at once, and ended by
-pid with none left.
+"""A real etcd cluster for the tests: N members (3 by default), each with its own data directory and ports from
+:mod:`.ports`, on loopback or one member per machine of a network-namespace bed (``hosts``), started, waited for until
+healthy, killed member by member or all at once, and ended by pid with none left.
 
 The ``etcd_cluster`` fixture (module-scoped, shared by a module's tests) and ``new_etcd_cluster`` (a factory for
 tests that break their cluster) skip when the ``etcd`` binary is missing, except under CI (``CI=true``), where
@@ -37,17 +37,25 @@ def etcd_binary() -> Optional[str]:
 class EtcdCluster:
     """``members`` etcd processes forming one cluster under ``root``.
 
+    Args:
+        hosts: run member i on ``hosts[i]`` (a :class:`.netns.Host`), listening on its address; default: every
+            member on 127.0.0.1.
+
     Attributes:
-        client_ports: each member's client port on 127.0.0.1, in member order.
+        addresses: each member's address, in member order.
+        client_ports: each member's client port, in member order.
     """
 
     def __init__(self, root: Path, members: int = 3, extra_args: Sequence[str] = (),
-                 tls: Optional["TLSFiles"] = None) -> None:
+                 tls: Optional["TLSFiles"] = None, hosts: Optional[Sequence] = None) -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError(f"no etcd binary on PATH: {INSTALL_HINT}")
         require_multi_process_marker()
         self.binary, self.root, self.extra_args = binary, root, tuple(extra_args)
+        assert hosts is None or (len(hosts) >= members and tls is None), "one host per member, and no TLS on hosts"
+        self.hosts = hosts
+        self.addresses = [h.address for h in hosts[:members]] if hosts else ["127.0.0.1"] * members
         self.ports = reserve_ports(2 * members)
         self.client_ports = [self.ports.port + 2 * i for i in range(members)]
         self.peer_ports = [self.ports.port + 2 * i + 1 for i in range(members)]
@@ -60,15 +68,16 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> List[str]:
-        return [f"127.0.0.1:{p}" for p in self.client_ports]
+        return [f"{a}:{p}" for a, p in zip(self.addresses, self.client_ports)]
 
     @property
     def url(self) -> str:
         return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
     def _command(self, i: int) -> List[str]:
-        peers = ",".join(f"m{j}=http://127.0.0.1:{p}" for j, p in enumerate(self.peer_ports))
-        client, peer = f"{self.scheme}://127.0.0.1:{self.client_ports[i]}", f"http://127.0.0.1:{self.peer_ports[i]}"
+        peers = ",".join(f"m{j}=http://{a}:{p}" for j, (a, p) in enumerate(zip(self.addresses, self.peer_ports)))
+        client = f"{self.scheme}://{self.addresses[i]}:{self.client_ports[i]}"
+        peer = f"http://{self.addresses[i]}:{self.peer_ports[i]}"
         tls = ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key), "--client-cert-auth",
                "--trusted-ca-file", str(self.tls.ca_cert)] if self.tls else []
         return [self.binary, "--name", f"m{i}", "--data-dir", str(self.root / f"m{i}.etcd"),
@@ -81,8 +90,10 @@ class EtcdCluster:
         """Start (or restart, on its existing data directory) member ``i``."""
         assert self.procs[i] is None or self.procs[i].poll() is not None, f"member {i} already runs"
         log = open(self.logs[i], "a")
-        self.procs[i] = self.tracker.popen(self._command(i), env=dict(os.environ), stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        start = self.hosts[i].popen if self.hosts else self.tracker.popen
+        kwargs = {"tracker": self.tracker} if self.hosts else {}
+        self.procs[i] = start(self._command(i), env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, **kwargs)
         log.close()
 
     def start(self, timeout_s: float = 30.0) -> "EtcdCluster":
@@ -100,14 +111,14 @@ class EtcdCluster:
 
     def healthy(self, i: int) -> bool:
         try:
-            with self._open(f"{self.scheme}://127.0.0.1:{self.client_ports[i]}/health", timeout=1) as r:
+            with self._open(f"{self.scheme}://{self.endpoints[i]}/health", timeout=1) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
 
     def status(self, i: int) -> dict:
         """Member ``i``'s status (its ``leader`` and own ``header.member_id``) from the v3 gateway."""
-        req = urllib.request.Request(f"{self.scheme}://127.0.0.1:{self.client_ports[i]}/v3/maintenance/status",
+        req = urllib.request.Request(f"{self.scheme}://{self.endpoints[i]}/v3/maintenance/status",
                                      data=b"{}", headers={"Content-Type": "application/json"})
         with self._open(req, timeout=2) as r:
             return json.loads(r.read())
@@ -184,7 +195,7 @@ class TLSFiles:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
 
 
-def _require_binary() -> None:
+def require_etcd() -> None:
     if etcd_binary() is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the etcd tests, but no etcd binary is on PATH: {INSTALL_HINT}")
@@ -194,7 +205,7 @@ def _require_binary() -> None:
 @pytest.fixture(scope="module")
 def etcd_cluster(tmp_path_factory) -> Iterator[EtcdCluster]:
     """A healthy 3-member cluster shared by the tests of a module (a test must leave it healthy)."""
-    _require_binary()
+    require_etcd()
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
     try:
         yield cluster.start()
@@ -204,14 +215,16 @@ def etcd_cluster(tmp_path_factory) -> Iterator[EtcdCluster]:
 
 @pytest.fixture
 def new_etcd_cluster(tmp_path) -> Iterator:
-    """A factory of clusters owned by one test (to kill members of): ``new_etcd_cluster(members=3, tls=None)``."""
-    _require_binary()
+    """A factory of clusters owned by one test (to kill members of): ``new_etcd_cluster(members=3, tls=None,
+    hosts=None)`` (``hosts``: one member per machine of a :mod:`.netns` bed)."""
+    require_etcd()
     made: List[EtcdCluster] = []
 
-    def make(members: int = 3, extra_args: Sequence[str] = (), tls: Optional[TLSFiles] = None) -> EtcdCluster:
+    def make(members: int = 3, extra_args: Sequence[str] = (), tls: Optional[TLSFiles] = None,
+             hosts: Optional[Sequence] = None) -> EtcdCluster:
         root = tmp_path / f"etcd{len(made)}"
         root.mkdir()
-        made.append(EtcdCluster(root, members, extra_args, tls))
+        made.append(EtcdCluster(root, members, extra_args, tls, hosts))
         return made[-1].start()
 
     try:
