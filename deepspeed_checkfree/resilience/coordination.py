@@ -9,7 +9,6 @@ joins, deleting finished generations' keys) go to a leader elected through the s
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from datetime import timedelta
@@ -22,7 +21,7 @@ from ..core.fault_policy import COMMUNICATION, classify
 from ..errors import ConfigError
 from ..events import EventLog
 from .contract import (LEADER_KEY, LEASE_INTERVAL_S, STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV,
-                       generation_prefix, lease_key)
+                       deepspeed_config_path, generation_prefix, lease_key, read_deepspeed_config)
 from .etcd_store import EtcdStore
 from .membership import JoinRefused, JoinReviewer, Membership, connect_store, host_store
 from .store_address import parse_store_url
@@ -98,20 +97,14 @@ def configured_store(script_args: Sequence[str]) -> Tuple[Optional[str], Optiona
     Raises:
         ConfigError: ``checkfree.store`` is not a string.
     """
-    path = None
-    for i, arg in enumerate(script_args):
-        if arg in ("--deepspeed_config", "--deepspeed-config") and i + 1 < len(script_args):
-            path = script_args[i + 1]
-        elif arg.startswith(("--deepspeed_config=", "--deepspeed-config=")):
-            path = arg.split("=", 1)[1]
+    path = deepspeed_config_path(script_args)
     if path is None:
         return None, None
     try:
-        with open(path) as f:
-            ds_config = json.load(f)
-    except (OSError, ValueError):
+        ds_config = read_deepspeed_config(script_args)
+    except ConfigError:
         return None, path
-    section = ds_config.get("checkfree") if isinstance(ds_config, dict) else None
+    section = ds_config.get("checkfree")
     if isinstance(section, str):  # a YAML/JSON file of its own: parsed by the schema (which imports DeepSpeed)
         from ..core.config import CheckFreeConfig
         try:

@@ -82,13 +82,15 @@ class ResilientTrainer:
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.engine: Optional[CheckFreeEngine] = None
         if is_spare():
-            # A warm spare: everything is imported and prepared (what building the engine imports, too; with
-            # spare_builds_engine, the engine itself, in the solo world); wait until the supervisor activates it in
-            # place of a trainer that died, which saves the replacement the seconds of start-up.
+            # A warm spare: everything is imported and prepared (what building the engine imports and the compiled
+            # ops it loads, too; with spare_builds_engine, the engine itself, in the solo world); wait until the
+            # supervisor activates it in place of a trainer that died, which saves the replacement the seconds of
+            # start-up.
             if self.config.spare_builds_engine:
                 self.engine = self._build(solo=True)
             else:
                 ds_internals.prewarm_engine_imports()
+                ds_internals.prewarm_engine_ops(ds_config)  # e.g. FusedAdam: never loaded in the outage
             prepare_client()
             incarnation = read_activation(sys.stdin)
             if incarnation is None:
