@@ -286,6 +286,14 @@ def spare_pid_file(pid_dir: str, rank: int) -> str:
     return os.path.join(pid_dir, f"rank{rank}.spare.pid")
 
 
+def write_pid_file(path: str, pid: int) -> None:
+    """Replace the pid file at ``path`` in one step (a reader never sees it half written)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.replace(path + ".tmp", path)
+
+
 def supervisor_pid_file(pid_dir: str, rank: int) -> str:
     """Where ``rank``'s supervisor writes its own pid (``--pid-dir``)."""
     return os.path.join(pid_dir, f"supervisor{rank}.pid")

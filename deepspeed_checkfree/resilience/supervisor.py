@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..events import EventLog, identity
 from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
                        STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
-                       TrainerDeath, activation_line, pid_file, started_file, supervisor_pid_file, trainer_env)
+                       TrainerDeath, activation_line, pid_file, spare_pid_file, started_file, supervisor_pid_file,
+                       trainer_env, write_pid_file)
 from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, choose_store,
                            describe_store, is_store_failure, open_store)
 from .etcd_client import StoreError
@@ -69,8 +70,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--lease-timeout", type=float, default=LEASE_TIMEOUT_S,
                    help="rank 0: a supervisor silent this long is gone, and a join for its rank is admitted")
     p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
-                   help="write the active trainer's pid to PID_DIR/rank<R>.pid, this supervisor's to "
-                        "supervisor<R>.pid and every started process to rank<R>.started (for demos and tests)")
+                   help=f"write pid files to this folder (default: ${PID_DIR_ENV}): rank<R>.pid holds the pid of rank "
+                        f"R's active trainer (the process to kill -9 to try a recovery; a replacement takes it "
+                        f"over), rank<R>.spare.pid its warm spare's, supervisor<R>.pid this supervisor's, and "
+                        f"rank<R>.started one 'ROLE PID' line per process it started")
     p.add_argument("--events-file", default=os.environ.get(SUPERVISOR_EVENTS_ENV),
                    help="append supervisor events (trainer deaths, hangs, spares, joins, stops) here as JSON lines")
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -186,6 +189,8 @@ class Supervisor:
                                  pass_fds=(pipe.write_fd,))
         pipe.started()
         self._record_pid("spare" if spare else "trainer", popen.pid)
+        if spare and self.args.pid_dir:
+            write_pid_file(spare_pid_file(self.args.pid_dir, self.rank), popen.pid)
         return Child(popen, pipe, spare)
 
     def _activate(self, incarnation: int) -> Child:
@@ -211,11 +216,7 @@ class Supervisor:
     def _announce(self, child: Child, incarnation: int) -> None:
         self.membership.record_trainer(self.rank, incarnation, child.pid)
         if self.args.pid_dir:
-            os.makedirs(self.args.pid_dir, exist_ok=True)
-            path = pid_file(self.args.pid_dir, self.rank)
-            with open(path + ".tmp", "w") as f:
-                f.write(str(child.pid))
-            os.replace(path + ".tmp", path)
+            write_pid_file(pid_file(self.args.pid_dir, self.rank), child.pid)
 
     def _check_spare(self) -> None:
         if self.spare is None or self.spare.poll() is None:
@@ -231,6 +232,8 @@ class Supervisor:
                           reason=decision.reason, new_spare_pid=self.spare.pid if self.spare is not None else None)
         if self.spare is None:
             self.keep_spare = False
+            if self.args.pid_dir:
+                os.remove(spare_pid_file(self.args.pid_dir, self.rank))
 
     # ------------------------------------------------------------------------------------------------------
     # The job's store: lease, joins, stop, fresh start
