@@ -294,6 +294,14 @@ def write_pid_file(path: str, pid: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file at ``path`` (its process is gone and has no successor); gone already is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def supervisor_pid_file(pid_dir: str, rank: int) -> str:
     """Where ``rank``'s supervisor writes its own pid (``--pid-dir``)."""
     return os.path.join(pid_dir, f"supervisor{rank}.pid")

@@ -32,8 +32,8 @@ from ..errors import ConfigError
 from ..events import EventLog, identity
 from .contract import (JOIN_REFUSED_EXIT_CODE, LEASE_TIMEOUT_S, PID_DIR_ENV, STOPPED_EXIT_CODE,
                        STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV, SUPERVISOR_EVENTS_ENV,
-                       TrainerDeath, activation_line, pid_file, spare_pid_file, started_file, supervisor_pid_file,
-                       trainer_env, write_pid_file)
+                       TrainerDeath, activation_line, pid_file, remove_pid_file, spare_pid_file, started_file,
+                       supervisor_pid_file, trainer_env, write_pid_file)
 from .coordination import (Coordinator, StoreLost, check_job_exists, check_not_a_previous_run, choose_store,
                            describe_store, is_store_failure, open_store)
 from .etcd_client import StoreError
@@ -233,7 +233,7 @@ class Supervisor:
         if self.spare is None:
             self.keep_spare = False
             if self.args.pid_dir:
-                os.remove(spare_pid_file(self.args.pid_dir, self.rank))
+                remove_pid_file(spare_pid_file(self.args.pid_dir, self.rank))
 
     # ------------------------------------------------------------------------------------------------------
     # The job's store: lease, joins, stop, fresh start

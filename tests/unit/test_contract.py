@@ -62,6 +62,9 @@ def test_a_pid_file_is_replaced_whole(tmp_path):
     contract.write_pid_file(path, 123)
     contract.write_pid_file(path, 4567)
     assert open(path).read() == "4567" and sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["rank1.spare.pid"]
+    contract.remove_pid_file(path)
+    contract.remove_pid_file(path)  # (gone already: fine)
+    assert not any((tmp_path / "pids").iterdir())
 
 
 @pytest.mark.parametrize("args", [["--deepspeed_config", "X"], ["--deepspeed-config", "X"], ["--deepspeed_config=X"],
