@@ -1,9 +1,19 @@
 """deepspeed_checkfree: checkpoint-free recovery of lost pipeline stages for DeepSpeed and Megatron."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def read_version() -> str:
+    """The package's ``__version__`` (one definition: ``checkfree --version`` prints the same)."""
+    init = (Path(__file__).resolve().parent / "deepspeed_checkfree" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"$', init, re.MULTILINE).group(1)
+
 
 setup(
     name="deepspeed_checkfree",
-    version="0.1.0",
+    version=read_version(),
     description="CheckFree / CheckFree+: rebuild a lost pipeline stage from its neighbours, without checkpoints",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -52,12 +52,63 @@ def read_events(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# ``checkfree events FILE``: summarise a JSON-lines events file (detections and recoveries) as a table.
+# ``checkfree events FILE``: summarise a JSON-lines events file (detections and recoveries) as a table. Standard
+# library only, like the rest of this module: the command loads neither torch nor DeepSpeed.
 def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("events", help="summarise a CheckFree events file", description=__doc__)
-    p.add_argument("path", help="events.jsonl written by the engine (checkfree.events_file)")
+    p = subparsers.add_parser(
+        "events", help="summarise a CheckFree events file",
+        description="Print the records of a CheckFree events file (JSON lines: every detection, rebuild, outage "
+                    "and stop) as a table.",
+        epilog="Columns: the step (an outage's replayed step), the event, the rank(s) and stage(s) it concerns, "
+               "seconds (a rebuild's duration, or an outage's length from the trainer's death to the first step "
+               "of the re-formed job) and the details.")
+    p.add_argument("path", help="events.jsonl written by the engine (checkfree.events_file) or the supervisor "
+                                "(--events-file)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list instead of a table")
     p.set_defaults(func=run)
+
+
+SECONDS_FIELDS = ("outage_s", "duration_s", "silent_s")  # the first one a record has goes in the seconds column
+SHOWN_FIELDS = {"event", "time", "step", "replayed_step", "rank", "lost_ranks", "stage", "lost_stages",
+                *SECONDS_FIELDS}
+OUTAGE_PHASES = (("detected", "detected_s"), ("re-joined", "rejoined_s"), ("rebuilt", "rebuilt_s"),
+                 ("resumed", "resumed_s"))
+DETAIL_WIDTH = 110
+
+
+def _ids(value: Any) -> str:
+    if value is None:
+        return ""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def describe(record: dict) -> str:
+    """The details column of ``record``: what the columns before it do not say."""
+    event = record.get("event")
+    if event == "recovery" and "strategy" in record:
+        text = f"{record['strategy']} from stage(s) {_ids(record.get('sources'))}"
+        if record.get("weights"):
+            text += " weights " + ",".join(f"{w:.3f}" for w in record["weights"])
+        if record.get("lr_after"):
+            text += " lr " + ",".join(f"{lr:.3g}" for lr in record["lr_after"])
+        return text
+    if event == "outage":
+        phases = ", ".join(f"{name} {record[key]:.3f}" for name, key in OUTAGE_PHASES if record.get(key) is not None)
+        return (f"generation {record.get('generation')}: {phases} s after the {record.get('start')}; "
+                f"{record.get('lost_steps')} lost steps")
+    rest = " ".join(f"{k}={v}" for k, v in record.items() if k not in SHOWN_FIELDS)
+    return rest if len(rest) <= DETAIL_WIDTH else rest[:DETAIL_WIDTH - 3] + "..."
+
+
+def table(records: list) -> str:
+    """``records`` as the table ``checkfree events`` prints."""
+    lines = [f"{'step':>6} {'event':<17} {'rank':>5} {'stage':>5} {'seconds':>8}  details"]
+    for r in records:
+        step = r.get("step", r.get("replayed_step"))
+        seconds = next((f"{r[k]:.3f}" for k in SECONDS_FIELDS if isinstance(r.get(k), (int, float))), "")
+        lines.append(f"{_ids(step):>6} {str(r.get('event')):<17} {_ids(r.get('rank', r.get('lost_ranks'))):>5} "
+                     f"{_ids(r.get('stage', r.get('lost_stages'))):>5} {seconds:>8}  {describe(r)}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +120,5 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as err:
         print(f"checkfree events: {args.path!r} is not JSON lines (line {err.lineno}): {err.msg}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return 0
-    print(f"{'step':>6} {'event':<12} {'stage':>5} {'strategy':<17} {'sources':<10} {'weights':<18} {'seconds':>8}")
-    for r in records:
-        weights = ",".join(f"{w:.3f}" for w in r.get("weights", []))
-        sources = ",".join(str(s) for s in r.get("sources", []))
-        seconds = r.get("duration_s", "")
-        print(f"{r.get('step', ''):>6} {r['event']:<12} {r.get('stage', ''):>5} {r.get('strategy', ''):<17} "
-              f"{sources:<10} {weights:<18} {seconds!s:>8}")
+    print(json.dumps(records, indent=2) if args.json else table(records))
     return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Demo: train the small GPT on 4 CPU pipeline stages with the stock deepspeed launcher, lose a stage, rebuild it
-# from its neighbours and keep training.
+# from its neighbours and keep training. The same as `checkfree demo` (python -m deepspeed_checkfree.demo), with
+# the configs of this clone.
 #
 #   bash launch/demo.sh                                   # CheckFree: stage 2 loses its state at step 30 (injected)
 #   CONFIG=configs/checkfree_plus_first.json bash launch/demo.sh   # CheckFree+: the FIRST stage is lost
@@ -26,38 +27,9 @@ MASTER_PORT=${MASTER_PORT:-29650}
 PYTHON_BIN=${PYTHON_BIN:-$(command -v python)}
 TIMEOUT_S=${TIMEOUT_S:-900}
 
-# CPU: one thread per rank (2 cores are shared by all ranks; without this a step is ~30x slower).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-# Every rank, and any machine that joins later, must present the job's token.
-export CHECKFREE_JOB_TOKEN=${CHECKFREE_JOB_TOKEN:-$("$PYTHON_BIN" -c 'import secrets; print(secrets.token_hex(16))')}
-
-mkdir -p "$OUT"
-rm -f "$OUT/events.jsonl" "$OUT/metrics.csv"
-DEEPSPEED="$(dirname "$PYTHON_BIN")/deepspeed"
-# On CPU DeepSpeed counts one device, so --num_gpus is what starts STAGES ranks.
-LAUNCH=("$DEEPSPEED" --num_gpus "$STAGES" --master_port "$MASTER_PORT")
-TRAIN=(launch/train.py --deepspeed_config "$CONFIG" --steps "$STEPS" --stages "$STAGES" --out "$OUT")
-
-if [ -z "$KILL_STAGE" ]; then
-    timeout "$TIMEOUT_S" "${LAUNCH[@]}" "${TRAIN[@]}"
-else
-    timeout "$TIMEOUT_S" "${LAUNCH[@]}" --module deepspeed_checkfree.supervisor --pid-dir "$OUT/pids" "${TRAIN[@]}" &
-    JOB=$!
-    # Wait until rank 0 has logged KILL_STEP steps, then kill the trainer of KILL_STAGE (rank = stage here). The
-    # supervisor writes that pid to --pid-dir as rank<R>.pid (pid_file in deepspeed_checkfree/resilience/contract.py).
-    until [ -f "$OUT/metrics.csv" ] && [ "$(tail -n +2 "$OUT/metrics.csv" | wc -l)" -ge "$KILL_STEP" ]; do
-        kill -0 "$JOB" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$JOB" 2>/dev/null; then
-        echo ">>> kill -9 of stage $KILL_STAGE's trainer (pid $(cat "$OUT/pids/rank$KILL_STAGE.pid")) after step $((KILL_STEP - 1))"
-        kill -9 "$(cat "$OUT/pids/rank$KILL_STAGE.pid")"
-    fi
-    wait "$JOB"
-fi
-
-if [ -s "$OUT/events.jsonl" ]; then
-    echo "--- events ($OUT/events.jsonl) ---"
-    cat "$OUT/events.jsonl"
-fi
+ARGS=(--config "$CONFIG" --stages "$STAGES" --steps "$STEPS" --out "$OUT" --master-port "$MASTER_PORT"
+      --timeout "$TIMEOUT_S")
+if [ -n "$KILL_STAGE" ]; then ARGS+=(--kill-stage "$KILL_STAGE" --kill-step "$KILL_STEP"); fi
+# (the demo ends everything it started after TIMEOUT_S; timeout(1) is the backstop for the demo itself)
+timeout "$((${TIMEOUT_S%.*} + 60))" \
+    "$PYTHON_BIN" -m deepspeed_checkfree.demo "${ARGS[@]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.harness import ranks
+from tests.harness.ops import ensure_op_built
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -33,3 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
     skip = pytest.mark.skip(reason="needs a GPU; this machine has none")
     for item in gpu_tests:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fused_adam_op() -> str:
+    """DeepSpeed's FusedAdam op, built once per machine before the tests that load it (a fresh machine pays the JIT
+    build here, about a minute on 2 cores, instead of inside a timed job)."""
+    return ensure_op_built("FusedAdamBuilder")

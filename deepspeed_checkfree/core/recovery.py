@@ -1,7 +1,7 @@
 """Recovery decisions and math, with no process group: which stages rebuild a lost stage, with which weights, and
 how their parameters are matched and blended.
 
-The rule (arXiv 2506.15461, section 2 of shared notes): W_i = (w_prev W_{i-1} + w_next W_{i+1}) / (w_prev + w_next)
+The rule (arXiv 2506.15461, CheckFree): W_i = (w_prev W_{i-1} + w_next W_{i+1}) / (w_prev + w_next)
 with w = |g| + eps, |g| the neighbour's gradient norm at its last optimizer step.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""``checkfree experiment CONFIG.yaml --out DIR``: the paper's comparison of recovery strategies under one seeded
-failure plan (arXiv 2506.15461, sections 4-5 of the shared notes), on one model and one data order.
+"""``checkfree experiment CONFIG.yaml --out DIR``: the comparison of recovery strategies of arXiv 2506.15461
+under one seeded failure plan (the paper's failure model), on one model and one data order.
 
 Modules: :mod:`.config` (the ``experiment:`` file), :mod:`.simulated` (the pipeline in one process),
 :mod:`.strategies` (what each strategy does on a failure), :mod:`.clock` (the wall-clock model), :mod:`.runner`

@@ -1,8 +1,8 @@
 """The wall-clock model: turns each strategy's executed iterations, checkpoints and recoveries into seconds.
 
 Pure (no torch). The paper compares recovery methods by the time to reach a validation loss, with a cost model of
-its own (activations over ~0.1 GiB/s, gradients over ~0.2 GiB/s, checkpoints to storage at link speed; section 5
-of the shared notes). This module is that model, every term a documented parameter (``wall_clock:`` section):
+its own (activations over ~0.1 GiB/s, gradients over ~0.2 GiB/s, checkpoints to storage at link speed). This
+module is that model, every term a documented parameter (``wall_clock:`` section):
 
 - failure-free iteration: ``iteration_time_s`` given, or measured (:func:`pipelined_iteration`);
 - redundant computation (Bamboo): every stage also runs its successor's forward, ``+ redundant_extra_compute x

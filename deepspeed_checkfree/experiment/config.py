@@ -37,7 +37,7 @@ SHORTHANDS: Dict[str, Dict[str, Any]] = {
     "checkpoint": {"kind": "checkpoint", "every": 50},
     "redundant": {"kind": "redundant"},
 }
-# The paper's full comparison (section 5 of the shared notes), in plotting order.
+# The paper's full comparison (arXiv 2506.15461, its experiments), in plotting order.
 DEFAULT_STRATEGIES = ["no_failure", "gradnorm_average", "checkfree_plus", "uniform_average", "copy", "random",
                       "checkpoint_50", "redundant"]
 

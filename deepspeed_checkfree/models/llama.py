@@ -1,6 +1,6 @@
 """A LLaMA-style decoder (RMSNorm, rotary positions, SwiGLU) as three layer types: embedding | blocks | head.
 
-The paper's experiments train LLaMA models (arXiv 2506.15461, section 5 of the shared notes). The same classes are
+The paper's experiments train LLaMA models (arXiv 2506.15461). The same classes are
 used in one process (the experiment's simulated pipeline) and as DeepSpeed ``LayerSpec``s (:func:`pipeline_module`,
 :func:`plus_pipeline_module`), so both paths train the same layers. Every parameter is created by a torch module
 whose ``reset_parameters`` reproduces its construction-time initialisation, which keeps the ``random`` ablation a

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from .contract import activation_line, pid_file, started_file, trainer_env
+from .contract import (activation_line, pid_file, remove_pid_file, spare_pid_file, started_file, trainer_env,
+                       write_pid_file)
 from .heartbeat import HeartbeatPipe
 
 
@@ -25,25 +26,6 @@ def cause_of(returncode: int) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit code {returncode}"
-
-
-def spare_pid_file(pid_dir: str, rank: int) -> str:
-    """Where the supervisor writes the pid of ``rank``'s warm spare (``--pid-dir``)."""
-    return os.path.join(pid_dir, f"rank{rank}.spare.pid")
-
-
-def write_pid(path: str, pid: Optional[int]) -> None:
-    """Write (or, with None, remove) a pid file atomically."""
-    if pid is None:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(str(pid))
-    os.replace(path + ".tmp", path)
 
 
 class Child:
@@ -131,8 +113,11 @@ class Launcher:
 
     def announce_active(self, pid: int) -> None:
         if self.pid_dir:
-            write_pid(pid_file(self.pid_dir, self.rank), pid)
+            write_pid_file(pid_file(self.pid_dir, self.rank), pid)
 
     def announce_spare(self, pid: Optional[int]) -> None:
         if self.pid_dir:
-            write_pid(spare_pid_file(self.pid_dir, self.rank), pid)
+            if pid is None:
+                remove_pid_file(spare_pid_file(self.pid_dir, self.rank))
+            else:
+                write_pid_file(spare_pid_file(self.pid_dir, self.rank), pid)

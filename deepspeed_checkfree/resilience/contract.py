@@ -1,15 +1,19 @@
 """The contract between the per-rank supervisor and the trainer it starts: environment variables, exit codes, the
-warm spare's activation line, the job store's key names and the files the supervisor and the trainer write for
-demos and tests. Both sides import these names; no other module spells the strings. Standard library only, so
-any layer may import it.
+warm spare's activation line, the job store's key names, the files the supervisor writes (``--pid-dir``) and where
+both find the DeepSpeed config on the script's command line. Both sides import these names; no other module
+spells the strings. Standard library only (and this package's errors), so any layer may import it.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
+import sys
 from dataclasses import dataclass
-from typing import Dict, Mapping, MutableMapping, Optional, TextIO
+from typing import Dict, Mapping, MutableMapping, Optional, Sequence, TextIO
+
+from ..errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Environment variables
@@ -289,12 +293,76 @@ class TrainerDeath:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Files for demos and tests
+# The DeepSpeed config on the training script's command line
+# ---------------------------------------------------------------------------------------------------------------
+
+DS_CONFIG_FLAGS = ("--deepspeed_config", "--deepspeed-config")  # DeepSpeed's own flag (add_config_arguments)
+
+
+def deepspeed_config_path(script_args: Sequence[str]) -> Optional[str]:
+    """The DeepSpeed config file a training script is given: ``--deepspeed_config PATH`` (also ``--deepspeed-config``,
+    and either with ``=PATH``; the last one counts, as with argparse); None without one."""
+    path = None
+    for i, arg in enumerate(script_args):
+        if arg in DS_CONFIG_FLAGS and i + 1 < len(script_args):
+            path = script_args[i + 1]
+        elif arg.startswith(tuple(f + "=" for f in DS_CONFIG_FLAGS)):
+            path = arg.split("=", 1)[1]
+    return path
+
+
+def read_deepspeed_config(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """The DeepSpeed config (a JSON file) named by ``--deepspeed_config`` in ``argv`` (default: this process's
+    arguments), for a script that hands its config only to ``deepspeed.initialize``; None without the flag.
+
+    Raises:
+        ConfigError: the file cannot be read, or does not hold a JSON object.
+    """
+    path = deepspeed_config_path(sys.argv[1:] if argv is None else argv)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read the DeepSpeed config {path!r} given by --deepspeed_config: "
+                          f"{err.strerror or err}") from err
+    except ValueError as err:
+        raise ConfigError(f"the DeepSpeed config {path!r} given by --deepspeed_config is not JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"the DeepSpeed config {path!r} given by --deepspeed_config must hold a JSON object "
+                          f"({{\"train_batch_size\": ...}}), not a {type(config).__name__}")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files the supervisor writes (--pid-dir)
 # ---------------------------------------------------------------------------------------------------------------
 
 def pid_file(pid_dir: str, rank: int) -> str:
-    """Where the supervisor writes the pid of ``rank``'s active trainer (``--pid-dir``)."""
+    """Where the supervisor writes the pid of ``rank``'s active trainer (``--pid-dir``): the process to kill."""
     return os.path.join(pid_dir, f"rank{rank}.pid")
+
+
+def spare_pid_file(pid_dir: str, rank: int) -> str:
+    """Where the supervisor writes the pid of ``rank``'s warm spare (``--pid-dir``); absent while it has none."""
+    return os.path.join(pid_dir, f"rank{rank}.spare.pid")
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Replace the pid file at ``path`` in one step (a reader never sees it half written)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.replace(path + ".tmp", path)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file at ``path`` (its process is gone and has no successor); gone already is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def supervisor_pid_file(pid_dir: str, rank: int) -> str:

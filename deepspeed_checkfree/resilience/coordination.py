@@ -9,7 +9,6 @@ job-level duties go to a leader elected through the store.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -20,7 +19,8 @@ import torch.distributed as dist
 
 from ..core.fault_policy import COMMUNICATION, classify
 from ..errors import ConfigError
-from .contract import STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV, lease_key
+from .contract import (STORE_ADDR_ENV, STORE_PORT_ENV, STORE_URL_ENV, TOKEN_ENV, deepspeed_config_path, lease_key,
+                       read_deepspeed_config)
 from .etcd_store import EtcdStore
 from .joins import JoinRefused
 from .membership import Membership
@@ -126,20 +126,14 @@ def configured_store(script_args: Sequence[str]) -> Tuple[Optional[str], Optiona
     Raises:
         ConfigError: ``checkfree.store`` is not a string.
     """
-    path = None
-    for i, arg in enumerate(script_args):
-        if arg in ("--deepspeed_config", "--deepspeed-config") and i + 1 < len(script_args):
-            path = script_args[i + 1]
-        elif arg.startswith(("--deepspeed_config=", "--deepspeed-config=")):
-            path = arg.split("=", 1)[1]
+    path = deepspeed_config_path(script_args)
     if path is None:
         return None, None
     try:
-        with open(path) as f:
-            ds_config = json.load(f)
-    except (OSError, ValueError):
+        ds_config = read_deepspeed_config(script_args)
+    except ConfigError:
         return None, path
-    section = ds_config.get("checkfree") if isinstance(ds_config, dict) else None
+    section = ds_config.get("checkfree")
     if isinstance(section, str):  # a YAML/JSON file of its own: parsed by the schema (which imports DeepSpeed)
         from ..core.config import CheckFreeConfig
         try:

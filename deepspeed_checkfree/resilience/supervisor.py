@@ -76,9 +76,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a supervisor whose lease (renewed every second) has been silent this long is recorded lost "
                         "by the leader: its generation is aborted and a join for its rank is admitted")
     p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
-                   help="write the active trainer's pid to PID_DIR/rank<R>.pid, the warm spare's to "
-                        "rank<R>.spare.pid, this supervisor's to supervisor<R>.pid, and every process it starts to "
-                        "rank<R>.started (one 'ROLE PID' line each): how to find the process to signal or kill")
+                   help=f"write pid files to this folder (default: ${PID_DIR_ENV}): rank<R>.pid holds the pid of rank "
+                        f"R's active trainer (the process to kill -9 to try a recovery; a replacement takes it "
+                        f"over), rank<R>.spare.pid its warm spare's, supervisor<R>.pid this supervisor's, and "
+                        f"rank<R>.started one 'ROLE PID' line per process it started")
     p.add_argument("--events-file", default=os.environ.get(SUPERVISOR_EVENTS_ENV),
                    help="append supervisor events (trainer deaths, hangs, spares, joins, stops) here as JSON lines")
     p.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -42,15 +42,18 @@ def default_backend(backend: Optional[str]) -> str:
     return get_accelerator().communication_backend_name()
 
 
-def wait_as_spare(config: CheckFreeConfig, build_solo: Optional[Callable[[], CheckFreeEngine]] = None
-                  ) -> Optional[CheckFreeEngine]:
-    """In a warm spare: prepare everything a replacement needs (what building the engine imports, the store's
-    client; with ``spare_builds_engine``, the engine itself, in the solo world), then wait until the supervisor
-    activates this process in place of a trainer that died, which saves the replacement the seconds of start-up.
-    Returns the engine built meanwhile (or None). Exits when the supervisor ends without needing this spare."""
+def wait_as_spare(config: CheckFreeConfig, ds_config: Optional[dict],
+                  build_solo: Optional[Callable[[], CheckFreeEngine]] = None) -> Optional[CheckFreeEngine]:
+    """In a warm spare: prepare everything a replacement needs (what building the engine imports and the compiled
+    ops it loads, the store's client; with ``spare_builds_engine``, the engine itself, in the solo world), then wait
+    until the supervisor activates this process in place of a trainer that died, which saves the replacement the
+    seconds of start-up. Returns the engine built meanwhile (or None). Exits when the supervisor ends without
+    needing this spare."""
     engine = build_solo() if build_solo is not None and config.spare_builds_engine else None
     if engine is None:
         ds_internals.prewarm_engine_imports()
+        if ds_config is not None:
+            ds_internals.prewarm_engine_ops(ds_config)  # e.g. FusedAdam: never loaded in the outage
     prepare_client()
     incarnation = read_activation(sys.stdin)
     if incarnation is None:
@@ -97,7 +100,7 @@ class ResilientTrainer:
         self.events = EventLog(self.config.events_file)
         built = None
         if is_spare():
-            built = wait_as_spare(self.config, self._build_solo)
+            built = wait_as_spare(self.config, ds_config, self._build_solo)
         self.incarnation = incarnation_from_env()
         # From now on the supervisor may kill this trainer if it stops beating (hung), and it ends itself if the
         # supervisor goes away.

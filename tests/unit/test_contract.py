@@ -10,6 +10,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from deepspeed_checkfree.errors import ConfigError
 from deepspeed_checkfree.resilience import contract
 from deepspeed_checkfree.core.rejoin import MemberInfo
 from deepspeed_checkfree.resilience.joins import JoinRefused, JoinReviewer, request_join
@@ -55,9 +56,50 @@ def test_store_keys_keep_their_spelling():
     assert (contract.STOPPED_FACT, contract.PROGRESS_FACT, contract.FRESH_START_KEY, contract.STOP_ACKS_KEY) == \
         ("stopped", "progress", "fresh_start", "stop_acks")
     assert contract.pid_file("/p", 2) == "/p/rank2.pid"
+    assert contract.spare_pid_file("/p", 2) == "/p/rank2.spare.pid"
     assert contract.supervisor_pid_file("/p", 2) == "/p/supervisor2.pid"
     assert contract.started_file("/p", 2) == "/p/rank2.started"
     assert contract.dump_file("/d", 3, "after", 1) == "/d/g3-after-rank1.pt"
+
+
+def test_a_pid_file_is_replaced_whole(tmp_path):
+    path = contract.spare_pid_file(str(tmp_path / "pids"), 1)
+    contract.write_pid_file(path, 123)
+    contract.write_pid_file(path, 4567)
+    assert open(path).read() == "4567" and sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["rank1.spare.pid"]
+    contract.remove_pid_file(path)
+    contract.remove_pid_file(path)  # (gone already: fine)
+    assert not any((tmp_path / "pids").iterdir())
+
+
+@pytest.mark.parametrize("args", [["--deepspeed_config", "X"], ["--deepspeed-config", "X"], ["--deepspeed_config=X"],
+                                  ["--deepspeed", "--deepspeed_config", "old", "--steps", "3", "--deepspeed-config=X"]])
+def test_the_deepspeed_config_is_found_in_every_spelling(args):
+    assert contract.deepspeed_config_path(args) == "X"
+
+
+def test_a_script_without_the_flag_has_no_deepspeed_config():
+    assert contract.deepspeed_config_path(["--steps", "3", "--deepspeed_config"]) is None
+    assert contract.read_deepspeed_config(["--steps", "3"]) is None
+
+
+def test_the_deepspeed_config_is_read_from_the_command_line(tmp_path, monkeypatch):
+    cfg = {"optimizer": {"type": "AdamW"}, "checkfree": {"enabled": True}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    assert contract.read_deepspeed_config(["--deepspeed_config", str(tmp_path / "ds.json")]) == cfg
+    monkeypatch.setattr("sys.argv", ["train.py", f"--deepspeed_config={tmp_path / 'ds.json'}"])
+    assert contract.read_deepspeed_config() == cfg  # (this process's own arguments)
+
+
+@pytest.mark.parametrize("content, says", [(None, "cannot read the DeepSpeed config"), ("{not json", "is not JSON"),
+                                            ("[1, 2]", "must hold a JSON object")])
+def test_an_unreadable_deepspeed_config_is_a_config_error_naming_the_file(tmp_path, content, says):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=says) as err:
+        contract.read_deepspeed_config(["--deepspeed_config", str(path)])
+    assert str(path) in str(err.value)
 
 
 def test_supervisor_facts_round_trip_through_the_store():

@@ -189,3 +189,30 @@ def test_the_solo_world_and_abort_exist():
     from deepspeed.utils.timer import SynchronizedWallClockTimer
     timer = SynchronizedWallClockTimer()("t")
     assert hasattr(timer, "started_") and callable(timer.reset)
+
+
+def test_the_optimizer_ops_follow_the_rules_engine_op_builders_copies():
+    """``ds_internals.engine_op_builders`` restates which op the engine's optimizer loads; a new rule in DeepSpeed
+    must be copied there, or a warm spare would leave that op to the outage."""
+    configure = inspect.getsource(DeepSpeedEngine.get_optimizer_configuration)
+    assert configure.index("if torch_adam:") < configure.index("if self.zero_use_cpu_optimizer():") < \
+        configure.index("FusedAdam")
+    assert "return (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)" in configure
+    basic = inspect.getsource(DeepSpeedEngine._configure_basic_optimizer)
+    for rule in ("FusedLamb(", "DeepSpeedCPULion(", "FusedLion(", "DeepSpeedCPUAdagrad(", "MuonWithAuxAdam(",
+                 "getattr(torch.optim, self.optimizer_name())"):
+        assert rule in basic, rule
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    assert "if self.name in __class__._loaded_ops:" in inspect.getsource(OpBuilder.load)  # loaded once per process
+
+
+def test_the_communication_backend_loads_the_shm_op_unless_marked_off():
+    import importlib
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is also torch)
+    build = inspect.getsource(ds_comm_torch.build_shm_op)
+    assert 'create_op_builder("ShareMemCommBuilder")' in build
+    assert "deepspeed.ops.__compatible_ops__.get(builder.NAME, False)" in build
+    assert "self.shm_comm_op = build_shm_op()" in inspect.getsource(ds_comm_torch.TorchBackend.__init__)
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from deepspeed_checkfree.pipe.selector import SHM_COMM_OP
+    assert ShareMemCommBuilder.NAME == SHM_COMM_OP

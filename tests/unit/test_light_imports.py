@@ -1,5 +1,6 @@
-"""Offline repair, the Megatron hook and ``checkfree --help`` load neither DeepSpeed nor Megatron-LM's training loop:
-each import runs in a fresh interpreter (a module imported earlier by another test would hide a heavy import)."""
+"""Offline repair, the Megatron hook, ``checkfree --help`` and the demo's launcher load neither DeepSpeed nor
+Megatron-LM's training loop: each import runs in a fresh interpreter (a module imported earlier by another test
+would hide a heavy import)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,10 @@ CASES = {
                                 "    assert e.code == 0, e.code",
     "checkfree_help": "from deepspeed_checkfree import cli\n"
                       "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code",
+    # (the demo's ranks load DeepSpeed; the process that launches them does not)
+    "checkfree_demo_command": "from deepspeed_checkfree import cli\nimport deepspeed_checkfree.demo.job\n"
+                              "try:\n    cli.main(['demo', '--help'])\nexcept SystemExit as e:\n"
+                              "    assert e.code == 0, e.code",
 }
 
 

@@ -42,3 +42,27 @@ def test_after_the_prewarm_the_first_engine_build_imports_almost_nothing():
     new = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("NEW "))[4:])
     heavy = [m for m in new if m.split(".")[0] in ("sympy", "mpmath") or m.startswith("torch._dynamo")]
     assert not heavy and len(new) < 100, f"the first engine build still imported {len(new)} modules: {new[:40]}"
+
+
+def test_the_ops_the_engine_build_loads_follow_the_optimizer_config(monkeypatch):
+    """Which compiled ops a warm spare loads for a config (``ds_internals.engine_op_builders``): selection only,
+    nothing is built or loaded."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from deepspeed_checkfree.pipe.ds_internals import engine_op_builders
+
+    def no_load(self, *args, **kwargs):
+        raise AssertionError(f"selecting the ops loaded {self.name}")
+
+    monkeypatch.setattr(OpBuilder, "load", no_load)
+    monkeypatch.setattr(OpBuilder, "jit_load", no_load)
+    adamw = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    assert engine_op_builders(adamw) == ("FusedAdamBuilder",)
+    assert engine_op_builders({"optimizer": {"type": "adam"}}) == ("FusedAdamBuilder",)  # DeepSpeed's names ignore case
+    assert engine_op_builders({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}) == ()
+    offloaded = {**adamw, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    assert engine_op_builders(offloaded) == ("CPUAdamBuilder",)
+    assert engine_op_builders({**adamw, "zero_optimization": {"stage": 1}}) == ("FusedAdamBuilder",)
+    assert engine_op_builders({"optimizer": {"type": "Lamb"}}) == ("FusedLambBuilder",)
+    assert engine_op_builders({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}) == ()  # torch.optim.SGD
+    assert engine_op_builders({"train_batch_size": 8}) == ()  # a client optimizer, passed to initialize
