@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ..core.rejoin import MemberInfo, missing_members
 from ..errors import CheckFreeError
-from .contract import (ABORTED, Lease, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNALS_KEY, STOP_ACKS_KEY, STOPPED_FACT,
+from .contract import (ABORTED, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNALS_KEY, STOP_ACKS_KEY, STOPPED_FACT,
+                       Lease,
                        TOKEN_ENV, TrainerDeath, abort_key, arrivals_key, death_fact, fact_key, finished_fact,
                        formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact, member_key,
                        parse_lease, pid_fact, rank_generation_key, signal_key)
@@ -138,7 +139,8 @@ class Membership:
                     return generation, members  # (it formed with this member's earlier arrival)
                 generation += 1  # aborted, or formed without this incarnation: the job is at a later generation
                 continue
-            self.store.multi_set([self.key(rank_generation_key(self.rank)), self.key(member_key(generation, self.rank))],
+            self.store.multi_set([self.key(rank_generation_key(self.rank)),
+                                  self.key(member_key(generation, self.rank))],
                                  [str(generation), json.dumps(info.__dict__)])
             if self.store.add(self.key(arrivals_key(generation)), 1) >= self.world_size:
                 self._form(generation)

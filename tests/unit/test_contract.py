@@ -3,6 +3,7 @@ their spelling (a running job and a joining machine of another version must agre
 from __future__ import annotations
 
 import io
+import json
 import math
 import threading
 import time
