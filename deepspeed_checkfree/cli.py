@@ -13,6 +13,7 @@ from . import __version__
 # them all (`repair` loads torch).
 SUBCOMMAND_MODULES = {
     "demo": "deepspeed_checkfree.demo",
+    "drain": "deepspeed_checkfree.resilience.drain_command",
     "events": "deepspeed_checkfree.events",
     "experiment": "deepspeed_checkfree.experiment",
     "repair": "deepspeed_checkfree.repair",

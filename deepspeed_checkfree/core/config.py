@@ -55,6 +55,22 @@ class FailureAt(ConfigSection):
                       "step's first micro-batch, as in the paper's failure generator).")
 
 
+ReplacementPhase = Literal["arrival", "rendezvous", "build", "rebind", "rebuild"]
+
+
+class ReplacementKills(ConfigSection):
+    """Deaths of one rank's replacements, each in a phase of its re-join (a test aid, through hooks, not timing)."""
+
+
+    rank: int = Field(ge=0, description="The global rank whose replacements die.")
+    phases: List[ReplacementPhase] = Field(description="The n-th replacement of the rank (incarnation n) SIGKILLs "
+                                           "itself in phases[n-1]: 'arrival' (after counting itself in for a "
+                                           "generation), 'rendezvous' (after publishing its address in the process "
+                                           "group's rendezvous), 'build' (building its engine), 'rebind' (with the "
+                                           "group formed, before its engine binds to it), 'rebuild' (after "
+                                           "receiving its first neighbour's weights). Later ones live.")
+
+
 class FailureInjectionConfig(ConfigSection):
     """A seeded failure plan that every rank evaluates identically without communicating."""
 
@@ -68,6 +84,9 @@ class FailureInjectionConfig(ConfigSection):
     kill_during_rebuild: Optional[int] = Field(None, ge=0, description="Under the supervisor: the first replacement "
                                                "of this stage's trainer kills itself (SIGKILL) after receiving its "
                                                "first neighbour's weights, to exercise a death during a rebuild.")
+    kill_replacements: Optional[ReplacementKills] = Field(None, description="Under the supervisor: a rank's "
+                                                          "replacements die, one per phase of their re-join (see "
+                                                          "ReplacementKills), to exercise a death at any phase.")
 
 
 class CheckFreeConfig(ConfigSection):
@@ -113,6 +132,12 @@ class CheckFreeConfig(ConfigSection):
                                  "machine is survived. The supervisor reads it from the training script's "
                                  "--deepspeed_config; its --store flag (or $CHECKFREE_STORE) may give the same "
                                  "store, never another. Unset: the embedded store hosted by rank 0's supervisor.")
+    park_memory_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Under the supervisor: a rank that leaves "
+                                        "on a preemption notice with no replacement waiting parks its stage's exact "
+                                        "state (weights, optimizer state, fp32 masters) in a neighbour's host "
+                                        "memory until one joins; a neighbour accepts only if it fits in this "
+                                        "fraction of the memory its machine has available. 0: never park (the "
+                                        "replacement is then rebuilt from its neighbours).")
     heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "
                                                   "trainer tells its supervisor it is alive. A trainer silent for "
                                                   "detection_timeout_s is killed as hung and replaced. Default: "

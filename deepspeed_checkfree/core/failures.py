@@ -6,7 +6,7 @@ per iteration, applied before the iteration's first micro-batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -82,3 +82,12 @@ def hourly_rate_to_probability(rate_per_hour: float, iteration_time_s: float) ->
         raise ValueError(f"iteration_time_s must be positive, got {iteration_time_s}")
     return 1.0 - (1.0 - rate_per_hour) ** (iteration_time_s / 3600.0)
 
+
+
+def replacement_death_phase(config: CheckFreeConfig, rank: int, incarnation: int) -> Optional[str]:
+    """The phase of its re-join in which the trainer of ``rank`` and ``incarnation`` kills itself under
+    ``failure_injection.kill_replacements`` (None: it lives). The first trainer (incarnation 0) always lives."""
+    kills = config.failure_injection.kill_replacements
+    if kills is None or kills.rank != rank or not 1 <= incarnation <= len(kills.phases):
+        return None
+    return kills.phases[incarnation - 1]

@@ -65,6 +65,7 @@ STOP_JOB = "stop_job"        # stop this rank and tell every rank to stop
 REPLACE = "replace"          # start a replacement that rebuilds the stage (the others keep their state)
 FRESH_START = "fresh_start"  # no step has completed yet: every rank starts over from initialisation
 FENCED = "fenced"            # the rank was recorded lost while this machine was cut off: end, the job goes on
+LEFT = "left"                # the trainer left on a preemption notice, its stage handed over: end, the job goes on
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class ExitDecision:
 
 def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, job_has_progress: bool,
                     group_formed: bool, restarts: int, max_restarts: int, trainer_finished: bool = False,
-                    fenced_code: Optional[int] = None) -> ExitDecision:
+                    fenced_code: Optional[int] = None, left_code: Optional[int] = None) -> ExitDecision:
     """What the supervisor does when its active trainer exited with ``returncode``.
 
     Args:
@@ -88,9 +89,13 @@ def on_trainer_exit(returncode: int, *, stopped_code: int, job_stopped: bool, jo
         max_restarts: the supervisor's ``--max-restarts``.
         trainer_finished: the trainer recorded that it completed the job (before it crashed while exiting).
         fenced_code: the exit code of a trainer that found its rank recorded lost (it was cut off).
+        left_code: the exit code of a trainer that left on a preemption notice.
     """
     if returncode == 0 or trainer_finished:
         return ExitDecision(FINISH, "the trainer completed the job")
+    if left_code is not None and returncode == left_code:
+        return ExitDecision(LEFT, "the trainer left the job on a preemption notice and handed its stage over: the "
+                            "job goes on without this machine")
     if fenced_code is not None and returncode == fenced_code:
         return ExitDecision(FENCED, "the job recorded this rank as lost while this machine was cut off, and went on "
                             "without it: this machine ends instead of coming back as a second copy of the rank")
@@ -206,7 +211,7 @@ PENDING = "pending"  # the rank's supervisor has not been silent for long enough
 
 def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requested_at: float,
                  lease_renewed_at: Optional[float], lease_timeout_s: float, token_env: str,
-                 recorded_lost: Optional[str] = None) -> Tuple[str, str]:
+                 recorded_lost: Optional[str] = None, draining: bool = False) -> Tuple[str, str]:
     """Whether a machine that asked to take over ``rank`` is admitted.
 
     A rank's supervisor renews a lease while it runs (and replaces its trainer itself when that dies); a join
@@ -223,6 +228,8 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
         token_env: the variable that holds the token (for the message).
         recorded_lost: how the rank's active trainer was recorded lost (its machine silent, a preemption notice),
             if it was: the rank is free at once, without waiting for the lease timeout again.
+        draining: the rank's supervisor got a preemption notice (its lease still moves while its trainer hands
+            over): the join waits for the leaving record instead of being refused.
 
     Returns:
         (:data:`ADMIT`, :data:`REFUSE` or :data:`PENDING`, the reason in words).
@@ -233,6 +240,8 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
         return REFUSE, f"rank {rank} is not in 0..{world_size - 1}"
     if recorded_lost is not None:
         return ADMIT, f"token verified; rank {rank} was recorded lost ({recorded_lost})"
+    if draining:
+        return PENDING, f"rank {rank} is leaving on a preemption notice: admitted once it has handed over"
     if lease_renewed_at is not None and lease_renewed_at > requested_at:
         return REFUSE, (f"rank {rank} is alive: its supervisor renewed its lease after the request. A join replaces "
                         f"only a rank whose machine is gone (supervisor silent for {lease_timeout_s:g} s); a dead "

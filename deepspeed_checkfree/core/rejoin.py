@@ -19,6 +19,7 @@ class MemberInfo:
     completed_steps: int  # optimizer steps this rank has applied
     incarnation: int      # how many times this rank's trainer has been (re)started
     pid: int
+    took_over: Optional[str] = None  # a replacement that received its predecessor's exact state: from whom
 
 
 def missing_members(members: Mapping[int, MemberInfo], incarnations: Mapping[int, int], world_size: int
@@ -59,7 +60,9 @@ class RejoinPlan:
             applying it again). Unused (0) on a cold start, where the engine starts from its own count.
         schedule_source: the survivor whose schedule state (LR scheduler, sample count) the fresh ranks take: the
             lowest rank that has not yet applied ``step``. None on a cold start.
-        hit_stages: the stages of the fresh ranks, sorted.
+        handed_over_ranks: replacements that hold their predecessor's exact state (it left on a notice and handed
+            it over, directly or through a parker): nothing to restore, but the outage is theirs.
+        hit_stages: the stages of the fresh and handed-over ranks, sorted.
         replicated_stages: hit stages that kept a data-parallel replica: restored from it exactly.
         lost_stages: hit stages that lost every replica: rebuilt from their neighbours.
     """
@@ -73,6 +76,7 @@ class RejoinPlan:
     hit_stages: Tuple[int, ...]
     replicated_stages: Tuple[int, ...]
     lost_stages: Tuple[int, ...]
+    handed_over_ranks: Tuple[int, ...] = ()
 
     def replica_restore(self, stage: int, data_parallel_ranks: Sequence[int]) -> Optional[ReplicaRestore]:
         """The restore ``stage``'s data-parallel group (its global ranks) takes part in, or None.
@@ -113,12 +117,15 @@ def plan_rejoin(generation: int, members: Mapping[int, MemberInfo], stage_of: Ma
     step = min(m.completed_steps for m in survivors.values())
     # The replayed step's schedule state comes from a survivor that has not yet applied it.
     source = min(r for r, m in survivors.items() if m.completed_steps == step)
-    hit_stages = tuple(sorted({stage_of[r] for r in fresh}))
+    handed = tuple(sorted(r for r, m in survivors.items() if m.took_over))
+    hit_stages = tuple(sorted({stage_of[r] for r in fresh + handed}))
     # A stage that kept a data-parallel replica is restored from it exactly; only a stage that lost every replica
     # is rebuilt from its neighbours (after the restores, so a restored rank can be a source).
-    replicated = tuple(s for s in hit_stages if any(stage_of[r] == s for r in survivors))
-    lost = tuple(s for s in hit_stages if s not in replicated)
+    fresh_stages = {stage_of[r] for r in fresh}
+    replicated = tuple(s for s in hit_stages if s in fresh_stages and any(stage_of[r] == s for r in survivors))
+    lost = tuple(s for s in hit_stages if s in fresh_stages and s not in replicated)
     return RejoinPlan(generation, cold_start=False, fresh_ranks=fresh, survivor_ranks=tuple(sorted(survivors)),
+                      handed_over_ranks=handed,
                       step=step, schedule_source=source, hit_stages=hit_stages, replicated_stages=replicated,
                       lost_stages=lost)
 
@@ -146,6 +153,7 @@ class Loss:
 
     time: float
     cause: str
+    left: Optional[float] = None  # a preemption: when the leaving trainer left its generation
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,7 @@ class Outage:
     lost_steps: int
     start: str                  # what started the outage (see the causes above)
     method: str                 # how the lost state came back ("gradnorm_average", "copy", "exact hand-over", ...)
+    drain_s: Optional[float]    # a preemption: from the notice to the leaving trainer's leaving its generation
     silent_s: float             # start to the first detection: the time nobody knew
     detected_s: Optional[float]
     rejoined_s: float
@@ -191,7 +200,8 @@ def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], losses: Iterabl
     come first, and counts then. A machine that went silent left no trace: its outage starts at the survivors' last
     completed step or at its supervisor's last lease renewal, whichever is earlier, and ``silent_s`` is the time
     until the first detection. With no recorded loss (a transient error, a partition shorter than the lease timeout)
-    the first detection is the start.
+    the first detection is the start. A preemption notice starts its outage; ``drain_s`` is how long the leaving
+    trainer took to reach a step boundary and leave.
 
     ``lost_steps`` counts the steps the job had completed before the failure and no longer holds after it: the
     ranks report the steps they had applied before the failure and after the first step of the new generation (a
@@ -213,8 +223,10 @@ def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], losses: Iterabl
     before = [t.completed_before for t in times if t.completed_before is not None]
     after = [t.completed_after for t in times if t.completed_after is not None]
     lost_steps = max(0, max(before) - min(after)) if before and after else 0
-    return Outage(generation=plan.generation, lost_ranks=list(plan.fresh_ranks), lost_stages=list(plan.hit_stages),
-                  replayed_step=plan.step, lost_steps=lost_steps, start=first, method=method,
+    drains = [x.left - x.time for x in losses if x.cause == PREEMPTION and x.left is not None]
+    return Outage(generation=plan.generation, lost_ranks=sorted(plan.fresh_ranks + plan.handed_over_ranks),
+                  lost_stages=list(plan.hit_stages), replayed_step=plan.step, lost_steps=lost_steps, start=first,
+                  method=method, drain_s=round(max(drains), 6) if drains else None,
                   silent_s=round(max(0.0, min(detected) - start), 6) if detected else 0.0,
                   detected_s=round(max(detected) - start, 6) if detected else None,
                   rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),

@@ -20,13 +20,14 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 
 from ..core.config import CheckFreeConfig
-from ..core.failures import FailurePlan, recoverable_stages
+from ..core.failures import FailurePlan, recoverable_stages, replacement_death_phase
 from ..core.recovery import match_layers, plan_recovery, random_rebuild_seed, tied_authorities
 from ..errors import RecoveryError
 from ..events import EventLog, identity
 from ..repair.ds_pipeline import checkpoint_client_state
 from . import ds_internals
 from .exchange import RebuildResult, broadcast_state, broadcast_tensors, gather_signatures, rebuild_stages
+from .handover import StageState
 from .grad_norm import measure_stage_grad_norm, stage_gradients
 from .lr_boost import LRBoost
 from .plus_routing import PlusRouting, allow_route_hops, check_plus_setup
@@ -214,35 +215,34 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
     # Keeping a survivor's state across a re-formed process group (no file involved)
     # ------------------------------------------------------------------------------------------------------
 
-    def export_state(self) -> dict:
-        """Everything this rank's stage needs to continue, as in-memory objects (tensors are not copied).
-
-        :meth:`import_state` continues from it on an engine of the same stage; nothing is written to disk. (The
-        resilient trainer no longer needs it: a survivor keeps its engine and re-binds it, see :meth:`rebind`.)
-        Under bf16 or ZeRO-1 the wrapping optimizer's state is kept whole, fp32 master weights included, so the
-        importing engine continues bit-identically rather than from masters re-derived from its bf16 weights.
-        """
+    def stage_state(self) -> StageState:
+        """This stage's exact state, as its own tensors (nothing is copied): what a leaving rank hands over
+        (:mod:`.handover`). Under bf16 or ZeRO-1 the wrapping optimizer's state is taken whole, fp32 master weights
+        included, so the taker continues bit-identically rather than from masters re-derived from bf16 weights."""
         wrapped = self.optimizer_is_wrapped()
-        return {"module": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict() if wrapped else self.basic_optimizer.state_dict(),
-                "optimizer_wrapped": wrapped, "progress": self.progress(), "stage_id": self.stage_id}
+        return StageState(stage_id=self.stage_id, params=list(self.module.parameters()),
+                          optimizer=self.optimizer.state_dict() if wrapped else self.basic_optimizer.state_dict(),
+                          wrapped=wrapped, progress=self.progress())
 
-    def import_state(self, state: dict) -> None:
-        """Continue from :meth:`export_state` of the previous engine of this rank."""
-        if state["stage_id"] != self.stage_id:
-            raise RecoveryError(f"state exported by stage {state['stage_id']} cannot be imported by stage "
-                                f"{self.stage_id}; the rank-to-stage mapping changed between generations")
-        if state["optimizer_wrapped"] != self.optimizer_is_wrapped():
+    def load_stage_state(self, state: StageState) -> None:
+        """Continue from ``state`` (:meth:`stage_state` of this stage's previous engine, handed over or parked); its
+        weights must already be in this engine's parameters or are copied in here."""
+        if state.stage_id != self.stage_id:
+            raise RecoveryError(f"state of stage {state.stage_id} cannot be taken over by stage {self.stage_id}; the "
+                                f"rank-to-stage mapping changed between generations")
+        if state.wrapped != self.optimizer_is_wrapped():
             raise RecoveryError("the optimizer kind changed between generations (bf16/ZeRO wrapper on one side "
                                 "only); build every generation's engine from the same DeepSpeed config")
-        self.module.load_state_dict(state["module"])
-        if state["optimizer_wrapped"]:
-            # One data-parallel rank's state (DP = 1 under the supervisor); the fp32 masters are restored as saved.
-            self.optimizer.load_state_dict([state["optimizer"]], load_optimizer_states=True,
-                                           load_from_fp32_weights=True)
+        with torch.no_grad():
+            for mine, theirs in zip(self.module.parameters(), state.params):
+                if mine is not theirs and mine.data_ptr() != theirs.data_ptr():
+                    mine.copy_(theirs)
+        if state.wrapped:
+            # One data-parallel rank's state (this rank's partition); the fp32 masters are restored as saved.
+            self.optimizer.load_state_dict([state.optimizer], load_optimizer_states=True, load_from_fp32_weights=True)
         else:
-            self.basic_optimizer.load_state_dict(state["optimizer"])
-        progress = state["progress"]
+            self.basic_optimizer.load_state_dict(state.optimizer)
+        progress = state.progress
         # A replayed step is decided anew by replay_from in the next generation.
         progress.replayed_steps = self._replayed_steps
         self.load_progress(progress)
@@ -346,9 +346,12 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
             self.optimizer.refresh_fp32_params()
 
     def _die_during_rebuild_hook(self):
-        """``failure_injection.kill_during_rebuild``: the first replacement of that stage dies mid-rebuild."""
-        if (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
-                and self.incarnation == 1):
+        """``failure_injection.kill_during_rebuild``: the first replacement of that stage dies mid-rebuild; and
+        ``kill_replacements``'s "rebuild" phase."""
+        phase = (replacement_death_phase(self.checkfree, self.global_rank, self.incarnation)
+                 if self.incarnation is not None else None)
+        if phase == "rebuild" or (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
+                                  and self.incarnation == 1):
             def die(source_stage: int) -> None:
                 logger.warning("%s killing this replacement after receiving stage %d (kill_during_rebuild)",
                                identity(self.stage_id, self.global_rank, self.global_steps), source_stage)

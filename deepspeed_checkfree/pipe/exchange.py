@@ -124,9 +124,12 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group: Optional
     moved = 0
     for message in wire_messages(specs):
         parts = [tensors[i] for i in message]
-        direct = receive and not sending and len(parts) == 1 and parts[0].is_contiguous()
+        direct = (receive and not sending and len(parts) == 1 and parts[0].is_contiguous()
+                  and (device is None or parts[0].device == device))
         if sending:
             buf = _message(parts)
+            if device is not None and buf.device != device:
+                buf = buf.to(device)  # (a GPU stage parked in host memory over gloo: one message at a time)
         elif direct:
             buf = parts[0].detach().view(-1)  # straight into the tensor
         else:

@@ -37,12 +37,16 @@ STORE_ADDR_ENV = "CHECKFREE_STORE_ADDR"
 STORE_URL_ENV = "CHECKFREE_STORE"
 HEARTBEAT_FD_ENV = "CHECKFREE_HEARTBEAT_FD"  # the write end of the pipe the trainer's heartbeat goes to
 SUPERVISOR_PID_ENV = "CHECKFREE_SUPERVISOR_PID"  # the trainer ends itself when this process is gone
+SUPERVISOR_ID_ENV = "CHECKFREE_SUPERVISOR_ID"    # the supervisor's id in its lease (a leaving trainer names it)
+DRAIN_TIMEOUT_ENV = "CHECKFREE_DRAIN_TIMEOUT_S"  # a trainer told to leave (SIGTERM) hands over within this long
+DRAIN_TIMEOUT_S = 25.0  # its default (the supervisor's --drain-timeout): inside Kubernetes' 30 s grace period
 _TRUE = "1"
 
 
 def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
                 store_port: int, incarnation: int, spare: bool = False, heartbeat_fd: Optional[int] = None,
-                supervisor_pid: Optional[int] = None, store_url: Optional[str] = None) -> Dict[str, str]:
+                supervisor_pid: Optional[int] = None, store_url: Optional[str] = None,
+                supervisor_id: Optional[str] = None, drain_timeout_s: Optional[float] = None) -> Dict[str, str]:
     """The variables the supervisor adds to its own environment for a trainer: the store is ``store_url`` (etcd)
     when given, else the embedded one on the master."""
     env = dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr,
@@ -57,6 +61,10 @@ def trainer_env(*, rank: int, world_size: int, local_rank: int, master_addr: str
         env[HEARTBEAT_FD_ENV] = str(heartbeat_fd)
     if supervisor_pid is not None:
         env[SUPERVISOR_PID_ENV] = str(supervisor_pid)
+    if supervisor_id is not None:
+        env[SUPERVISOR_ID_ENV] = supervisor_id
+    if drain_timeout_s is not None:
+        env[DRAIN_TIMEOUT_ENV] = f"{drain_timeout_s:g}"
     return env
 
 
@@ -149,6 +157,12 @@ def parse_lease(value: Optional[bytes]) -> Lease:
     return Lease(int(count), float(when) if when else None, owner or None)
 
 
+def draining_fact(rank: int) -> str:
+    """Fact: ``rank``'s supervisor got a preemption notice and its trainer is handing over: {"notice", "deadline",
+    "owner"} (JSON). A join for the rank waits for the trainer to leave instead of being refused as alive."""
+    return f"draining/{rank}"
+
+
 def lost_fact(rank: int) -> str:
     """Fact: ``rank``'s machine was lost (its supervisor went silent, or it left on a preemption notice), so a
     machine that joins may take the rank over at once: {"incarnation", "cause", "owner", "time"} (JSON)."""
@@ -169,6 +183,8 @@ STORE_LOST_EXIT_CODE = 80
 # A supervisor (and its trainer) whose rank was recorded lost while it was cut off (a partition that healed): the
 # job went on without it, so it ends instead of coming back as a second copy of the rank.
 FENCED_EXIT_CODE = 81
+# A trainer that left the job on a preemption notice (its state handed over or parked): nothing is respawned.
+LEFT_EXIT_CODE = 82
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +231,12 @@ def arrivals_key(generation: int) -> str:
     return f"g/{generation}/arrivals"
 
 
+def written_key(generation: int) -> str:
+    """The keys ``generation``'s ranks wrote for its process groups, one per line (the leader deletes them with the
+    generation where the store cannot delete by prefix)."""
+    return f"g/{generation}/written"
+
+
 def abort_key(generation: int) -> str:
     """Set (JSON: who and why) when ``generation`` has failed: a member died, went silent or leaves, or a member
     detected a failure. Every trainer's death watch waits on it."""
@@ -249,6 +271,18 @@ def death_fact(rank: int, incarnation: int) -> str:
 def leaving_fact(rank: int, incarnation: int) -> str:
     """Fact: ``rank``'s trainer of ``incarnation`` is leaving (a preemption notice or a planned drain): JSON."""
     return f"leaving/{rank}/{incarnation}"
+
+
+def handover_key(rank: int, incarnation: int, name: str) -> str:
+    """A key of the hand-over of ``rank``'s state from its leaving trainer of ``incarnation``: "taker" (who takes it
+    directly, or "parking"), "parked" (where it was parked), and the two-process worlds' rendezvous prefixes."""
+    return f"handover/{rank}/{incarnation}/{name}"
+
+
+def inbox_key(rank: int) -> str:
+    """The request a leaving rank or a successor makes of ``rank``'s trainer while it waits for a generation: park
+    a stage's state, or hand a parked one over (JSON; one at a time, claimed by compare-and-set)."""
+    return f"inbox/{rank}"
 
 
 SIGNALS_KEY = "signals"  # counter of the job-wide signals to every supervisor (stop, fresh start, a rank lost)
@@ -290,6 +324,7 @@ class TrainerDeath:
                                  # renewal; preemption: when the notice came (time.time() of the writer)
     returncode: Optional[int]    # negative: killed by that signal; None when no exit was seen
     cause: str = "trainer death"  # core.rejoin's TRAINER_DEATH, MACHINE_SILENT or PREEMPTION
+    left: Optional[float] = None  # preemption: when the trainer left its generation (the drain's end)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -113,6 +113,13 @@ class Coordinator:
     def leading(self) -> bool:
         return self.watch is not None
 
+    def note_lost(self, signals: List[dict]) -> None:
+        """Losses other processes recorded (a leaving trainer's): the leader's lease watch ignores the lost
+        supervisor's renewals from then on, as for a loss it recorded itself."""
+        if self.watch is not None:
+            for signal_ in signals:
+                self.watch.recorded.setdefault(int(signal_["rank"]), signal_.get("owner"))
+
     def renew(self) -> None:
         """Renew this rank's lease now (the first one at start-up, before anything else)."""
         self.renewals += 1
@@ -150,7 +157,7 @@ class Coordinator:
                                                            req.get("rank"), req.get("host"), req.get("pid"), reason)
             self.events.write("join_admitted" if admitted else "join_refused", rank=req.get("rank"),
                               host=req.get("host"), reason=reason)
-        if self.external and now >= self.next_cleanup:
+        if now >= self.next_cleanup:
             self.next_cleanup = now + CLEANUP_INTERVAL_S
             self._delete_finished_generations()
 
@@ -170,12 +177,15 @@ class Coordinator:
                           silent_s=round(silent_s, 3), last_renewal=when, detected_by=self.rank)
 
     def _delete_finished_generations(self) -> None:
+        """A long job's store does not grow with its failures: every generation all ranks have left goes (on etcd
+        by prefix; elsewhere key by key, from the list its ranks registered)."""
         store = self.membership.store
-        if not hasattr(store, "delete_prefix"):
-            return
         gone = leadership.generations_to_delete(self.membership.last_generations(), self.deleted_below)
         for generation in gone:
-            deleted = store.delete_prefix(self.membership.key(generation_prefix(generation)))
+            if hasattr(store, "delete_prefix"):
+                deleted = store.delete_prefix(self.membership.key(generation_prefix(generation)))
+            else:
+                deleted = self.membership.delete_generation(generation)
             logger.debug("%s deleted generation %d's %d keys", self.prefix, generation, deleted)
         self.deleted_below = gone.stop
 

@@ -73,13 +73,15 @@ class GenerationStore(dist.Store):
 
     def __init__(self, inner: dist.Store, aborted: Callable[[], Optional[dict]], generation: int,
                  timeout: timedelta, prefix: str = "", poll_max_s: float = POLL_S,
-                 death_poll_s: float = DEATH_POLL_S) -> None:
+                 death_poll_s: float = DEATH_POLL_S, on_published: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
+        self.on_published = on_published  # called after this member published its first key (a test's hook)
         self.inner, self.aborted, self.generation = inner, aborted, generation
         self.prefix = prefix
         self._timeout = timeout
         self.poll_max_s, self.death_poll_s = poll_max_s, death_poll_s
         self._published: Dict[str, bytes] = {}  # published keys read so far (they are written once)
+        self.written: List[str] = []  # every key this member wrote (the leader deletes them with the generation)
         self._by_range = hasattr(inner, "values_with_prefix")  # etcd: read a prefix in one request
 
     def _key(self, key: str) -> str:
@@ -90,12 +92,20 @@ class GenerationStore(dist.Store):
 
     # published keys ------------------------------------------------------------------------------------------------
 
+    def _wrote(self, *keys: str) -> None:
+        self.written.extend(self._key(k) for k in keys)
+
     def _publish(self, key: str, group: str, value) -> None:
         value = value.encode() if isinstance(value, str) else bytes(value)
+        self._wrote(key)
         if not self._by_range:
+            self._wrote(group + LOG)
             self.inner.append(self._key(group + LOG), encode_entry(key, value))
         self.inner.set(self._key(key), value)  # (what a late member's blocking wait wakes on)
         self._published[key] = value
+        if self.on_published is not None:
+            hook, self.on_published = self.on_published, None
+            hook()
 
     def _read_published(self, group: str) -> None:
         """Everything published under ``group`` so far, in one request."""
@@ -165,6 +175,7 @@ class GenerationStore(dist.Store):
         if split is not None:
             self._publish(key, split[0], value)
         else:
+            self._wrote(key)
             self.inner.set(self._key(key), value)
 
     def multi_get(self, keys: List[str]) -> List[bytes]:
@@ -177,12 +188,15 @@ class GenerationStore(dist.Store):
     # the rest is the inner store's ----------------------------------------------------------------------------------
 
     def add(self, key: str, amount: int) -> int:
+        self._wrote(key)
         return self.inner.add(self._key(key), amount)
 
     def compare_set(self, key: str, expected, desired) -> bytes:
+        self._wrote(key)
         return self.inner.compare_set(self._key(key), expected, desired)
 
     def append(self, key: str, value) -> None:
+        self._wrote(key)
         self.inner.append(self._key(key), value)
 
     def has_extended_api(self) -> bool:
@@ -197,8 +211,10 @@ class GenerationStore(dist.Store):
 
     def clone(self) -> "GenerationStore":
         """A second connection with the same waits (gloo uses one per background thread)."""
-        return GenerationStore(self.inner.clone(), self.aborted, self.generation, self._timeout, self.prefix,
-                               self.poll_max_s, self.death_poll_s)
+        twin = GenerationStore(self.inner.clone(), self.aborted, self.generation, self._timeout, self.prefix,
+                               self.poll_max_s, self.death_poll_s, self.on_published)
+        twin.written = self.written  # (one list of what this member wrote)
+        return twin
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout

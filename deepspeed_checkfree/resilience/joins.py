@@ -85,6 +85,7 @@ class JoinReviewer:
         if not self.pending:
             return []
         lost = self.membership.lost_machines()
+        draining = self.membership.draining()
         decided = []
         for index, (req, seen) in sorted(self.pending.items()):
             token_ok = hmac.compare_digest(str(req.get("mac", "")), token_mac(self.token, str(req.get("nonce", ""))))
@@ -92,12 +93,16 @@ class JoinReviewer:
             verdict, reason = join_verdict(token_ok=token_ok, rank=rank, world_size=self.membership.world_size,
                                            now=now, requested_at=seen, lease_renewed_at=self.renewed_at.get(rank),
                                            lease_timeout_s=self.lease_timeout_s, token_env=TOKEN_ENV,
-                                           recorded_lost=lost[rank]["cause"] if rank in lost else None)
+                                           recorded_lost=lost[rank]["cause"] if rank in lost else None,
+                                           draining=rank in draining)
             if verdict == PENDING:
                 continue
             if verdict == ADMIT:
                 self.renewed_at[rank] = now  # the rank is taken from now on
                 lost.pop(rank, None)
+                if rank in draining:  # (its drain is over: the rank has a new machine)
+                    self.membership.clear_draining(rank)
+                    draining.pop(rank)
             # Only the first verdict stands (a leader that was replaced while it reviewed cannot overrule the next).
             wanted = json.dumps({"admitted": verdict == ADMIT, "reason": reason})
             standing = json.loads(self.store.compare_set(join_verdict_key(index), "", wanted))

@@ -24,9 +24,10 @@ from ..core.rejoin import MemberInfo, missing_members
 from ..errors import CheckFreeError
 from .contract import (ABORTED, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNALS_KEY, STOP_ACKS_KEY, STOPPED_FACT,
                        Lease,
-                       TOKEN_ENV, TrainerDeath, abort_key, arrivals_key, death_fact, fact_key, finished_fact,
+                       TOKEN_ENV, TrainerDeath, abort_key, arrivals_key, death_fact, draining_fact, fact_key,
+                       finished_fact,
                        formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact, member_key,
-                       parse_lease, pid_fact, rank_generation_key, signal_key)
+                       parse_lease, pid_fact, rank_generation_key, signal_key, written_key)
 from .store_access import get_if_set, values_if_set, wait_for
 
 ARRIVAL_WAIT_S = 2.0  # a member waiting for its generation to form looks at the job's stop this often
@@ -105,7 +106,8 @@ class Membership:
         return self._get(formed_key(generation)) is not None
 
     def arrive(self, generation: int, info: MemberInfo,
-               on_waiting: Optional[Callable[[int, List[int], float], None]] = None
+               on_waiting: Optional[Callable[[int, List[int], float], None]] = None,
+               on_idle: Optional[Callable[[], None]] = None, on_counted: Optional[Callable[[], None]] = None
                ) -> Tuple[int, Dict[int, MemberInfo]]:
         """Announce this rank for ``generation`` and wait until every rank has; return the generation that formed
         (a later one if ``generation`` was aborted before it formed) and everyone's info.
@@ -119,6 +121,9 @@ class Membership:
             info: what this rank says of itself.
             on_waiting: called as ``on_waiting(generation, missing_ranks, waited_s)`` after :data:`ARRIVAL_WAIT_S`
                 of waiting, then every 30 s (to tell the user what the job waits for).
+            on_idle: called every :data:`ARRIVAL_WAIT_S` of waiting (a parker serves requests; a trainer told to
+                leave raises out of the wait).
+            on_counted: called once this rank has counted itself in (a test's death hook).
 
         Raises:
             Fenced: this trainer is not its rank's active one any more (its rank was recorded lost).
@@ -144,11 +149,15 @@ class Membership:
                                  [str(generation), json.dumps(info.__dict__)])
             if self.store.add(self.key(arrivals_key(generation)), 1) >= self.world_size:
                 self._form(generation)
+            if on_counted is not None:
+                on_counted()
             while True:
                 value = wait_for(self.store, self.key(formed_key(generation)), ARRIVAL_WAIT_S)
                 if value is not None:
                     break
                 self.raise_if_stopped()
+                if on_idle is not None:
+                    on_idle()
                 now = time.monotonic()
                 if now >= next_report or now - started > self.join_timeout_s:
                     missing = self.missing(generation)
@@ -216,6 +225,22 @@ class Membership:
         # member's death watch as soon as the generation forms)
         listing = json.dumps({str(r): m.__dict__ for r, m in sorted(members.items())})
         self.store.compare_set(self.key(formed_key(generation)), "", listing)
+
+    def register_written(self, generation: int, keys: Sequence[str]) -> None:
+        """Note (one request) the keys this rank wrote for ``generation``'s process groups, so that the leader
+        deletes them with the generation on a store that cannot delete by prefix."""
+        if keys:
+            self.store.append(self.key(written_key(generation)), "".join(k + "\n" for k in keys))
+
+    def delete_generation(self, generation: int) -> int:
+        """Delete ``generation``'s keys (every rank has left it): its members, count, end, abort record and the
+        keys its ranks registered. Returns how many were deleted."""
+        names = ([member_key(generation, r) for r in range(self.world_size)]
+                 + [arrivals_key(generation), formed_key(generation), abort_key(generation)])
+        registered = self._get(written_key(generation))
+        keys = [self.key(n) for n in names] + (registered.decode().split() if registered else [])
+        keys.append(self.key(written_key(generation)))
+        return sum(bool(self.store.delete_key(k)) for k in dict.fromkeys(keys))
 
     def abort(self, generation: int, reason: str) -> None:
         """Record that ``generation`` failed: its members' death watches wake, a wait for it to form ends (everyone
@@ -372,6 +397,19 @@ class Membership:
         self.record(lost_fact(rank), {"incarnation": incarnation, "cause": cause, "owner": owner, "time": when})
         self.record_loss(rank, incarnation, TrainerDeath(time=when, returncode=None, cause=cause), generation)
         self.post_signal("lost", rank=rank, incarnation=incarnation, cause=cause, owner=owner)
+
+    def record_draining(self, rank: int, notice: float, deadline: float, owner: str) -> None:
+        """``rank``'s supervisor ``owner`` got a preemption notice at ``notice``; its trainer hands over by
+        ``deadline`` (a join for the rank is then held, not refused as alive)."""
+        self.record(draining_fact(rank), {"notice": notice, "deadline": deadline, "owner": owner})
+
+    def clear_draining(self, rank: int) -> None:
+        self.store.delete_key(self.key(fact_key(draining_fact(rank))))
+
+    def draining(self) -> Dict[int, dict]:
+        """The ranks whose supervisor is draining (one batched read)."""
+        values = self.values_if_set([self.key(fact_key(draining_fact(r))) for r in range(self.world_size)])
+        return {r: json.loads(v) for r, v in enumerate(values) if v is not None}
 
     def lost_machines(self, ranks: Optional[Sequence[int]] = None) -> Dict[int, dict]:
         """The ranks recorded lost and not yet taken over (their active incarnation is the one after the lost one):

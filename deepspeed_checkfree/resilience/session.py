@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import CheckFreeConfig
+from ..core.failures import replacement_death_phase
 from ..core.fault_policy import detection_trigger, startup_timeout_s
 from ..core.rejoin import (Loss, MemberInfo, RankTimes, RejoinPlan, joining_generation,
                            measure_outage, plan_rejoin)
@@ -32,11 +34,16 @@ from .connection_cut import CUT_BACKENDS, GenerationConnections
 from .contract import DUMP_ENV, dump_file, group_store_prefix
 from .coordination import rendezvous_polling, store_ports, trainer_store
 from .death_watch import DeathWatch, aborted_reader
+from .drain import DrainRequest, Parking, leave, take_over
 from .generation_store import GenerationStore
 from .heartbeat import Heartbeat
 from .membership import Membership, job_token
 
 logger = logging.getLogger(__name__)
+
+
+class LeaveNow(Exception):
+    """Raised out of a wait for a generation when this trainer was told to leave (the trainer then leaves)."""
 
 
 class JobSession:
@@ -57,7 +64,7 @@ class JobSession:
 
     def __init__(self, config: CheckFreeConfig, backend: str, rank: int, world_size: int, incarnation: int,
                  build_engine: Callable[[], CheckFreeEngine], events: EventLog, heartbeat: Optional[Heartbeat],
-                 engine: Optional[CheckFreeEngine] = None) -> None:
+                 engine: Optional[CheckFreeEngine] = None, drain: Optional[DrainRequest] = None) -> None:
         self.config, self.backend, self.rank, self.world_size = config, backend, rank, world_size
         self.incarnation, self.build_engine, self.events, self.heartbeat = incarnation, build_engine, events, heartbeat
         self.engine = engine
@@ -84,6 +91,10 @@ class JobSession:
         self._startup = startup_timeout_s(config.detection_timeout_s)
         if heartbeat is not None:
             heartbeat.set_timeout(self._startup)
+        self.drain = drain
+        self.parking = Parking(self.membership, config.park_memory_fraction, events)
+        self.took_over: Optional[str] = None
+        self._last_stage_of: Dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Joining a generation
@@ -97,12 +108,57 @@ class JobSession:
             Fenced: this trainer's rank was recorded lost (it must end).
             MembershipTimeout, JobStopped: as :meth:`.Membership.arrive`.
         """
+        if not self.holds_state and self.incarnation > 0 and self.took_over is None:
+            self._take_over()
         engine = self.engine if self.holds_state else None
         info = MemberInfo(self.rank, fresh=not self.holds_state,
                           completed_steps=engine.global_steps if engine is not None else 0,
-                          incarnation=self.incarnation, pid=os.getpid())
-        self.generation, self.members = self.membership.arrive(self.generation, info, self._report_waiting)
+                          incarnation=self.incarnation, pid=os.getpid(), took_over=self.took_over)
+        self.generation, self.members = self.membership.arrive(self.generation, info, self._report_waiting,
+                                                               self._while_waiting, self._hook("arrival"))
         self._times = {"arrived": time.time()}
+
+    def _take_over(self) -> None:
+        """A replacement whose predecessor left on a notice: take its exact state first (see :mod:`.drain`)."""
+        t0 = time.time()
+        how = take_over(self.membership, self._solo_engine, self.backend, identity(rank=self.rank))
+        if how is None:
+            return
+        self.took_over, self.holds_state = how, True
+        engine = self.engine
+        logger.warning("%s took stage %d over from the trainer that left (%s, %.0f MiB) in %.2f s: exact, nothing "
+                       "to rebuild", identity(engine.stage_id, self.rank, engine.global_steps), engine.stage_id, how,
+                       engine.stage_state().nbytes / 2**20, time.time() - t0)
+        self.events.write("recovery", step=engine.global_steps, stage=engine.stage_id, rank=self.rank,
+                          mode=self.config.mode, strategy="exact hand-over", source=how,
+                          duration_s=round(time.time() - t0, 6), cause="preemption notice")
+
+    def _hook(self, phase: str) -> Optional[Callable[[], None]]:
+        """``failure_injection.kill_replacements``: this replacement SIGKILLs itself in ``phase`` of its re-join."""
+        if replacement_death_phase(self.config, self.rank, self.incarnation) != phase:
+            return None
+
+        def die() -> None:
+            logger.warning("%s replacement incarnation %d kills itself in its re-join's %s phase (kill_replacements)",
+                           identity(rank=self.rank), self.incarnation, phase)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return die
+
+    def _die_in(self, phase: str) -> None:
+        hook = self._hook(phase)
+        if hook is not None:
+            hook()
+
+    def _solo_engine(self) -> CheckFreeEngine:
+        if self.engine is None:
+            self.engine = self.build(solo=True)
+        return self.engine
+
+    def _while_waiting(self) -> None:
+        self.parking.serve()
+        if self.drain is not None and self.drain.requested and self.holds_state:
+            raise LeaveNow()
 
     def resume(self) -> int:
         """Form the arrived generation's process group, bind the engine to it and carry out the rejoin plan; return
@@ -114,8 +170,8 @@ class JobSession:
         engine = self._engine_for(self.generation, self.members)
         self._arm_detection()
         self._times["rejoined"] = time.time()
-        self.plan = plan_rejoin(self.generation, self.members, self._stage_of(engine),
-                                self.membership.has_progress())
+        self._last_stage_of = self._stage_of(engine)
+        self.plan = plan_rejoin(self.generation, self.members, self._last_stage_of, self.membership.has_progress())
         if self.plan.cold_start and self.generation > 0 and self.rank == 0:
             logger.warning("%s no step had completed: the job starts over from initialisation in generation %d",
                            identity(rank=self.rank), self.generation)
@@ -152,11 +208,13 @@ class JobSession:
             self.engine = None  # everyone starts from initialisation together
             gc.collect()
         if survivors and self.engine is None:
+            self._die_in("build")
             self.engine = self.build(solo=True)
         # (the connections the new groups open are the generation's, cut when it fails)
         connections = GenerationConnections(keep_ports=store_ports()) if self.backend in CUT_BACKENDS else None
         self.connections = connections
         self._form_group(generation)
+        self._die_in("rebind")
         abort = connections.cut if connections is not None else ds_internals.abort_world
 
         def abort_generation() -> None:  # (on the death watch's thread)
@@ -168,6 +226,7 @@ class JobSession:
             self.engine = self.build(solo=False)
         else:
             self.engine.rebind()
+        self.membership.register_written(generation, self._group_store.written)  # (every group exists now)
         return self.engine
 
     def build(self, solo: bool) -> CheckFreeEngine:
@@ -197,7 +256,7 @@ class JobSession:
         # start-up timeout.
         store = GenerationStore(self.membership.store, aborted_reader(self.membership, generation), generation,
                                 startup, prefix=self.membership.key(group_store_prefix(generation)),
-                                **rendezvous_polling())
+                                on_published=self._hook("rendezvous"), **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
@@ -291,6 +350,38 @@ class JobSession:
             self.membership.abort(self.generation, f"rank {self.rank} detected a failure: {why}")
         except Exception as store_err:  # noqa: BLE001 - the store's loss is the supervisor's to report
             logger.debug("could not record the abort: %s", store_err)
+        self._release_world()
+        if self.heartbeat is not None:
+            self.heartbeat.set_timeout(self._startup)
+        self.generation += 1
+        if self.failures > self.config.max_failures:
+            raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures={self.config.max_failures}")
+
+    def leave(self) -> str:
+        """Leave the job on the notice ``self.drain`` holds, handing this stage's exact state over (see
+        :mod:`.drain`); returns what became of it."""
+        engine = self.engine if self.holds_state else None
+        parkers, replica_kept = [], False
+        if engine is not None:
+            # The neighbours of this stage in its data-parallel column (the layout of the last generation formed).
+            stage_of, stage = self._last_stage_of, engine.stage_id
+            column = [r for r, s in stage_of.items() if s == stage].index(self.rank)
+            parkers = [[r for r, s in sorted(stage_of.items()) if s == n][column]
+                       for n in (stage - 1, stage + 1) if 0 <= n < engine.num_stages]
+            replica_kept = engine.dp_world_size > 1
+        outcome = leave(self.membership, engine.stage_state() if engine is not None else None,
+                        incarnation=self.incarnation, generation=self.generation, parkers=parkers,
+                        backend=self.backend, request=self.drain, events=self.events, replica_kept=replica_kept,
+                        release_world=self._release_world)
+        self.events.write("preempted", rank=self.rank, stage=engine.stage_id if engine is not None else None,
+                          step=engine.global_steps if engine is not None else None, notice=self.drain.at,
+                          left_s=round(time.time() - self.drain.at, 6), outcome=outcome)
+        return outcome
+
+    def _release_world(self) -> None:
+        """Let this generation's world go (a failure's or a leaving rank's): its connections first, then its
+        groups."""
+        self.death_watch.disarm()
         if self.connections is not None:
             self.connections.cut()
         if self.engine is not None and self.engine.grid is not None:
@@ -299,11 +390,6 @@ class JobSession:
         if dist.is_initialized():
             dist.destroy_process_group()
         ds_internals.forget_failed_world()
-        if self.heartbeat is not None:
-            self.heartbeat.set_timeout(self._startup)
-        self.generation += 1
-        if self.failures > self.config.max_failures:
-            raise CheckFreeError(f"{self.failures} failures exceed checkfree.max_failures={self.config.max_failures}")
 
     def finish(self) -> None:
         """The job is done: the supervisor hears first (once every trainer counts as finished, rank 0's supervisor
@@ -322,18 +408,20 @@ class JobSession:
     # ------------------------------------------------------------------------------------------------------
 
     def _losses(self, plan: RejoinPlan) -> List[Loss]:
-        """The records of the trainers this failure lost: for each fresh rank, the incarnations since the one that
-        trained in this rank's previous generation."""
+        """The records of the trainers this failure lost: for each fresh or handed-over rank, the incarnations
+        since the one that trained in this rank's previous generation."""
         records = []
-        for r in plan.fresh_ranks:
+        for r in plan.fresh_ranks + plan.handed_over_ranks:
             first = self.previous[r].incarnation if r in self.previous else self.members[r].incarnation - 1
             for i in range(max(0, first), self.members[r].incarnation):
                 death = self.membership.death(r, i)
                 if death is not None:
-                    records.append(Loss(time=death.time, cause=death.cause))
+                    records.append(Loss(time=death.time, cause=death.cause, left=death.left))
         return records
 
     def _method(self, plan: RejoinPlan) -> str:
+        if plan.handed_over_ranks and not plan.lost_stages and not plan.replicated_stages:
+            return "exact hand-over"
         if plan.lost_stages:
             return self.config.strategy if self.config.mode == "checkfree" or all(
                 0 < s < self.engine.num_stages - 1 for s in plan.lost_stages) else "copy"

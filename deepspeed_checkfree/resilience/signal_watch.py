@@ -20,6 +20,7 @@ class SignalWatch:
         self.stop = False
         self.fresh_start = 0
         self.lost: List[dict] = []
+        self.drains: List[int] = []  # ranks told to drain (`checkfree drain`)
         self.error: Optional[BaseException] = None
         self.closed = False
         self._lock = threading.Lock()
@@ -50,3 +51,5 @@ class SignalWatch:
                     self.fresh_start = max(self.fresh_start, int(signal_.get("epoch", 0)))
                 elif kind == "lost":
                     self.lost.append(signal_)
+                elif kind == "drain":
+                    self.drains.append(int(signal_.get("rank", -1)))

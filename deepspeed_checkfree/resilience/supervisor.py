@@ -32,8 +32,8 @@ from typing import List, Optional
 from ..core import fault_policy as policy
 from ..events import EventLog, identity
 from .children import Child, Launcher, cause_of
-from .contract import (FENCED_EXIT_CODE, JOIN_REFUSED_EXIT_CODE, SIGNALS_KEY, STOPPED_EXIT_CODE, STORE_LOST_EXIT_CODE,
-                       STORE_PORT_ENV, STORE_PORT_OFFSET, TrainerDeath, supervisor_pid_file)
+from .contract import (FENCED_EXIT_CODE, JOIN_REFUSED_EXIT_CODE, LEFT_EXIT_CODE, SIGNALS_KEY, STOPPED_EXIT_CODE,
+                       STORE_LOST_EXIT_CODE, STORE_PORT_ENV, STORE_PORT_OFFSET, TrainerDeath, supervisor_pid_file)
 from .coordination import (StoreLost, check_job_exists, check_not_a_previous_run, describe_store,
                            is_store_failure, open_store)
 from .coordinator import Coordinator
@@ -42,6 +42,7 @@ from .joins import JoinRefused, request_join
 from .membership import Membership, job_token
 from .network import set_gloo_interface
 from .signal_watch import SignalWatch
+from .supervisor_drain import Draining
 from .supervisor_args import parse_args  # noqa: F401 - (the command line, also this module's name)
 
 logger = logging.getLogger("deepspeed_checkfree.supervisor")
@@ -55,7 +56,7 @@ class Terminated(Exception):
     """The supervisor was told to end (SIGTERM, SIGHUP, SIGINT)."""
 
 
-class Supervisor:
+class Supervisor(Draining):
     """Keeps one rank's trainer alive. See the module docstring."""
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -79,9 +80,11 @@ class Supervisor:
         self.keep_spare = not args.no_spare
         self.seen_fresh_start = 0  # the fresh-start epoch this rank's trainer belongs to
         self.incarnation = 0
+        self._lost_seen = 0  # the "lost" signals passed on to the coordinator
         self.launcher = Launcher(args.script, list(args.script_args), dict(
             rank=self.rank, world_size=self.world_size, local_rank=self.local_rank, master_addr=self.master_addr,
             master_port=self.master_port, store_port=self.store_port, supervisor_pid=os.getpid(),
+            supervisor_id=self.owner, drain_timeout_s=args.drain_timeout,
             store_url=self.store_url), self.rank, args.pid_dir)
 
     def _prefix(self) -> str:
@@ -159,6 +162,8 @@ class Supervisor:
 
     def _store_tick(self, now: float) -> None:
         try:
+            self.coordinator.note_lost(self.signals.lost[self._lost_seen:])
+            self._lost_seen = len(self.signals.lost)
             self.coordinator.tick(now)  # lease, and the job-level duties if this supervisor has them
         except (RuntimeError, OSError) as err:
             raise StoreLost(str(err)) from err
@@ -185,12 +190,16 @@ class Supervisor:
                 self.events.write("trainer_hung", rank=self.rank, pid=self.active.pid, silent_s=round(silent, 3))
                 self.active.popen.kill()
                 hung_killed = True
+            if self.drain_at is not None:
+                return "drain"
             self._check_spare()
             if now >= next_tick:
                 next_tick = now + STORE_TICK_S
                 self._store_tick(now)
             if self._fenced() is not None:
                 return "fenced"
+            if self.rank in self.signals.drains and self.drain_at is None:
+                self.note_drain("checkfree drain")
             if self.signals.stop:
                 self._end_active_for_stop()
                 return "stopped"
@@ -335,6 +344,8 @@ class Supervisor:
                                    f"{lost.get('incarnation')}")
             if outcome == "stopped":
                 return self._stop("another rank stopped the job", self.active.poll())
+            if outcome == "drain":
+                return self._drain(incarnation)
             if outcome == "fresh_start":
                 incarnation += 1
                 # The killed trainer's member entries stop counting before anything else happens.
@@ -357,11 +368,15 @@ class Supervisor:
             generation = facts.pop("generation")
             decision = policy.on_trainer_exit(rc, stopped_code=STOPPED_EXIT_CODE, restarts=restarts,
                                               max_restarts=self.args.max_restarts, fenced_code=FENCED_EXIT_CODE,
-                                              **facts)
+                                              left_code=LEFT_EXIT_CODE, **facts)
             if decision.action == policy.FINISH:
                 break
             if decision.action == policy.FENCED:
                 return self._fence(decision.reason)
+            if decision.action == policy.LEFT:
+                logger.warning("%s %s: start a replacement on a new machine (it takes the stage over exactly): %s",
+                               self._prefix(), decision.reason, self.join_command(self.rank))
+                return 0
             if decision.action == policy.STOP_JOB:
                 return self._stop(f"rank {self.rank}'s trainer exited ({cause_of(rc)}): {decision.reason}", rc)
             # The dead member stops counting, its death is on record and its generation aborted (every rank's death
@@ -388,17 +403,31 @@ class Supervisor:
         return 0
 
 
+_CURRENT: List["Supervisor"] = []  # the supervisor of this process, for the signal handlers
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
+
+
+def _notice(signum, frame) -> None:
+    """SIGTERM or SIGINT: a preemption notice (a drain) once a trainer runs; before that, the end."""
+    if _CURRENT and _CURRENT[0].active is not None:
+        _CURRENT[0].note_drain(signal.Signals(signum).name)
+    else:
+        raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _notice)
     try:
-        return Supervisor(args).run()
+        supervisor = Supervisor(args)
+        _CURRENT.append(supervisor)
+        return supervisor.run()
     except JoinRefused as err:
         logger.error("%s", err)
         return JOIN_REFUSED_EXIT_CODE

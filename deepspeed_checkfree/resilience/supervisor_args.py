@@ -6,7 +6,7 @@ import os
 from typing import List, Optional
 
 from ..errors import ConfigError
-from .contract import (LEASE_TIMEOUT_S, PID_DIR_ENV, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV,
+from .contract import (DRAIN_TIMEOUT_S, LEASE_TIMEOUT_S, PID_DIR_ENV, STORE_PORT_ENV, STORE_PORT_OFFSET, STORE_URL_ENV,
                        SUPERVISOR_EVENTS_ENV)
 from .coordination import choose_store
 
@@ -37,6 +37,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--lease-timeout", type=float, default=LEASE_TIMEOUT_S, metavar="S",
                    help="a supervisor whose lease (renewed every second) has been silent this long is recorded lost "
                         "by the leader: its generation is aborted and a join for its rank is admitted")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM or SIGINT (a preemption notice: systemd, Kubernetes, the launcher passing it "
+                        "on) or `checkfree drain`, this rank's trainer finishes its step and hands its stage over "
+                        "to the machine that replaces it, or parks it on a neighbour, within S seconds of the "
+                        "signal; a second signal does not cut it short, SIGKILL does. Missed: a machine loss")
     p.add_argument("--pid-dir", default=os.environ.get(PID_DIR_ENV),
                    help=f"write pid files to this folder (default: ${PID_DIR_ENV}): rank<R>.pid holds the pid of rank "
                         f"R's active trainer (the process to kill -9 to try a recovery; a replacement takes it "

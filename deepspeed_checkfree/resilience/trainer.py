@@ -24,11 +24,12 @@ from ..errors import CheckFreeError
 from ..events import EventLog, identity
 from ..pipe import ds_internals
 from ..pipe.engine import CheckFreeEngine
-from .contract import FENCED_EXIT_CODE, activated, incarnation_from_env, is_spare, read_activation, supervised
+from .contract import FENCED_EXIT_CODE, LEFT_EXIT_CODE, activated, incarnation_from_env, is_spare, read_activation, supervised
 from .coordination import check_trainer_store, prepare_client
 from .heartbeat import Heartbeat
 from .membership import Fenced
-from .session import JobSession
+from .drain import DrainRequest
+from .session import JobSession, LeaveNow
 from .stopping import stop_job
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,18 @@ def wait_as_spare(config: CheckFreeConfig, ds_config: Optional[dict],
         sys.exit(0)  # the supervisor ended without needing this spare
     activated(os.environ, incarnation)  # for the training script, as for a respawned trainer
     return engine
+
+
+def end_left(session: JobSession, heartbeat: Optional[Heartbeat]) -> None:
+    """This trainer was told to leave (a preemption notice): hand its stage over and end without a respawn."""
+    outcome = session.leave()
+    logger.warning("%s left the job on a preemption notice: %s. The job goes on without this machine.",
+                   identity(rank=session.rank), outcome)
+    if heartbeat is not None:
+        heartbeat.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LEFT_EXIT_CODE)  # (no interpreter shutdown: the job's world and its stores are let go already)
 
 
 def end_fenced(err: Fenced, rank: int, events: EventLog, heartbeat: Optional[Heartbeat]) -> None:
@@ -103,8 +116,10 @@ class ResilientTrainer:
             built = wait_as_spare(self.config, ds_config, self._build_solo)
         self.incarnation = incarnation_from_env()
         # From now on the supervisor may kill this trainer if it stops beating (hung), and it ends itself if the
-        # supervisor goes away.
+        # supervisor goes away; a SIGTERM (a preemption notice) makes it leave at its next step boundary, handing
+        # its stage over.
         self.heartbeat = Heartbeat.from_env(self.config.heartbeat_s, self.config.detection_timeout_s)
+        self.drain = DrainRequest().install()
         self.session: Optional[JobSession] = None
         self._built = built
         self.step: Optional[int] = None
@@ -143,6 +158,8 @@ class ResilientTrainer:
             return self._train(num_steps, train_step, on_step)  # (it tells the heartbeat it finished)
         except Fenced as err:
             end_fenced(err, self.rank, self.events, self.heartbeat)
+        except LeaveNow:
+            end_left(self.session, self.heartbeat)
         except Exception as err:  # noqa: BLE001 - every exception that reaches here stops the job, with its cause
             kind = classify(err)
             if kind == COMMUNICATION:
@@ -158,7 +175,7 @@ class ResilientTrainer:
     def _train(self, num_steps: int, train_step: Callable[[CheckFreeEngine, int], object],
                on_step: Optional[Callable[[CheckFreeEngine, int, object], None]]) -> CheckFreeEngine:
         session = JobSession(self.config, self.backend, self.rank, self.world_size, self.incarnation,
-                             self.build_engine, self.events, self.heartbeat, engine=self._built)
+                             self.build_engine, self.events, self.heartbeat, engine=self._built, drain=self.drain)
         self.session = session
         while True:
             session.arrive()
@@ -172,6 +189,8 @@ class ResilientTrainer:
                         on_step(engine, step, loss)
                     step += 1
                     self.step = step
+                    if self.drain.requested and step < num_steps:
+                        raise LeaveNow()
                 break
             except Exception as err:  # noqa: BLE001 - only communication failures are recovered, see below
                 if classify(err) != COMMUNICATION:

@@ -394,3 +394,27 @@ def test_sigkill_of_a_middle_stage_with_nccl_on_four_gpus(job_factory):
     detected = [e["time"] - killed for e in job.events() if e["event"] == "failure_detected" and e["time"] >= killed]
     assert detected and max(detected) < DETECTION_TIMEOUT_S / 2, detected
     assert "NCCL" in job.tail(10**6) or "nccl" in job.tail(10**6)
+
+
+def test_a_replacement_dying_in_each_phase_of_its_rejoin_costs_one_more_short_reformation_each(job_factory):
+    # Stage 2's trainer is killed; its replacements then die one after another, each in the next phase of its
+    # re-join, through hooks (failure_injection.kill_replacements), not timing: counted in for a generation, its
+    # address published in the rendezvous, its engine being built, the group formed, the rebuild half done. Each
+    # death aborts the generation and costs one more short re-formation, never a wait for a timeout; the sixth
+    # replacement completes the job.
+    phases = ["arrival", "rendezvous", "build", "rebind", "rebuild"]
+    job = job_factory("checkfree_no_failure.json",
+                      {"failure_injection": {"kill_replacements": {"rank": 2, "phases": phases}}}, steps=14)
+    job.wait_for_step(4)
+    killed = time.monotonic()
+    job.kill_trainer(2)
+    job.wait(timeout_s=400)
+    check_completed(job)
+    log = job.tail(10**7)
+    for incarnation, phase in enumerate(phases, start=1):
+        assert f"replacement incarnation {incarnation} kills itself in its re-join's {phase} phase" in log, phase
+    rec = outage(job, [2])
+    assert rec["outage_s"] < 150 and time.monotonic() - killed < 300, rec  # (five cold starts on 2 shared cores)
+    check_rebuilt(job, rec["generation"], {2: [1, 3]})
+    deaths = [e for e in job.events() if e["event"] == "failure_detected" and e["rank"] == 0]
+    assert len(deaths) >= 2, "the survivors re-formed more than once"

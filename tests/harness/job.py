@@ -124,6 +124,14 @@ class Job:
             time.sleep(0.05)
         return time.monotonic()
 
+    def wait_until(self, what, timeout_s: float, message: str) -> float:
+        """Wait until ``what()`` holds; fail with ``message`` (and the log's tail) after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not what():
+            assert time.monotonic() < deadline, f"{message} (after {timeout_s} s)\n{self.tail()}"
+            time.sleep(0.1)
+        return time.monotonic()
+
     def step_after(self, when: float) -> Optional[float]:
         """The wall time (``time.time()``) the first step completed after ``when`` (metrics.csv); None if none did:
         ``step_after(t) - t`` is an outage as the user sees it."""

@@ -104,10 +104,10 @@ def put_one_stage_ahead(engine, batches, step: int, ahead_stage: int, record: di
     """The state a failure between two ranks' optimizer steps leaves: every rank runs ``step``, then all but
     ``ahead_stage`` go back to their state before it (kept in memory), and every rank prepares to replay it."""
     behind = engine.stage_id != ahead_stage
-    saved = detached_copy(engine.export_state()) if behind else None
+    saved = detached_copy(engine.stage_state()) if behind else None
     engine.train_batch(batches.iterator(step))
     if behind:
-        engine.import_state(saved)
+        engine.load_stage_state(saved)
     record["before_replay"] = snapshot(engine)
     engine.replay_from(step)
 

@@ -81,3 +81,28 @@ def test_a_trainer_exit_is_decided_on_facts_read_together_and_its_loss_recorded_
     Membership(writes, "tok", 1, 2, 1.0).record_loss(1, 0, TrainerDeath(time=12.5, returncode=-9), generation=3)
     assert writes.requests == 3, "the incarnation and the death in one write, then the abort (two)"
     assert supervisor.incarnation(1) == 1 and supervisor.death(1, 0) == TrainerDeath(time=12.5, returncode=-9)
+
+
+def test_a_finished_generation_is_deleted_key_by_key_on_a_store_without_prefix_deletes():
+    from deepspeed_checkfree.resilience.contract import formed_key, member_key, rank_generation_key
+    shared = Counting()
+    world = 2
+    ranks = [Membership(shared.view(), "tok", r, world, 5.0) for r in range(world)]
+    for r in range(world):
+        ranks[r].record_trainer(r, 0)
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.setdefault(
+        r, ranks[r].arrive(3, MemberInfo(r, True, 0, 0, r)))) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    pg = f"{ranks[0].key('g/3/pg')}/0//cpu//0/0"
+    shared.shared.set(pg, "address")
+    ranks[0].register_written(3, [pg])
+    before = shared.shared.num_keys()
+    assert ranks[1].delete_generation(3) == world + 4, "members, count, end, the registered key, the list"
+    assert shared.shared.num_keys() == before - (world + 4)
+    assert not shared.shared.check([pg]) and not shared.shared.check([ranks[0].key(formed_key(3))])
+    assert shared.shared.check([ranks[0].key(rank_generation_key(0))]), "job-wide keys stay"
+    assert not shared.shared.check([ranks[0].key(member_key(3, 1))])

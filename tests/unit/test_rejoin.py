@@ -6,7 +6,7 @@ from typing import Dict, Iterable
 
 import pytest
 
-from deepspeed_checkfree.core.rejoin import (MACHINE_SILENT, TRAINER_DEATH, Loss, MemberInfo, RankTimes,
+from deepspeed_checkfree.core.rejoin import (MACHINE_SILENT, PREEMPTION, TRAINER_DEATH, Loss, MemberInfo, RankTimes,
                                              ReplicaRestore, joining_generation, measure_outage, missing_members,
                                              plan_rejoin)
 from deepspeed_checkfree.errors import RecoveryError
@@ -180,8 +180,8 @@ def test_outage_record_keeps_the_event_field_order():
     out = measure_outage(plan, [times(detected=1.0, last_success=0.5, resumed=2.0)] * 6, deaths(0.75),
                          "data_parallel_replica")
     assert list(asdict(out)) == ["generation", "lost_ranks", "lost_stages", "replayed_step", "lost_steps", "start",
-                                 "method", "silent_s", "detected_s", "rejoined_s", "rebuilt_s", "resumed_s",
-                                 "outage_s"]
+                                 "method", "drain_s", "silent_s", "detected_s", "rejoined_s", "rebuilt_s",
+                                 "resumed_s", "outage_s"]
     assert out.lost_stages == [1], "a stage restored from its replica was hit too"
     assert out.start == "trainer death" and out.outage_s == 1.25
 
@@ -193,3 +193,15 @@ def test_a_generation_forms_when_every_ranks_active_trainer_has_arrived_and_neve
     # Rank 2's trainer of incarnation 0 arrived, then died: its supervisor moved the rank on to incarnation 1.
     assert missing_members(here, {0: 0, 1: 0, 2: 1}, 3) == [2]
     assert missing_members(here, {}, 3) == [], "no incarnation recorded counts as the first"
+
+
+def test_a_rank_that_took_its_predecessors_exact_state_is_hit_but_nothing_is_rebuilt():
+    here = members(4, default_steps=8)
+    here[2] = MemberInfo(rank=2, fresh=False, completed_steps=9, incarnation=2, pid=7, took_over="exact hand-over")
+    plan = plan_rejoin(3, here, FOUR_STAGES)
+    assert plan.handed_over_ranks == (2,) and plan.hit_stages == (2,) and plan.lost_stages == ()
+    assert plan.fresh_ranks == () and plan.step == 8, "the others replay step 8; rank 2 applied it before leaving"
+    gathered = [times(detected=101.0, last_success=100.0, resumed=103.0)] * 4
+    out = measure_outage(plan, gathered, [Loss(time=100.5, cause=PREEMPTION, left=100.9)], "exact hand-over")
+    assert (out.start, out.method, out.lost_ranks, out.drain_s) == ("preemption notice", "exact hand-over", [2], 0.4)
+    assert out.outage_s == 2.5
