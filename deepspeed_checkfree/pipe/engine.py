@@ -168,11 +168,24 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
             self._sync_tied_copies()
 
     def train_batch(self, data_iter=None):
+        drop_in = getattr(self, "_checkfree_drop_in", None)
+        if drop_in is not None:  # a plain script under the supervisor (resilience/drop_in.py)
+            return drop_in.train_batch(self, self._train_one_step, data_iter)
+        return self._train_one_step(data_iter)
+
+    def _train_one_step(self, data_iter=None):
         if self.checkfree.enabled:
             lost = self.failure_plan.failures_at(self.global_steps)
             if lost:
                 self.lose_and_rebuild(lost, cause="injected")
         return super().train_batch(data_iter)
+
+    @property
+    def checkfree_catching_up(self) -> bool:
+        """Under the supervisor, a replacement's first train_batch calls only take the data of the steps the job
+        ran before it joined (they return NaN): True during them."""
+        drop_in = getattr(self, "_checkfree_drop_in", None)
+        return drop_in is not None and drop_in.catching_up(self)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, **kwargs):
         """DeepSpeed's checkpoint, plus this stage's gradient norm and layer range in the client state, so that

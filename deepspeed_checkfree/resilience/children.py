@@ -92,7 +92,8 @@ class Launcher:
 
     def start(self, incarnation: Optional[int]) -> Child:
         """Start the trainer script: active with ``incarnation``, or as a warm spare (``None``)."""
-        cmd = [sys.executable, "-u", self.script, *self.script_args]
+        # (the script runs through the drop-in's runner: a plain script survives a loss as the explicit API does)
+        cmd = [sys.executable, "-u", "-m", "deepspeed_checkfree.resilience.run_script", self.script, *self.script_args]
         spare = incarnation is None
         pipe = HeartbeatPipe()
         env = dict(os.environ, **self.extra_env, **trainer_env(

@@ -167,7 +167,14 @@ class JobSession:
         Raises:
             Exception: a communication failure while the group forms (call :meth:`failed`, then arrive again).
         """
-        engine = self._engine_for(self.generation, self.members)
+        self.form_world()
+        self.bind_engine()
+        return self.start()
+
+    def start(self) -> int:
+        """With the engine bound to the generation's world: carry out the rejoin plan; return the step to run
+        next."""
+        engine = self.engine
         self._arm_detection()
         self._times["rejoined"] = time.time()
         self._last_stage_of = self._stage_of(engine)
@@ -196,15 +203,17 @@ class JobSession:
         """Global rank -> pipeline stage, for every rank."""
         return {r: ds_internals.stage_of_rank(engine.grid, r) for r in range(self.world_size)}
 
-    def _engine_for(self, generation: int, members: Dict[int, MemberInfo]) -> CheckFreeEngine:
-        """Form ``generation``'s process group and return the engine bound to it.
+    def form_world(self) -> None:
+        """Form the arrived generation's process group (its death watch armed).
 
-        A survivor keeps its engine and re-binds it. A replacement joining survivors builds its engine first in a
+        A survivor keeps its engine, to be re-bound. A replacement joining survivors builds its engine first in a
         solo world (no peer is needed: the survivors are not building one) and re-binds it like them. When no rank
-        holds any state (generation 0, or a fresh start) every rank builds its engine in the new group together.
+        holds any state (generation 0, or a fresh start) every rank builds its engine in the new group together
+        (:meth:`bind_engine`, or the training script after this).
         """
-        survivors = any(not m.fresh for m in members.values())
-        if not survivors and self.engine is not None:
+        generation = self.generation
+        survivors = any(not m.fresh for m in self.members.values())
+        if not survivors and self.engine is not None and self.build_engine is not None:
             self.engine = None  # everyone starts from initialisation together
             gc.collect()
         if survivors and self.engine is None:
@@ -222,11 +231,15 @@ class JobSession:
             abort()
 
         self.death_watch.arm(generation, abort_generation)
+
+    def bind_engine(self, built_in_world: bool = False) -> CheckFreeEngine:
+        """The engine, bound to the formed generation's world: built in it (by ``build_engine``) when this rank
+        holds none, else re-bound; with ``built_in_world``, the training script built it in this world itself."""
         if self.engine is None:
             self.engine = self.build(solo=False)
-        else:
+        elif not built_in_world:
             self.engine.rebind()
-        self.membership.register_written(generation, self._group_store.written)  # (every group exists now)
+        self.membership.register_written(self.generation, self._group_store.written)  # (every group exists now)
         return self.engine
 
     def build(self, solo: bool) -> CheckFreeEngine:

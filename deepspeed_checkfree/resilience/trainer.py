@@ -104,6 +104,8 @@ class ResilientTrainer:
             raise CheckFreeError("ResilientTrainer runs under the CheckFree supervisor: launch the script as "
                                  "`deepspeed --num_gpus N -m deepspeed_checkfree.supervisor SCRIPT ARGS` (or with "
                                  "torchrun), which starts and respawns it")
+        from . import drop_in
+        drop_in.stand_aside()  # (this script forms and re-forms the job itself)
         self.build_engine = build_engine
         self.config = CheckFreeConfig.from_ds_config(ds_config)
         check_trainer_store(self.config.store)

@@ -41,19 +41,21 @@ class Job:
         tmp: the job's own directory (config, ``out/``, ``job.log``).
         config: a file of ``configs/``; ``checkfree`` and ``deepspeed`` update its sections.
         processes: the tracker of the job's processes (default: a new one).
+        script: the training script (the project's, or one written like a user's).
     """
 
     def __init__(self, tmp: Path, config: str, checkfree: Optional[dict] = None, token: str = "e2e-token-1234",
                  steps: int = STEPS, deepspeed: Optional[dict] = None, world: int = 4, train_args: Sequence[str] = (),
                  accelerator: str = "cpu", dumps: bool = True, store: Optional[str] = None,
                  supervisor_args: Sequence[str] = (), extra_env: Optional[Dict[str, str]] = None,
-                 processes: Optional[ProcessTracker] = None) -> None:
+                 processes: Optional[ProcessTracker] = None, script: str = "launch/train.py") -> None:
         require_multi_process_marker()
         self.steps, self.world = steps, world
         cfg = {**json.loads((REPO / "configs" / config).read_text()), **(deepspeed or {})}
         # Several ranks share 2 cores here: a timeout well above a step's longest wait keeps false alarms away.
         cfg["checkfree"]["detection_timeout_s"] = DETECTION_TIMEOUT_S
         cfg["checkfree"].update(checkfree or {})
+        cfg["checkfree"].setdefault("events_file", str(tmp / "out" / "events.jsonl"))
         self.cfg = cfg
         self.out = tmp / "out"
         self.pid_dir = self.out / "pids"
@@ -70,7 +72,7 @@ class Job:
         self.env.update(extra_env or {})
         if accelerator != "cpu":  # DeepSpeed detects the accelerator, and the trainer takes its backend (NCCL)
             del self.env["DS_ACCELERATOR"]
-        self.train_args = ["launch/train.py", "--deepspeed_config", str(self.config), "--steps", str(steps),
+        self.train_args = [script, "--deepspeed_config", str(self.config), "--steps", str(steps),
                            "--out", str(self.out), *train_args]
         # What a launcher runs as --module / -m.
         self.supervisor_module = ["deepspeed_checkfree.supervisor", "--pid-dir", str(self.pid_dir),
