@@ -39,6 +39,8 @@ SCENARIOS_4 = [
     {"name": "m6_ac2_nonreentrant", "num_stages": 4, "gas": 6, "steps": 2, "ac_interval": 2, "use_reentrant": False},
     # Every micro-batch of stages 0 and 1 recomputed (4 stages already hold stock's level, so true recomputes none).
     {"name": "m5_recompute_all", "num_stages": 4, "gas": 5, "steps": 2, "cf": {"plus_recompute_edges": "all"}},
+    {"name": "m5_zero1_recompute_all", "num_stages": 4, "gas": 5, "steps": 2, "zero": 1,
+     "cf": {"plus_recompute_edges": "all"}},
 ]
 # Five stages run their own plan (one middle stage; W = 6 on the first pair).
 SCENARIOS_5 = [{"name": "m7", "num_stages": 5, "gas": 7, "steps": 2}]
@@ -46,7 +48,7 @@ SCENARIOS_6 = [{"name": "m7", "num_stages": 6, "gas": 7, "steps": 3},
                {"name": "m16", "num_stages": 6, "gas": 16, "steps": 1},
                # The first pair recomputes 4 of 16 micro-batches each (the hops 0->2 and 3->5 carry their gradients).
                {"name": "m16_recompute", "num_stages": 6, "gas": 16, "steps": 2, "cf": {"plus_recompute_edges": True}},
-               # Both at once: the recomputed micro-batches run the whole stage as one segment.
+               # Both at once: the recomputed micro-batches run the stage, segments and all, inside one checkpoint.
                {"name": "m9_ac1_recompute", "num_stages": 6, "gas": 9, "steps": 2, "ac_interval": 1,
                 "cf": {"plus_recompute_edges": True}}]
 RECOMPUTING = [("four", 4, sc) for sc in SCENARIOS_4 if "cf" in sc] + \
@@ -212,9 +214,9 @@ def test_the_first_pair_runs_the_forward_again_for_exactly_the_planned_micro_bat
         planned = recomputed_micro_batches(s, stages, m, policy)
         assert recs[s]["recomputed"] == sorted(planned)
         assert bool(planned) == (s in (0, 1)), f"stage {s} recomputes {sorted(planned)}"
-        # A block runs once per micro-batch, once more per recomputed one; under activation checkpointing every
-        # micro-batch runs twice already, and a recomputed stage is one segment, so never three times.
-        want = 2 * m if sc.get("ac_interval") else m + len(planned)
+        # A block runs once per micro-batch (twice under activation checkpointing), once more per recomputed one:
+        # the stage's first run keeps nothing, its second (in the backward) runs the checkpointing segments as usual.
+        want = (2 * m if sc.get("ac_interval") else m) + len(planned)
         assert recs[s]["block_forwards"] == [want] * sc["steps"], f"stage {s}"
 
 
@@ -224,4 +226,5 @@ def test_activation_checkpointing_recomputes_every_block_with_the_configured_che
     want = "non_reentrant_checkpoint" if sc.get("use_reentrant") is False else "checkpoint"
     for s in range(stages):
         assert recs[s]["checkpoint_func"] == want
-        assert recs[s]["block_forwards"] == [2 * sc["gas"]] * sc["steps"], f"stage {s}"
+        recomputed = len(recs[s]["recomputed"])  # the first pair's, with plus_recompute_edges too
+        assert recs[s]["block_forwards"] == [2 * sc["gas"] + recomputed] * sc["steps"], f"stage {s}"
