@@ -115,9 +115,10 @@ class CheckFreeConfig(ConfigSection):
                                  "store, never another. Unset: the embedded store hosted by rank 0's supervisor.")
     plus_recompute_edges: Union[bool, Literal["all"]] = Field(
         False, description="CheckFree+ only: stages 0 and 1 keep only the stage input of some micro-batches and run "
-        "their forward again in the backward, so the first pair holds no more activations than DeepSpeed's 1F1B "
-        "holds on its first stage (P micro-batches; without it the pair holds up to P + 2). true: the fewest "
-        "micro-batches that reach that level (none at 4 stages; 8 of 32 on each of the pair at 6 stages); 'all': "
+        "their forward again in the backward (inside DeepSpeed's checkpoint), so the first pair holds no more "
+        "activations than DeepSpeed's 1F1B holds on its first stage (P micro-batches; without it the pair holds up "
+        "to P + 2). true: the fewest micro-batches that reach that level (none at 4 stages; 8 of 32 on each of the "
+        "pair at 6 stages); 'all': "
         "every micro-batch of stages 0 and 1 (the least memory). Cost: one extra forward of stages 0 and 1 per "
         "recomputed micro-batch.")
     heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "

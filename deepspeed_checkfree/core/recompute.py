@@ -4,7 +4,8 @@ Under the route-aware 1F1B (:mod:`.schedule`) stages 0 and 1 hold up to P + 2 mi
 DeepSpeed's 1F1B holds P on its first stage. A recomputed micro-batch keeps only its stage input from its forward to
 its backward, where the stage's forward runs again: it costs one input instead of a stage's activations while
 held, and one extra forward. ``True`` recomputes the fewest micro-batches that keep the pair at stock 1F1B's
-level; ``"all"`` recomputes every micro-batch of stages 0 and 1.
+level; ``"all"`` recomputes every micro-batch of stages 0 and 1. Under activation checkpointing a held micro-batch
+is the inputs of its segments instead of its activations; the count is the same.
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def stock_first_stage_held(num_stages: int, micro_batches: int) -> int:
 def recomputed_micro_batches(stage_id: int, num_stages: int, micro_batches: int, policy: Policy) -> FrozenSet[int]:
     """The micro-batches whose forward ``stage_id`` runs again in their backward under ``policy``.
 
-    ``True``: the fewest that keep the stage's full activations, counting a recomputed micro-batch's while its
-    backward rebuilds them, at :func:`stock_first_stage_held` or fewer at every point of its instruction stream.
-    Chosen greedily in that order: whenever the count would exceed the budget, the held micro-batch whose backward
-    comes last is recomputed instead (its forward is then checkpointed; the plan is static, so the choice can
-    reach back to a forward already passed). Only stages 0 and 1 recompute: every other stage holds fewer than
-    stock 1F1B's first stage already (:func:`~.schedule.max_in_flight`).
+    ``True``: few enough that the stage's full activations, a recomputed micro-batch's counted while its backward
+    rebuilds them, never exceed :func:`stock_first_stage_held` micro-batches at any point of its instruction
+    stream. Chosen greedily in that order: whenever the count would exceed the budget, the held micro-batch whose
+    backward comes last is recomputed instead (its forward is then checkpointed; the plan is static, so the choice
+    can reach back to a forward already passed). No smaller set does it where ``tests/unit/test_recompute.py``
+    tries every smaller one. Only stages 0 and 1 recompute: every other stage holds fewer than stock 1F1B's first
+    stage already (:func:`~.schedule.max_in_flight`).
     """
     if policy not in (False, True, "all"):
         raise ValueError(f"plus_recompute_edges must be false, true or 'all'; got {policy!r}")

@@ -1,7 +1,8 @@
 """CheckFree+ inside the engine (:class:`PlusRouting`, mixed into ``CheckFreeEngine``): runs the route-aware 1F1B
 schedule of :mod:`deepspeed_checkfree.core.schedule` with each micro-batch's route (odd ones swap the edge pairs),
-marks the micro-batches the first pair recomputes (:mod:`deepspeed_checkfree.core.recompute`), aggregates the loss and additional losses of the two loss ranks, gives every tied weight a gradient, and keeps a
-rebuilt (de)embedding copy in step with the copy it was rebuilt from.
+marks the micro-batches the first pair recomputes (:mod:`deepspeed_checkfree.core.recompute`), aggregates the loss
+and additional losses of the two loss ranks, gives every tied weight a gradient, and keeps a rebuilt (de)embedding
+copy in step with the copy it was rebuilt from.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-from ..core import schedule as cf_schedule
 from ..core import recompute as cf_recompute
+from ..core import schedule as cf_schedule
 from ..errors import ConfigError, UnsupportedSetupError
 from . import ds_internals
 from .plus_module import CheckFreePlusPipelineModule
