@@ -127,7 +127,8 @@ class PlusRouting:
         """The micro-batches whose forward this stage runs again in their backward, in a training step."""
         if not self._plus:
             return frozenset()
-        return cf_recompute.recomputed_micro_batches(self.stage_id, self.num_stages, self.micro_batches, self._recompute_policy)
+        return cf_recompute.recomputed_micro_batches(self.stage_id, self.num_stages, self.micro_batches,
+                                                     self._recompute_policy)
 
     def _exec_schedule(self, pipe_schedule):
         if not isinstance(pipe_schedule, cf_schedule.CheckFreePlusTrainSchedule):
