@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, List, Literal, Mapping, Optional, Union
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
 from ..errors import ConfigError
@@ -138,6 +138,14 @@ class CheckFreeConfig(ConfigSection):
                                         "memory until one joins; a neighbour accepts only if it fits in this "
                                         "fraction of the memory its machine has available. 0: never park (the "
                                         "replacement is then rebuilt from its neighbours).")
+    plus_recompute_edges: Union[bool, Literal["all"]] = Field(
+        False, description="CheckFree+ only: stages 0 and 1 keep only the stage input of some micro-batches and run "
+        "their forward again in the backward (inside DeepSpeed's checkpoint), so the first pair holds no more "
+        "activations than DeepSpeed's 1F1B holds on its first stage (P micro-batches; without it the pair holds up "
+        "to P + 2). true: the fewest micro-batches that reach that level (none at 4 stages; 8 of 32 on each of the "
+        "pair at 6 stages); 'all': "
+        "every micro-batch of stages 0 and 1 (the least memory). Cost: one extra forward of stages 0 and 1 per "
+        "recomputed micro-batch.")
     heartbeat_interval_s: Optional[float] = Field(None, gt=0.0, description="Under the supervisor: how often the "
                                                   "trainer tells its supervisor it is alive. A trainer silent for "
                                                   "detection_timeout_s is killed as hung and replaced. Default: "
@@ -150,6 +158,22 @@ class CheckFreeConfig(ConfigSection):
             raise ValueError(f"heartbeat_interval_s={self.heartbeat_interval_s} must be below detection_timeout_s="
                              f"{self.detection_timeout_s}, or every trainer would count as hung. Lower "
                              f"heartbeat_interval_s (or leave it unset: detection_timeout_s / 4).")
+        return self
+
+    @field_validator("plus_recompute_edges", mode="before")
+    @classmethod
+    def _recompute_policy(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value == "all"):
+            raise ValueError("must be true, false or 'all' (true recomputes just enough micro-batches to hold "
+                             "what stock 1F1B holds, 'all' recomputes every one)")
+        return value
+
+    @model_validator(mode="after")
+    def _recompute_needs_plus(self) -> "CheckFreeConfig":
+        if self.plus_recompute_edges is not False and self.mode != "checkfree_plus":
+            raise ValueError(f"plus_recompute_edges={self.plus_recompute_edges!r} recomputes the micro-batches that "
+                             f"CheckFree+'s swapped routes make stages 0 and 1 hold, but mode={self.mode!r}. Set "
+                             f"mode='checkfree_plus' or remove plus_recompute_edges.")
         return self
 
     @property

@@ -36,13 +36,18 @@ ENGINE_METHODS: Dict[str, tuple] = {
     "_reserve_pipe_buffers": ("self", "num_buffers"),      # called
     "_scale_loss_by_gas": ("self", "prescaled_loss", "eval_micro_batches"),  # called
 }
-# PipelineEngine attributes the CheckFree+ routing reads and writes between instructions (the activation metadata and
-# receive buffer per peer, the buffer slots, the losses of the two loss ranks) and the dispatch table.
-ENGINE_ATTRIBUTES = ("first_output_send", "pipe_recv_buf", "_INSTRUCTION_MAP", "pipe_buffers", "fwd_outputs", "loss",
-                     "total_loss", "dp_group_loss", "total_additional_losses", "agg_additional_losses")
-# PipelineModule: CheckFreePlusPipelineModule overrides/calls these; stage_layers reads the layout attributes.
-MODULE_METHODS: Dict[str, tuple] = {"_partition_layers": ("self", "method"), "_set_bounds": ("self", "start", "stop")}
-MODULE_ATTRIBUTES = ("_local_start", "_local_stop", "_layer_specs", "_modules", "_topo")
+# PipelineEngine attributes the CheckFree+ routing reads and writes between instructions (the route's neighbours the
+# base handlers send to, the activation metadata and receive buffer per peer, the buffer slots, the losses of the two
+# loss ranks) and the dispatch table.
+ENGINE_ATTRIBUTES = ("prev_stage", "next_stage", "first_output_send", "pipe_recv_buf", "_INSTRUCTION_MAP",
+                     "pipe_buffers", "fwd_outputs", "loss", "total_loss", "dp_group_loss", "total_additional_losses",
+                     "agg_additional_losses")
+# PipelineModule: CheckFreePlusPipelineModule overrides/calls these (its layout, which segments activation
+# checkpointing may cut, its forward run twice for a recomputed micro-batch); stage_layers reads the layout.
+MODULE_METHODS: Dict[str, tuple] = {"_partition_layers": ("self", "method"), "_set_bounds": ("self", "start", "stop"),
+                                    "_is_checkpointable": ("self", "funcs"), "forward": ("self", "forward_input")}
+MODULE_ATTRIBUTES = ("_local_start", "_local_stop", "_layer_specs", "_modules", "_topo", "micro_offset",
+                     "activation_checkpoint_interval", "activation_checkpoint_func")
 
 
 def instruction_map(overrides: Dict[type, Callable]) -> Dict[type, Callable]:

@@ -62,7 +62,7 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
         if plus:
             check_plus_setup(model, config_class)
             allow_route_hops()
-        self._init_plus_routing(plus)
+        self._init_plus_routing(plus, cf.plus_recompute_edges)
         super().__init__(*args, **kwargs)
         self.checkfree = cf
         self.lr_boost = LRBoost()

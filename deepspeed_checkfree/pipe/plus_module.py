@@ -4,6 +4,8 @@ Stage 1 keeps a copy of the embedding and stage P-2 a copy of the final norm + h
 DeepSpeed sums their gradients every step and the copies stay identical. Each copy runs only on the micro-batches
 where its stage is first (embedding) or last (head) on the CheckFree+ route, and passes activations through
 otherwise. Users describe their model as ``embedding | blocks | head`` and call :func:`checkfree_plus_module`.
+A micro-batch the engine marks for recomputation (``checkfree.plus_recompute_edges``) runs the whole stage inside one
+checkpoint: only its stage input is kept until the backward runs the stage's forward again.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint, non_reentrant_checkpoint
 
 from . import ds_internals
 
@@ -23,14 +26,16 @@ HEAD_KEY = "checkfree_head"
 
 @dataclass
 class RoleState:
-    """Whether this rank's stage is first and/or last on the micro-batch being executed.
+    """Whether this rank's stage is first and/or last on the micro-batch being executed, and whether its forward
+    is recomputed in its backward.
 
     The engine sets it before each instruction; outside a CheckFree+ schedule (evaluation, inference) it holds the
-    topological role.
+    topological role and no recomputation.
     """
 
     first: bool = False
     last: bool = False
+    recompute: bool = False
 
 
 class EdgeReplica(nn.Module):
@@ -95,6 +100,54 @@ class CheckFreePlusPipelineModule(PipelineModule):
         self.checkfree_role.first = stage_id == 0
         self.checkfree_role.last = stage_id == self.num_stages - 1
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    def _is_checkpointable(self, funcs):
+        # DeepSpeed's reentrant checkpoint cuts a segment off autograd when none of its inputs requires grad, as
+        # the tokens do where the embedding copy runs (stage 0, and stage 1 on swapped micro-batches). DeepSpeed
+        # excludes the embedding of its own GPT pipelines for the same reason; the non-reentrant one needs no care.
+        if self.activation_checkpoint_func is not non_reentrant_checkpoint and any(
+                isinstance(f, EdgeReplica) and f.when == "first" for f in funcs):
+            return False
+        return super()._is_checkpointable(funcs)
+
+    def forward(self, forward_input):
+        if not (self.checkfree_role.recompute and self.training and torch.is_grad_enabled()):
+            return super().forward(forward_input)
+        # DeepSpeed's reentrant checkpoint around the whole stage: the first run keeps no graph (so no activation,
+        # nor a segment input of activation checkpointing), only the stage input; the backward runs the stage again,
+        # with its activation-checkpointing segments if any, and back-propagates through it. A tensor that requires
+        # grad goes along: where the stage embeds the tokens no input requires grad, and the checkpoint would
+        # otherwise be cut off autograd.
+        anchor = torch.ones(1, device=_device_of(forward_input), requires_grad=True)
+        return checkpoint(self._stage_forward_once(), *_as_args(forward_input), anchor)
+
+    def _stage_forward_once(self) -> Callable:
+        """The stage's forward, for a checkpoint that runs it twice (forward, then again in the backward): both runs
+        see the layer seeds of the first (``micro_offset``, which DeepSpeed advances once per forward)."""
+        offset = self.micro_offset
+        runs = []
+
+        def run(*args):
+            args = args[:-1]  # the anchor
+            current = self.micro_offset
+            self.micro_offset = offset
+            try:
+                return PipelineModule.forward(self, args[0] if len(args) == 1 else args)
+            finally:
+                if runs:  # the recomputation leaves the counter where the later forwards left it
+                    self.micro_offset = current
+                runs.append(True)
+
+        return run
+
+
+def _as_args(forward_input: Any) -> tuple:
+    # DeepSpeed passes one tensor or a tuple of tensors; the checkpoint takes (and detaches) positional tensors.
+    return forward_input if isinstance(forward_input, tuple) else (forward_input,)
+
+
+def _device_of(forward_input: Any) -> torch.device:
+    return _as_args(forward_input)[0].device
 
 
 def checkfree_plus_module(embedding: Union[LayerSpec, TiedLayerSpec], blocks: Sequence[LayerSpec],

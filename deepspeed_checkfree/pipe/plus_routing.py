@@ -1,7 +1,8 @@
 """CheckFree+ inside the engine (:class:`PlusRouting`, mixed into ``CheckFreeEngine``): runs the route-aware 1F1B
 schedule of :mod:`deepspeed_checkfree.core.schedule` with each micro-batch's route (odd ones swap the edge pairs),
-aggregates the loss and additional losses of the two loss ranks, gives every tied weight a gradient, and keeps a
-rebuilt (de)embedding copy in step with the copy it was rebuilt from.
+marks the micro-batches the first pair recomputes (:mod:`deepspeed_checkfree.core.recompute`), aggregates the loss
+and additional losses of the two loss ranks, gives every tied weight a gradient, and keeps a rebuilt (de)embedding
+copy in step with the copy it was rebuilt from.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
+from ..core import recompute as cf_recompute
 from ..core import schedule as cf_schedule
 from ..errors import ConfigError, UnsupportedSetupError
 from . import ds_internals
@@ -59,11 +61,13 @@ class PlusRouting:
 
     Its state: the route of the micro-batch being executed (``_role``), per-peer activation metadata and receive
     buffers (a rank has two peers per side), the losses kept between a micro-batch's forward and backward, and
-    ``_tied_authority`` (tied key -> the stage whose copy a rebuilt copy follows).
+    ``_tied_authority`` (tied key -> the stage whose copy a rebuilt copy follows), and ``_recompute_policy`` (the
+    config's ``plus_recompute_edges``).
     """
 
-    def _init_plus_routing(self, plus: bool) -> None:
+    def _init_plus_routing(self, plus: bool, recompute_policy=False) -> None:
         self._plus = plus
+        self._recompute_policy = recompute_policy
         self._role: Optional[cf_schedule.Role] = None
         self._mb_losses: Dict[int, torch.Tensor] = {}
         self._meta_sent_to: set = set()
@@ -109,13 +113,22 @@ class PlusRouting:
         else:
             PipelineEngine.set_dataiterator(self, iterator)
 
-    def _enter_role(self, role: Optional[cf_schedule.Role]) -> None:
-        """Make the base handlers see this micro-batch's route: neighbours, first/last, and the edge layers' gate."""
+    def _enter_role(self, role: Optional[cf_schedule.Role], recompute: bool = False) -> None:
+        """Make the base handlers see this micro-batch's route: neighbours, first/last, and the edge layers' gate;
+        and tell the module whether this micro-batch's forward is recomputed in its backward."""
         self._role = role
         self.prev_stage = self.stage_id - 1 if role is None or role.prev_stage is None else role.prev_stage
         self.next_stage = self.stage_id + 1 if role is None or role.next_stage is None else role.next_stage
         gate = self.module.checkfree_role
         gate.first, gate.last = self.is_first_stage(), self.is_last_stage()
+        gate.recompute = recompute
+
+    def recomputed_micro_batches(self) -> frozenset:
+        """The micro-batches whose forward this stage runs again in their backward, in a training step."""
+        if not self._plus:
+            return frozenset()
+        return cf_recompute.recomputed_micro_batches(self.stage_id, self.num_stages, self.micro_batches,
+                                                     self._recompute_policy)
 
     def _exec_schedule(self, pipe_schedule):
         if not isinstance(pipe_schedule, cf_schedule.CheckFreePlusTrainSchedule):
@@ -123,12 +136,13 @@ class PlusRouting:
         ds_internals.reserve_pipe_buffers(self, pipe_schedule.num_pipe_buffers())
         self.fwd_outputs = []
         self._mb_losses = {}
+        recomputed = self.recomputed_micro_batches()
         try:
             for step_cmds in pipe_schedule:
                 for cmd in step_cmds:
                     mb = getattr(cmd, "micro_batch_id", None)
                     if mb is not None:
-                        self._enter_role(cf_schedule.role(self.stage_id, mb, self.num_stages))
+                        self._enter_role(cf_schedule.role(self.stage_id, mb, self.num_stages), mb in recomputed)
                     self._exec_routed(cmd, mb)
         finally:
             self._enter_role(None)

@@ -1,5 +1,6 @@
 """One rank of the CheckFree+ 1F1B scenarios: real DeepSpeed engines (one per scenario, sharing the process group)
-with several micro-batch counts and an additional loss; records losses, weights and what the schedule held.
+with several micro-batch counts, an additional loss, DeepSpeed's activation checkpointing and the first pair's
+recomputation; records losses, weights, what the schedule held and how often each block ran its forward.
 
 Run by tests/distributed/test_plus_1f1b.py through tests/harness/ranks.run_scenarios; arguments: OUT_DIR
 SCENARIOS_JSON.
@@ -63,13 +64,32 @@ CheckFreeEngine._INSTRUCTION_MAP[ds_schedule.ForwardPass] = _counted_forward
 CheckFreeEngine._INSTRUCTION_MAP[ds_schedule.BackwardPass] = _counted_backward
 
 
+class BlockForwards:
+    """Counts the forwards of this stage's transformer blocks (a recomputation runs them again)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.blocks = [m for m in module.modules() if isinstance(m, gpt.Block)]
+        self.calls = 0
+        for block in self.blocks:
+            block.register_forward_hook(self._count)
+
+    def _count(self, *_) -> None:
+        self.calls += 1
+
+    def per_block(self) -> float:
+        return self.calls / len(self.blocks)
+
+
 def build_model(sc: dict):
     stages = sc["num_stages"]
+    # DeepSpeed's activation checkpointing, as a user turns it on: every ac_interval layers are one segment.
+    kwargs = {"activation_checkpoint_interval": sc["ac_interval"]} if sc.get("ac_interval") else {}
     if not sc.get("aux"):
-        return gpt.plus_pipeline_module(MODEL, num_stages=stages)
+        return gpt.plus_pipeline_module(MODEL, num_stages=stages, **kwargs)
     model = deepspeed_checkfree.checkfree_plus_module(
         LayerSpec(gpt.Embedding, MODEL), [LayerSpec(gpt.Block, MODEL) for _ in range(MODEL.n_layers)],
-        LayerSpec(AuxHead, MODEL), stages, loss_fn=gpt.lm_loss, seed_layers=True, seed_fn=gpt.seed_layer)
+        LayerSpec(AuxHead, MODEL), stages, loss_fn=gpt.lm_loss, seed_layers=True, seed_fn=gpt.seed_layer,
+        **kwargs)
     rank = int(os.environ["RANK"])
 
     def additional_losses():
@@ -86,14 +106,20 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
     model = build_model(sc)
     # Constant LR and no clipping, so the single-process reference is plain AdamW.
     config = ds_config({**sc, "clip": 0.0, "constant_lr": True})
+    if sc.get("use_reentrant") is not None:
+        config["pipeline"] = {"use_reentrant": sc["use_reentrant"]}
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
-    record = {"stage": engine.stage_id, "losses": [], "additional": [], "held_peak": [],
+    record = {"stage": engine.stage_id, "losses": [], "additional": [], "held_peak": [], "block_forwards": [],
+              "recomputed": sorted(engine.recomputed_micro_batches()),
+              "checkpoint_func": engine.module.activation_checkpoint_func.__name__,
               "initial_params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+    forwards = BlockForwards(engine.module)
     batches = StepBatches(tokens, seq_len=MODEL.seq_len, micro_batch_size=MICRO_BATCH,
                           micro_batches=engine.micro_batches)
     for step in range(sc["steps"]):
         HELD["peak"] = 0
+        forwards.calls = 0
         try:
             loss = engine.train_batch(batches.iterator(step))
         except Exception as err:  # the mismatch scenario expects a clear error on every rank
@@ -103,6 +129,7 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
             break
         record["losses"].append(float(loss))
         record["held_peak"].append(HELD["peak"])
+        record["block_forwards"].append(forwards.per_block())
         extra = engine.agg_additional_losses
         record["additional"].append(None if extra is None else {k: float(v) for k, v in extra.items()})
     record["buffers"] = len(engine.pipe_buffers["outputs"])

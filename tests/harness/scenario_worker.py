@@ -152,7 +152,12 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
                           micro_batches=engine.micro_batches, dp_rank=engine.grid.data_parallel_id,
                           dp_size=engine.dp_world_size)
     ahead = sc.get("ahead")  # {"stage": s, "step": k}: stage s applies step k, the others are rolled back
+    restores = sc.get("restore", [])  # [{"rank": r, "step": k}]: rank r loses its stage, copied from its replica
     for step in range(sc["steps"]):
+        for lost in (r["rank"] for r in restores if r["step"] == step):
+            replicas = engine.grid.get_data_parallel_group_ranks()
+            if lost in replicas:  # a collective of the lost rank's data-parallel group
+                engine.restore_from_replica(min(r for r in replicas if r != lost), [lost], cause="injected")
         if ahead and step == ahead["step"]:
             put_one_stage_ahead(engine, batches, step, ahead["stage"], record)
         loss = engine.train_batch(batches.iterator(step))
@@ -162,6 +167,7 @@ def run(sc: dict, tokens, out: Path, rank: int) -> None:
         record["lrs"].append([g["lr"] for g in engine.basic_optimizer.param_groups])
         record["norms"].append(getattr(engine, "stage_grad_norm", None))
     assert len(record["grad_square_sums"]) == sc["steps"] + bool(ahead), "one optimizer step per train_batch"
+    record["recoveries"] = list(getattr(engine, "recoveries", []))
     record["final_step"] = engine.global_steps
     record["adam_steps"] = sorted({int(st["step"]) for st in engine.basic_optimizer.state.values()})
     record["final_params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}

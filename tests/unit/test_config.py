@@ -99,3 +99,16 @@ def test_ds_config_can_name_a_yaml_file_for_the_section(tmp_path):
     assert cfg.enabled and cfg.strategy == "copy"
     with pytest.raises(ConfigError, match="cannot read"):
         CheckFreeConfig.from_ds_config({"checkfree": str(tmp_path / "nope.yaml")})
+
+
+def test_plus_recompute_edges_takes_true_false_or_all_under_checkfree_plus_only():
+    plus = {"enabled": True, "mode": "checkfree_plus"}
+    assert parse_section(plus).plus_recompute_edges is False
+    assert parse_section({**plus, "plus_recompute_edges": True}).plus_recompute_edges is True
+    assert parse_section({**plus, "plus_recompute_edges": "all"}).plus_recompute_edges == "all"
+    with pytest.raises(ConfigError, match=r"checkfree\.plus_recompute_edges: must be true, false or 'all'.*"
+                                          r"\(got 'yes'\)"):
+        parse_section({**plus, "plus_recompute_edges": "yes"})
+    with pytest.raises(ConfigError, match=r"plus_recompute_edges=True .* mode='checkfree'\. Set "
+                                          r"mode='checkfree_plus' or remove plus_recompute_edges"):
+        parse_section({"enabled": True, "plus_recompute_edges": True})

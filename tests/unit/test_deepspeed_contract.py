@@ -216,3 +216,35 @@ def test_the_communication_backend_loads_the_shm_op_unless_marked_off():
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
     from deepspeed_checkfree.pipe.selector import SHM_COMM_OP
     assert ShareMemCommBuilder.NAME == SHM_COMM_OP
+
+# CheckFree+ routing, recomputation of the first pair, and activation checkpointing.
+
+def test_the_routing_relies_on_the_engine_attributes_it_names():
+    # The route-aware schedule reuses DeepSpeed's buffer slots and computes the loss on two ranks: if one of these
+    # were renamed, the routing would write to an attribute DeepSpeed no longer reads.
+    routing = {"pipe_buffers", "total_additional_losses", "agg_additional_losses", "prev_stage", "next_stage",
+               "loss", "total_loss", "fwd_outputs"}
+    assert routing <= set(ds_internals.ENGINE_ATTRIBUTES)
+    src = inspect.getsource(PipelineEngine)
+    assert "self.pipe_buffers['outputs'][buffer_id] = outputs" in src
+    assert "self.total_additional_losses[name] = add_to_total_loss(total, loss)" in src
+    assert "self.agg_additional_losses = " in src
+    assert "p2p.send(outputs, self.next_stage)" in src and "p2p.recv(self.pipe_recv_buf, self.prev_stage)" in src
+
+
+def test_pipeline_module_forward_runs_its_segments_with_the_layer_seed_offset():
+    # A recomputed stage runs PipelineModule.forward twice with the same micro_offset and its segments off.
+    src = inspect.getsource(PipelineModule.forward)
+    assert src.count("self.micro_offset += 1") == 1
+    assert "local_micro_offset = self.micro_offset + 1" in src
+    assert "if self.activation_checkpoint_interval == 0:" in src
+    assert "self.activation_checkpoint_func(exec_range_func(start_idx, end_idx), *x)" in src
+    assert "self._is_checkpointable(funcs)" in inspect.getsource(PipelineModule._precompute_checkpointable_values)
+
+
+def test_non_reentrant_checkpoint_is_deepspeeds_choice_when_use_reentrant_is_off():
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+    assert tuple(inspect.signature(non_reentrant_checkpoint).parameters) == ("function", "args")
+    src = inspect.getsource(PipelineEngine.__init__)
+    assert "self.module.activation_checkpoint_func = ds_checkpointing.non_reentrant_checkpoint" in src
+    assert "self.module._precompute_checkpointable_values()" in src
