@@ -444,46 +444,8 @@ def reset_step_state(engine: PipelineEngine) -> None:
 # A plain training script under the supervisor (resilience/drop_in.py): DeepSpeed's entry points, wrapped
 # --------------------------------------------------------------------------------------------------------------
 
-def wrap_entry_points(init_distributed_hook: Callable, initialize_hook: Callable) -> None:
-    """Route ``deepspeed.init_distributed`` (every name DeepSpeed exports it under, and the call inside
-    ``deepspeed.initialize``) through ``init_distributed_hook(original, *args, **kwargs)``, and
-    ``deepspeed.initialize`` through ``initialize_hook(original, *args, **kwargs)``. Idempotent."""
-    import deepspeed
-    from deepspeed import comm
-    from deepspeed.comm import comm as comm_module
-
-    if getattr(deepspeed.initialize, "_checkfree_wrapped", False):
-        return
-    original_init = comm_module.init_distributed
-
-    def init_distributed(*args, **kwargs):
-        return init_distributed_hook(original_init, *args, **kwargs)
-
-    original_initialize = deepspeed.initialize
-
-    def initialize(*args, **kwargs):
-        return initialize_hook(original_initialize, *args, **kwargs)
-
-    for holder in (comm_module, comm, deepspeed):
-        holder.init_distributed = init_distributed
-    init_distributed._checkfree_wrapped = initialize._checkfree_wrapped = True
-    initialize.__doc__ = original_initialize.__doc__
-    deepspeed.initialize = initialize
-
-
-def default_distributed_port() -> int:
-    """``deepspeed.init_distributed``'s default ``distributed_port`` (a script that passes another fixed one)."""
-    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
-    return TORCH_DISTRIBUTED_DEFAULT_PORT
-
-
 def loads_per_step(engine: PipelineEngine) -> int:
     """How many items one ``train_batch`` takes from this stage's data iterator: its schedule's ``LoadMicroBatch``
     instructions (the first and last stage's, and under CheckFree+ the data stages')."""
     from deepspeed.runtime.pipe.schedule import LoadMicroBatch
     return sum(isinstance(cmd, LoadMicroBatch) for step in engine._train_schedule() for cmd in step)
-
-
-def point_data_iterator(engine: PipelineEngine, iterator: Any) -> None:
-    """Make ``iterator`` the engine's data iterator without DeepSpeed's bookkeeping (for the drop-in's replay)."""
-    engine.data_iterator = iterator

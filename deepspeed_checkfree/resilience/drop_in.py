@@ -42,7 +42,7 @@ from .drain import DrainRequest
 from .heartbeat import Heartbeat
 from .membership import Fenced
 from .session import JobSession, LeaveNow
-from .trainer import default_backend, end_fenced, end_left
+from .trainer_process import default_backend, end_fenced, end_left
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DropIn:
                     "DeepSpeed's: under the CheckFree supervisor the job's groups are formed on the job's store, so "
                     "that a lost rank can be replaced. Call deepspeed.init_distributed() instead (or nothing)")
             return original(*args, **kwargs)  # (the world formed here: DeepSpeed wraps it)
-        default_port = ds_internals.default_distributed_port()
+        default_port = default_distributed_port()
         if kwargs.get("init_method") or kwargs.get("distributed_port", default_port) != default_port:
             raise UnsupportedSetupError(
                 "under the CheckFree supervisor the job's process groups are formed on the job's store, so that a "
@@ -165,7 +165,7 @@ class DropIn:
             end_left(self.session, self.heartbeat)
         finally:
             if data_iter is None and source is not None:
-                ds_internals.point_data_iterator(engine, source)  # (the engine's own loader goes on)
+                point_data_iterator(engine, source)  # (the engine's own loader goes on)
 
     def _step(self, engine, run: Callable[[Iterator], Any], source: Optional[Iterator]):
         step = engine.global_steps
@@ -248,6 +248,46 @@ class DropIn:
             self.session.finish()
 
 
+# DeepSpeed's entry points (public names), wrapped
+
+def wrap_entry_points(init_distributed_hook: Callable, initialize_hook: Callable) -> None:
+    """Route ``deepspeed.init_distributed`` (every name DeepSpeed exports it under, and the call inside
+    ``deepspeed.initialize``) through ``init_distributed_hook(original, *args, **kwargs)``, and
+    ``deepspeed.initialize`` through ``initialize_hook(original, *args, **kwargs)``. Idempotent."""
+    import deepspeed
+    from deepspeed import comm
+    from deepspeed.comm import comm as comm_module
+
+    if getattr(deepspeed.initialize, "_checkfree_wrapped", False):
+        return
+    original_init = comm_module.init_distributed
+
+    def init_distributed(*args, **kwargs):
+        return init_distributed_hook(original_init, *args, **kwargs)
+
+    original_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        return initialize_hook(original_initialize, *args, **kwargs)
+
+    for holder in (comm_module, comm, deepspeed):
+        holder.init_distributed = init_distributed
+    init_distributed._checkfree_wrapped = initialize._checkfree_wrapped = True
+    initialize.__doc__ = original_initialize.__doc__
+    deepspeed.initialize = initialize
+
+
+def default_distributed_port() -> int:
+    """``deepspeed.init_distributed``'s default ``distributed_port`` (a script that passes another fixed one)."""
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+    return TORCH_DISTRIBUTED_DEFAULT_PORT
+
+
+def point_data_iterator(engine, iterator: Any) -> None:
+    """Make ``iterator`` the engine's data iterator without DeepSpeed's bookkeeping (for the drop-in's replay)."""
+    engine.data_iterator = iterator
+
+
 def current() -> Optional[DropIn]:
     """This trainer's drop-in, if the supervisor installed one."""
     return _CURRENT[0] if _CURRENT else None
@@ -259,7 +299,7 @@ def install() -> None:
         return
     drop_in = DropIn()
     _CURRENT.append(drop_in)
-    ds_internals.wrap_entry_points(drop_in.init_distributed, drop_in.initialize)
+    wrap_entry_points(drop_in.init_distributed, drop_in.initialize)
 
 
 def stand_aside() -> None:

@@ -33,7 +33,7 @@ def main() -> None:
             guard.events_file = section.get("events_file")
         if is_spare() and not (isinstance(section, dict) and section.get("spare_builds_engine")):
             from ..core.config import CheckFreeConfig
-            from .trainer import wait_as_spare
+            from .trainer_process import wait_as_spare
             config = CheckFreeConfig.from_ds_config(ds_config) if ds_config is not None else CheckFreeConfig()
             wait_as_spare(config, ds_config)
         runpy.run_path(script, run_name="__main__")

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Callable, Dict, List, Optional
 
@@ -23,8 +22,8 @@ import torch.distributed as dist
 from ..core.config import CheckFreeConfig
 from ..core.failures import replacement_death_phase
 from ..core.fault_policy import detection_trigger, startup_timeout_s
-from ..core.rejoin import (Loss, MemberInfo, RankTimes, RejoinPlan, joining_generation,
-                           measure_outage, plan_rejoin)
+from ..core.rejoin import (MemberInfo, RankTimes, RejoinPlan, joining_generation,
+                           plan_rejoin)
 from ..errors import CheckFreeError
 from ..events import EventLog, identity
 from ..pipe import ds_internals
@@ -38,6 +37,7 @@ from .drain import DrainRequest, Parking, leave, take_over
 from .generation_store import GenerationStore
 from .heartbeat import Heartbeat
 from .membership import Membership, job_token
+from .outage import report_outage
 
 logger = logging.getLogger(__name__)
 
@@ -416,48 +416,8 @@ class JobSession:
             self.heartbeat.finish()
         self.membership.finish()
 
-    # ------------------------------------------------------------------------------------------------------
-    # The outage record
-    # ------------------------------------------------------------------------------------------------------
-
-    def _losses(self, plan: RejoinPlan) -> List[Loss]:
-        """The records of the trainers this failure lost: for each fresh or handed-over rank, the incarnations
-        since the one that trained in this rank's previous generation."""
-        records = []
-        for r in plan.fresh_ranks + plan.handed_over_ranks:
-            first = self.previous[r].incarnation if r in self.previous else self.members[r].incarnation - 1
-            for i in range(max(0, first), self.members[r].incarnation):
-                death = self.membership.death(r, i)
-                if death is not None:
-                    records.append(Loss(time=death.time, cause=death.cause, left=death.left))
-        return records
-
-    def _method(self, plan: RejoinPlan) -> str:
-        if plan.handed_over_ranks and not plan.lost_stages and not plan.replicated_stages:
-            return "exact hand-over"
-        if plan.lost_stages:
-            return self.config.strategy if self.config.mode == "checkfree" or all(
-                0 < s < self.engine.num_stages - 1 for s in plan.lost_stages) else "copy"
-        if plan.replicated_stages:
-            return "data_parallel_replica"
-        return "none"
-
     def _report_outage(self, mine: RankTimes) -> None:
-        """After the first step of a new generation: gather every rank's phase times; the lowest surviving rank
-        (it knows the generation that failed) writes the outage record (:func:`~deepspeed_checkfree.core.rejoin.
-        measure_outage` says how it is measured)."""
-        plan = self.plan
-        times: List[Optional[RankTimes]] = [None] * self.world_size
-        dist.all_gather_object(times, mine)
-        if self.rank != plan.survivor_ranks[0]:
-            return
-        outage = measure_outage(plan, times, self._losses(plan), self._method(plan))
-        logger.warning("%s outage of generation %d: %.2f s, started by %s (silent %.2f, detected %.2f, re-joined "
-                       "%.2f, rebuilt %.2f, resumed %.2f), replayed step %d, lost steps %d, %s",
-                       identity(step=plan.step, rank=self.rank), plan.generation, outage.outage_s, outage.start,
-                       outage.silent_s, outage.detected_s or 0.0, outage.rejoined_s, outage.rebuilt_s,
-                       outage.resumed_s, plan.step, outage.lost_steps, outage.method)
-        self.events.write("outage", **asdict(outage))
+        report_outage(self, mine)
 
     # ------------------------------------------------------------------------------------------------------
     # Verification aid
