@@ -20,8 +20,8 @@ from .errors import CheckFreeError, ConfigError, RecoveryError, StageFailure, Un
 
 __all__ = [
     "CheckFreeConfig", "CheckFreeEngine", "CheckFreeError", "CheckFreePlusPipelineModule", "ConfigError",
-    "RecoveryError", "StageFailure", "UnsupportedSetupError", "checkfree_plus_module", "initialize", "load_config",
-    "register",
+    "RecoveryError", "ResilientTrainer", "StageFailure", "UnsupportedSetupError", "checkfree_plus_module",
+    "initialize", "load_config", "register",
 ]
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ _LAZY = {
     "checkfree_plus_module": "deepspeed_checkfree.pipe.plus_module",
     "initialize": "deepspeed_checkfree.pipe.selector",
     "register": "deepspeed_checkfree.pipe.selector",
+    "ResilientTrainer": "deepspeed_checkfree.resilience.trainer",
 }
 
 

@@ -192,7 +192,8 @@ class DropIn:
             pending = [(t, current if t == step else Recorder(None, self.previous)) for t in range(replay, step + 1)]
             if not pending:  # (every rank had applied this call's step: nothing is left to run)
                 loss = getattr(engine, "agg_train_loss", None)
-        self.session.step_done()
+        if pending:  # (else no step ran in the new generation yet: its first is the next call's)
+            self.session.step_done()
         self.previous = current.taken
         if self.drain.requested:
             raise LeaveNow()
