@@ -76,6 +76,7 @@ class Membership:
         self.rank = rank
         self.world_size = world_size
         self.join_timeout_s = join_timeout_s
+        self._lease_written: Optional[bytes] = None  # this process's last lease value (see renew_lease)
 
     def key(self, name: str) -> str:
         """The store key of ``name`` (one of :mod:`.contract`'s keys) under this job's prefix."""
@@ -376,8 +377,18 @@ class Membership:
         return self.store.add(self.key(FRESH_START_KEY), 0)
 
     def renew_lease(self, rank: int, renewals: int, owner: str) -> None:
-        """``rank``'s supervisor ``owner`` is alive: its ``renewals``-th renewal, with this machine's wall time."""
-        self.store.set(self.key(lease_key(rank)), lease_value(renewals, time.time(), owner))
+        """``rank``'s supervisor ``owner`` is alive: its ``renewals``-th renewal, with this machine's wall time.
+
+        One request that the store answers: a TCPStore ``set`` is never answered, so a store whose machine vanished
+        would go unnoticed behind it (its deadline never runs out). After the first renewal it is a compare-and-set
+        on the value this process wrote last, which also leaves alone a lease that another supervisor has written
+        since (a new machine's, for this rank: this one was recorded lost and learns so from the job's signals)."""
+        key, value = self.key(lease_key(rank)), lease_value(renewals, time.time(), owner).encode()
+        if self._lease_written is None:
+            self.store.set(key, value)
+            self._lease_written = value
+        elif self.store.compare_set(key, self._lease_written, value) == value:
+            self._lease_written = value
 
     def leases(self, ranks: Optional[Sequence[int]] = None) -> Dict[int, Lease]:
         """Each rank's lease (default: all ranks), read together."""

@@ -192,8 +192,8 @@ class JobSession:
     def _report_waiting(self, generation: int, missing: List[int], waited_s: float) -> None:
         lost = self.membership.lost_machines(missing)
         words = [f"rank {r}: " + (f"its machine was recorded lost ({lost[r]['cause']}): start a replacement on a "
-                                  f"new machine with the join command (README: node loss)" if r in lost else
-                                  "its supervisor is replacing its trainer") for r in missing]
+                                  f"new machine with the join command (README: real process and machine loss)" if r in lost
+                                  else "its supervisor (or the machine that joined for it) is starting its trainer") for r in missing]
         logger.warning("%s waiting %.0f s for generation %d to form: %s. The job waits up to join_timeout_s=%g s",
                        identity(rank=self.rank), waited_s, generation, "; ".join(words), self.config.join_timeout_s)
         self.events.write("waiting", rank=self.rank, generation=generation, missing=missing,

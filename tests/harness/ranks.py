@@ -35,9 +35,11 @@ def require_multi_process_marker() -> None:
 
 def cpu_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Environment for CPU ranks: one thread each (2 cores shared by several ranks), DeepSpeed's CPU accelerator,
-    this checkout first on the path (spawned processes import the code under test, not an installed copy)."""
+    this checkout first on the path (spawned processes import the code under test, not an installed copy), and
+    DeepSpeed's shm all-reduce op off (its JIT build takes minutes on a new machine, pipelines never use it, and a
+    build interrupted by a test's kill leaves a lock that every later process waits on)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", CHECKFREE_DISABLE_SHM_COMM="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     env.update(extra or {})
     return env
