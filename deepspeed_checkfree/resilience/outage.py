@@ -42,12 +42,14 @@ def method_of(session: Any, plan: RejoinPlan) -> str:
 
 def report_outage(session: Any, mine: RankTimes) -> None:
     """After the first step of a new generation: gather every rank's phase times; the lowest surviving rank
-    (it knows the generation that failed) writes the outage record (:func:`~deepspeed_checkfree.core.rejoin.
+    that was in the generation that failed writes the outage record (:func:`~deepspeed_checkfree.core.rejoin.
     measure_outage` says how it is measured)."""
     plan = session.plan
     times: List[Optional[RankTimes]] = [None] * session.world_size
     dist.all_gather_object(times, mine)
-    if session.rank != plan.survivor_ranks[0]:
+    # (a rank that took a stage over is a survivor of the plan, but a new process: it never saw the failed one)
+    writer = min((r for r in plan.survivor_ranks if r not in plan.handed_over_ranks), default=plan.survivor_ranks[0])
+    if session.rank != writer:
         return
     outage = measure_outage(plan, times, losses_of(session, plan), method_of(session, plan))
     logger.warning("%s outage of generation %d: %.2f s, started by %s (silent %.2f, detected %.2f, re-joined "
