@@ -365,9 +365,12 @@ class CheckFreeEngine(PlusRouting, PipelineEngine):
                  if self.incarnation is not None else None)
         if phase == "rebuild" or (self.checkfree.failure_injection.kill_during_rebuild == self.stage_id
                                   and self.incarnation == 1):
+            what = (f"replacement incarnation {self.incarnation} kills itself in its re-join's rebuild phase "
+                    f"(kill_replacements)" if phase == "rebuild" else "killing this replacement (kill_during_rebuild)")
+
             def die(source_stage: int) -> None:
-                logger.warning("%s killing this replacement after receiving stage %d (kill_during_rebuild)",
-                               identity(self.stage_id, self.global_rank, self.global_steps), source_stage)
+                logger.warning("%s %s after receiving stage %d", identity(self.stage_id, self.global_rank,
+                                                                       self.global_steps), what, source_stage)
                 os.kill(os.getpid(), signal.SIGKILL)
             return die
         return None

@@ -120,8 +120,12 @@ class GenerationStore(dist.Store):
     # the waits ---------------------------------------------------------------------------------------------------
 
     def _wait_for(self, keys: List[str], timeout: Optional[timedelta] = None) -> None:
-        """Return once every key of ``keys`` is set; raise when the generation is aborted or after the timeout."""
-        limit = (timeout or self._timeout).total_seconds()
+        """Return once every key of ``keys`` is set; raise when the generation is aborted or after the timeout.
+
+        The store's own timeout (the generation's start-up allowance) is the least a wait lasts: a caller's shorter
+        one (gloo passes its connect timeout) must not cut the wait for a peer that is still starting, and a peer
+        that died ends the wait early through the abort record."""
+        limit = max(timeout or self._timeout, self._timeout).total_seconds()
         deadline = time.monotonic() + limit
         next_death_check, pause = 0.0, POLL_S
         while True:

@@ -272,8 +272,13 @@ class JobSession:
                                 on_published=self._hook("rendezvous"), **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store
+        # gloo connects to every peer whose address is published with the group's timeout, retrying a refused
+        # connection until then; a living peer accepts at once, but one that died after publishing its address
+        # would hold every rank here for the whole start-up timeout (the abort record does not reach a connect).
+        # So the group is created with the detection timeout, then given the start-up one for the engine's build.
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
-                                timeout=startup)
+                                timeout=timedelta(seconds=self.config.detection_timeout_s))
+        ds_internals.set_every_group_timeout(startup)
         # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
         # torch.distributed, so it follows the group of each new generation).
         deepspeed.init_distributed(dist_backend=self.backend)
