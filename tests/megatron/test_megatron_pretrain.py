@@ -2,7 +2,8 @@
 CheckFree hook installed by the runner, on CPU processes over gloo (tests/megatron/pretrain_worker.py): 2 and 4
 pipeline stages train 3 iterations and save, lose the first, a middle or the last stage's files, and resume with the
 hook to iteration 5, in the legacy (``torch``) and ``torch_dist`` formats, under the plain and the distributed
-optimizer. Megatron's loader itself reads the repaired checkpoint; the test checks that every stage loaded what it
+optimizer (with the fix proposed to megatron.core, docs/megatron.md: its own loader cannot resume that optimizer
+without apex or Transformer Engine). Megatron's loader itself reads the repaired checkpoint; the test checks that every stage loaded what it
 should (the rebuilt one: the blend or copy of its neighbours' saved weights, computed here; the others: exactly what
 they saved), that the rebuilt stage restarts with a fresh Adam state and the LR boost, and that training goes on.
 
@@ -28,14 +29,20 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 WORKER = Path(__file__).with_name("pretrain_worker.py")
 CONFIGS = [(fmt, distopt) for fmt in ("torch", "torch_dist") for distopt in (False, True)]
-LOSSES = {2: [None, 0, 1], 4: [0, 2, 3]}  # None: the intact checkpoint
-CASES = [(world, fmt, distopt, lost) for world in (2, 4) for fmt, distopt in CONFIGS for lost in LOSSES[world]]
+# Which stage each resume loses (None: the intact checkpoint), per pipeline size and (format, distributed optimizer).
+# Two stages: every config loses either stage and resumes intact. Four: the plain optimizer loses the first, a middle
+# and the last stage; the distributed optimizer a middle one (its edge stages are the two-stage cases).
+LOSSES = {2: {cfg: [None, 0, 1] for cfg in CONFIGS},
+          4: {cfg: ([2] if cfg[1] else [0, 2, 3]) for cfg in CONFIGS}}
+CASES = [(world, fmt, distopt, lost) for world in (2, 4) for fmt, distopt in CONFIGS
+         for lost in LOSSES[world][(fmt, distopt)]]
 
 
 def _launch(tmp_path_factory, world: int) -> Path:
     out = tmp_path_factory.mktemp(f"pretrain-pp{world}")
     spec = {"out": str(out), "num_layers": 2 * world,
-            "configs": [{"format": fmt, "distopt": distopt, "lose": LOSSES[world]} for fmt, distopt in CONFIGS]}
+            "configs": [{"format": fmt, "distopt": distopt, "lose": LOSSES[world][(fmt, distopt)]}
+                        for fmt, distopt in CONFIGS]}
     run_ranks(WORKER, world, [json.dumps(spec)], timeout_s=560, log_dir=out)
     return out
 
