@@ -24,9 +24,12 @@ setup(
     # The engine subclasses private DeepSpeed internals: pin the version the contract test checks.
     install_requires=["deepspeed==0.19.8", "torch>=2.6", "pyyaml", "numpy"],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],
-                    # megatron-core ships only megatron.core; Megatron-LM's megatron.training (from a checkout) also
-                    # imports six and regex (pyyaml is required above; pydantic comes with deepspeed).
-                    "megatron": ["megatron-core==0.16.1", "psutil", "six", "regex"],
+                    # megatron-core 0.17+ needs Python >= 3.12: 0.16.1 (the last for 3.10/3.11, which ships only
+                    # megatron.core: megatron.training comes from a Megatron-LM core_v0.16.1 checkout) below, 0.19.x
+                    # (whose wheel ships megatron.training) from 3.12. megatron.training also imports six and regex
+                    # (pyyaml is required above; pydantic comes with deepspeed); torch_dist saves need psutil.
+                    "megatron": ['megatron-core==0.16.1; python_version < "3.12"',
+                                 'megatron-core>=0.19.2,<0.20; python_version >= "3.12"', "psutil", "six", "regex"],
                     "experiment": ["matplotlib"],
                     # The job's store in etcd (resilience/etcd_store.py): etcd's v3 gRPC JSON gateway client.
                     "etcd": ["etcd3gw==2.7.0"]},

@@ -20,6 +20,7 @@ from ..events import identity
 from ..repair import repair_checkpoint
 from ..repair.megatron_common import (TRACKER, edge_tensors, iteration_dir_name, read_rebuilt_stages, replica_holder,
                                       write_norms, write_replica)
+from ..repair.megatron_dist.common_state import write_replica as write_common_state_replica
 from ..repair.megatron_distopt import write_distopt_layouts
 from .distopt import layout_of
 
@@ -84,6 +85,10 @@ class CheckFreeState:
     lr_scale: float = 1.0
     rebuilt_stages: List[int] = field(default_factory=list)
 
+    def reset(self) -> None:
+        """Forget the previous run's (a new training run starts in this process)."""
+        self.grad_norm, self.lr_scale, self.rebuilt_stages = None, 1.0, []
+
 
 def _coords() -> Dict[str, Any]:
     from megatron.core import parallel_state as ps
@@ -100,8 +105,10 @@ def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, itera
     Gathers every stage's gradient norm over the pipeline group; the (tensor-parallel 0, data-parallel 0) rank of each
     stage writes them (``checkfree/stage_PPP.json``), so any surviving stage has all of them. Stage 1 keeps a replica
     of stage 0's embedding and stage P-2 one of stage P-1's final norm and output layer
-    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide. With
-    Megatron's distributed optimizer (pass ``optimizer``), each stage also keeps its own and its neighbours' bucket
+    (``checkfree/edge_replica_stage_PPP_tp_TT.pt``): the parameters a neighbour's copy cannot provide; in a
+    ``torch_dist`` checkpoint of megatron.core >= 0.19 it also copies the common state (args, iteration, scheduler),
+    which only global rank 0's file holds (``checkfree/common_state_replica.bin``). With Megatron's distributed
+    optimizer (pass ``optimizer``), each stage also keeps its own and its neighbours' bucket
     layouts (:func:`.distopt.layout_of`), so a lost stage's optimizer shard can be rebuilt.
     """
     c = _coords()
@@ -123,6 +130,9 @@ def save_checkfree_state(iter_dir: str, model: Any, state: CheckFreeState, itera
             write_norms(iter_dir, stage, num_stages, iteration, dict(enumerate(norms)), rebuilt_all)
         if replicas and num_stages > 1:
             _exchange_replicas(iter_dir, model, c)
+            if c["tp"] == 0 and stage == replica_holder(0, num_stages):
+                # torch_dist from megatron.core 0.19 keeps the common state in global rank 0's file only.
+                write_common_state_replica(iter_dir)
     dist.barrier()
 
 
@@ -276,6 +286,7 @@ def state_after_load(load_dir: Optional[str], iteration: Any, reports: Sequence[
     stage = ps.get_pipeline_model_parallel_rank()
     if stage in now and optimizer is not None:
         reset_optimizer_state(optimizer)
+    state.lr_scale = 1.0
     if stage in rebuilt:
         state.lr_scale = lr_boost
         state.grad_norm = None  # the rebuilt stage has no measured gradient yet

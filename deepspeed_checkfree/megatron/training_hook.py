@@ -2,8 +2,10 @@
 names ``pretrain()`` calls them by) so that an unmodified training loop records per-stage gradient norms, saves the
 CheckFree sidecar with every checkpoint, and rebuilds a lost stage's shard before resuming.
 
-Tested with Megatron-LM tag ``core_v0.16.1``; the wrappers only add work before/after the original functions and
-pass every argument through.
+Tested with Megatron-LM tag ``core_v0.16.1`` (megatron-core 0.16.1, Python 3.11) and with the ``megatron.training``
+of the megatron-core 0.19.2 wheel (tag ``core_v0.19.0``, Python >= 3.12); the wrappers only add work before/after the
+original functions and pass every argument through. The two differ in where the arguments are parsed
+(:func:`parses_own_arguments`).
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def load_targets(args: Any, load_arg: str = "load") -> List[Tuple[str, Optional[
     return [(load_dir, iteration)]
 
 
-def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Optional[str]:
+def _saved_iteration_dir(args: Any, iteration: Any, non_persistent: bool) -> Optional[str]:
     if non_persistent:
         kind = getattr(args, "non_persistent_ckpt_type", None)
         if kind != "global":
@@ -124,11 +126,55 @@ def _saved_iteration_dir(args: Any, iteration: int, non_persistent: bool) -> Opt
     return os.path.join(save_dir, iteration_dir_name(iteration))
 
 
-def install() -> CheckFreeState:
-    """Install the hook into ``megatron.training`` (idempotent). Call before ``pretrain()``.
+def parses_own_arguments(pretrain: Callable) -> bool:
+    """Whether ``pretrain()`` parses Megatron's arguments itself (Megatron-LM up to core_v0.16: ``pretrain(
+    train_valid_test_dataset_provider, model_provider, ..., extra_args_provider=None, args_defaults={})``), or takes
+    a config container built from arguments the script parsed before (core_v0.19: ``pretrain(cfg_container, ...)``
+    after ``parse_and_validate_args``)."""
+    return "extra_args_provider" in inspect.signature(pretrain).parameters
 
-    Also makes ``megatron.training.pretrain`` add the ``--checkfree-*`` options to whatever ``extra_args_provider``
-    it is given, so a script that imports ``pretrain`` after this call needs no other change.
+
+def _add_options_in_pretrain(T: Any, MT: Any, state: CheckFreeState) -> None:
+    """core_v0.16: ``pretrain()`` parses the arguments, with the ``extra_args_provider`` it is given."""
+    orig_pretrain = T.pretrain
+    signature = inspect.signature(orig_pretrain)
+
+    @functools.wraps(orig_pretrain)
+    def pretrain(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
+        state.reset()
+        return orig_pretrain(*bound.args, **bound.kwargs)
+
+    T.pretrain = MT.pretrain = pretrain
+
+
+def _add_options_in_parse_args(state: CheckFreeState) -> None:
+    """core_v0.19: the script calls ``parse_and_validate_args(extra_args_provider=...)``, which builds the parser in
+    ``megatron.training.arguments.parse_args`` (looked up at call time, so a script that imported
+    ``parse_and_validate_args`` before :func:`install` gets the options too)."""
+    import megatron.training.arguments as A
+
+    orig_parse = A.parse_args
+    signature = inspect.signature(orig_parse)
+
+    @functools.wraps(orig_parse)
+    def parse_args(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
+        state.reset()
+        return orig_parse(*bound.args, **bound.kwargs)
+
+    A.parse_args = parse_args
+
+
+def install() -> CheckFreeState:
+    """Install the hook into ``megatron.training`` (idempotent). Call before ``pretrain()``, or with Megatron-LM
+    core_v0.19, before the script parses its arguments.
+
+    Also adds the ``--checkfree-*`` options to Megatron's arguments where this version parses them (see
+    :func:`parses_own_arguments`): in ``pretrain()``'s ``extra_args_provider`` (core_v0.16) or in the parser
+    ``parse_and_validate_args`` builds (core_v0.19), so an unmodified script gets them.
 
     Returns:
         The rank's :class:`CheckFreeState` (last gradient norm, LR boost).
@@ -156,7 +202,8 @@ def install() -> CheckFreeState:
                            *args, **kwargs)
         margs = get_args()
         non_persistent = bool(kwargs.get("non_persistent_ckpt", False))
-        iter_dir = _saved_iteration_dir(margs, iteration, non_persistent) if margs.save else None
+        tag = "release" if kwargs.get("release", False) else iteration  # core_v0.19's save_checkpoint(release=True)
+        iter_dir = _saved_iteration_dir(margs, tag, non_persistent) if margs.save else None
         # Every rank takes the same branch (same args, same directory on a shared filesystem).
         if iter_dir is not None:
             save_checkfree_state(iter_dir, model, state, iteration,
@@ -180,15 +227,10 @@ def install() -> CheckFreeState:
                          float(_option(margs, "checkfree_lr_boost", 1.1)), optimizer)
         return result
 
-    signature = inspect.signature(orig_pretrain)
-
-    @functools.wraps(orig_pretrain)
-    def pretrain(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
-        return orig_pretrain(*bound.args, **bound.kwargs)
-
     T.train_step, T.save_checkpoint, T.load_checkpoint = train_step, save_checkpoint, load_checkpoint
-    T.pretrain = MT.pretrain = pretrain
+    if parses_own_arguments(orig_pretrain):
+        _add_options_in_pretrain(T, MT, state)
+    else:
+        _add_options_in_parse_args(state)
     T._checkfree_state = state
     return state

@@ -1,7 +1,8 @@
-"""Test-only monkeypatches that let megatron-core 0.16.1 run pipeline parallelism on CPU with gloo.
+"""Test-only monkeypatches that let megatron-core (0.16.1 and 0.19.x) run pipeline parallelism on CPU with gloo.
 
 These are the five patches of shared/notes/megatron-on-cpu.md §2, each needed (dropping any one fails or hangs),
-and a sixth for the distributed optimizer (and gradient clipping), which accept only ``torch.cuda.*Tensor`` types.
+a sixth for the distributed optimizer (and gradient clipping), which accept only ``torch.cuda.*Tensor`` types, and a
+seventh for 0.19, whose gradient sync waits on ``torch.cuda.current_stream()`` (CUDA-graph replay events).
 They stay in tests: the library itself never fakes CUDA.
 """
 from __future__ import annotations
@@ -10,6 +11,31 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
+
+
+class Stream:
+    """A stand-in for ``torch.cuda.Stream``: every wait and synchronisation is a no-op (CPU work is in order)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _CudaToCpu(TorchFunctionMode):
@@ -52,3 +78,7 @@ def apply() -> None:
         return cuda_names.get(result, result) if not args and not kwargs else result
 
     torch.Tensor.type = tensor_type
+    # 7: megatron.core 0.19 start_grad_sync waits for CUDA-graph replay events on the current stream.
+    torch.cuda.Stream = Stream
+    torch.cuda.current_stream = lambda *a, **k: Stream()
+    torch.cuda.stream = lambda *a, **k: Stream()

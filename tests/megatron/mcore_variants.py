@@ -47,17 +47,43 @@ def expected_diff(now, all_saved, norms, lost, num_stages, vpp):
 
 def claim_args(it: str, fmt: str, changes: dict) -> None:
     """Rewrite the saved args of every file that holds them (all the hook knows of a setting like a custom
-    pipeline layout)."""
+    pipeline layout): each legacy shard, or the torch_dist common state (common.pt up to megatron.core 0.16; from
+    0.19 the ``common_state`` item of global rank 0's file, rewritten at the file's end and re-pointed in .metadata,
+    and the hook's replica of it)."""
     import glob
+    import io
+    import pickle
 
     import torch
 
-    files = [os.path.join(it, "common.pt")] if fmt == "torch_dist" else \
-        glob.glob(os.path.join(it, "mp_rank_*", "model_optim_rng.pt"))
-    for f in files:
-        state = torch.load(f, weights_only=False)
+    if fmt != "torch_dist" or os.path.exists(os.path.join(it, "common.pt")):
+        files = [os.path.join(it, "common.pt")] if fmt == "torch_dist" else \
+            glob.glob(os.path.join(it, "mp_rank_*", "model_optim_rng.pt"))
+        for f in files:
+            state = torch.load(f, weights_only=False)
+            vars(state["args"]).update(changes)
+            torch.save(state, f)
+        return
+    md_path = os.path.join(it, ".metadata")
+    with open(md_path, "rb") as f:
+        md = pickle.load(f)
+    index = next(i for i in md.storage_data if i.fqn == "common_state/shard_0_1")
+    info = md.storage_data[index]
+    with open(os.path.join(it, info.relative_path), "r+b") as f:
+        f.seek(info.offset)
+        (state,) = torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
         vars(state["args"]).update(changes)
-        torch.save(state, f)
+        buf = io.BytesIO()
+        torch.save([state], buf)
+        f.seek(0, os.SEEK_END)
+        md.storage_data[index] = type(info)(info.relative_path, f.tell(), len(buf.getvalue()))
+        f.write(buf.getvalue())
+    with open(md_path, "wb") as f:
+        pickle.dump(md, f)
+    replica = os.path.join(it, "checkfree", "common_state_replica.bin")
+    if os.path.exists(replica):
+        with open(replica, "wb") as f:
+            f.write(buf.getvalue())
 
 
 def run_variants(spec: dict, out: str, damage, rng_state_of) -> None:

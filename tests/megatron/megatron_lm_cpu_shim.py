@@ -22,51 +22,22 @@ they fake CUDA, so they stay out of the library.
 import os
 import runpy
 import sys
-import types
 
 
 def _main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    import torch
-    from tests.megatron import cpu_patches
-    import megatron.core, megatron.core.datasets.helpers  # bind the pip wheel's megatron.core (compiled helpers) first
+    from tests.megatron import training_cpu
+
     mode, script = sys.argv[1], os.path.abspath(sys.argv[2])
     sys.path.insert(0, os.path.dirname(script))
-    torch._dynamo.config.disable = True
-    # triton-only kernels module imported unguarded by megatron/training/initialize.py
-    stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
-    stub.enable_batch_invariant_mode = lambda *a, **k: None
-    stub.is_batch_invariant_mode_enabled = lambda *a, **k: False
-    sys.modules[stub.__name__] = stub
-    cpu_patches.apply()
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = lambda *a, **k: None
-    torch.cuda.manual_seed_all = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda: None
-    class _Stream:
-        def __init__(self, *a, **k): pass
-        def wait_stream(self, *a, **k): pass
-        def synchronize(self): pass
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
-    torch.cuda.Stream = _Stream
-    torch.cuda.current_stream = lambda *a, **k: _Stream()
-    torch.cuda.stream = lambda *a, **k: _Stream()
-    # dist_checkpointing's results queue lives in a spawn-context Manager whose child re-imports __main__ (the
-    # script, which needs triton); a fork-context Manager avoids that on this CPU box.
-    import multiprocessing as mp
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-    import megatron.training.initialize as I
-    I._compile_dependencies = lambda *a, **k: None
-    I._warmup_jit_function = lambda *a, **k: None
+    training_cpu.apply()
     if mode == "runner":
         from deepspeed_checkfree.megatron.run import main
         main([script, *sys.argv[3:]])
     else:
         sys.argv = [script, *sys.argv[3:]]
         runpy.run_path(script, run_name="__main__")
+
 
 if __name__ == "__main__":
     _main()

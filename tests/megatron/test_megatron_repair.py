@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -139,8 +140,9 @@ def test_an_intact_checkpoint_needs_nothing_and_every_tensor_was_checked(pp4, tm
 def test_truncated_distcp_file_is_detected_as_its_stage(pp4, tmp_path):
     ckpt = _copy(pp4, "dist", tmp_path)
     it = ckpt / "iter_0000003"
-    data = (it / "__2_1.distcp").read_bytes()
-    (it / "__2_1.distcp").write_bytes(data[:100])
+    last = sorted(it.glob("__2_*.distcp"))[-1]  # __2_1 (two writer threads, megatron.core 0.16) or __2_0 (0.19)
+    data = last.read_bytes()
+    last.write_bytes(data[:100])
     report = repair_checkpoint(str(ckpt), output=str(tmp_path / "out"))
     assert list(report.damaged) == [2] and "truncated" in report.damaged[2]
     assert report.rebuilds[0].sources == (1, 3)
@@ -159,9 +161,35 @@ def test_both_neighbours_missing_is_refused(pp4, tmp_path):
 @pytest.mark.parametrize("what", [".metadata", "common.pt"])
 def test_lost_global_torch_dist_files_cannot_be_rebuilt(pp4, tmp_path, what):
     ckpt = _copy(pp4, "dist", tmp_path)
+    if not (ckpt / "iter_0000003" / what).exists():
+        pytest.skip(f"this megatron-core writes no {what} (from 0.19 the common state is in global rank 0's file)")
     os.remove(ckpt / "iter_0000003" / what)
     with pytest.raises(RecoveryError, match=f"{what} is missing.*cannot be rebuilt from neighbours"):
         repair_checkpoint(str(ckpt), output=str(tmp_path / "out"))
+
+
+def test_first_stage_common_state_is_rebuilt_from_its_replica_or_refused_without_one(pp4, tmp_path):
+    """megatron.core >= 0.19 keeps the common state (args, iteration, scheduler) only in global rank 0's file: the
+    hook's replica brings it back with stage 0, byte for byte; without the replica the rebuild is refused."""
+    ckpt = _copy(pp4, "dist", tmp_path)
+    it = ckpt / "iter_0000003"
+    if (it / "common.pt").exists():
+        pytest.skip("this megatron-core keeps the common state in common.pt, a file of no stage")
+    replica = (it / "checkfree" / "common_state_replica.bin").read_bytes()
+    for name in os.listdir(it):
+        if name.startswith("__0_"):
+            os.remove(it / name)
+    (tmp_path / "out").mkdir()
+    report = repair_checkpoint(str(ckpt), output=str(tmp_path / "out" / "repaired"))
+    assert list(report.damaged) == [0] and report.rebuilds[0].sources == (1,)
+    out = tmp_path / "out" / "repaired" / "iter_0000003"
+    md = pickle.loads((out / ".metadata").read_bytes())
+    info = next(v for i, v in md.storage_data.items() if i.fqn == "common_state/shard_0_1")
+    assert info.relative_path.startswith("__0_")
+    assert (out / info.relative_path).read_bytes()[info.offset:info.offset + info.length] == replica
+    os.remove(it / "checkfree" / "common_state_replica.bin")
+    with pytest.raises(RecoveryError, match="common state .* no CheckFree replica"):
+        repair_checkpoint(str(ckpt), output=str(tmp_path / "out2"))
 
 
 def test_corrupt_torch_dist_metadata_is_reported(pp4, tmp_path):

@@ -30,3 +30,25 @@ def test_a_non_editable_install_finds_the_shipped_corpus(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert Path(out[0]).resolve().is_relative_to(installed.resolve())
     assert int(out[1]) > 10_000_000  # the 10.8 MB corpus, read from the installed copy
+
+
+def test_the_megatron_extra_picks_the_megatron_core_each_python_can_run(tmp_path):
+    """megatron-core 0.17+ requires Python >= 3.12: the [megatron] extra pins 0.16.1 below and 0.19.x from 3.12."""
+    from importlib.metadata import PathDistribution
+
+    from packaging.requirements import Requirement
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REPO / "setup.py", src / "setup.py")
+    (src / "deepspeed_checkfree").mkdir()
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=src, check=True,
+                   timeout=120, capture_output=True)
+    requires = [Requirement(r) for r in PathDistribution(next(tmp_path.glob("*.egg-info"))).requires]
+
+    def picked(python: str) -> list:
+        env = {"python_version": python, "python_full_version": f"{python}.0", "extra": "megatron"}
+        return [str(r.specifier) for r in requires if r.name == "megatron-core" and r.marker.evaluate(env)]
+
+    assert picked("3.10") == picked("3.11") == ["==0.16.1"]
+    assert picked("3.12") == picked("3.13") == ["<0.20,>=0.19.2"]

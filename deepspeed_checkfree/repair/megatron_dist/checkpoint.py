@@ -20,6 +20,7 @@ from ..base import IOLedger, Inspection, check_rebuilt, directory_bytes, set_asi
 from ..megatron_common import (LAYER_PREFIX, REPLICA_FIX, MegatronIteration, MegatronLayout, layer_index_map,
                                read_replica, replica_file, replica_note)
 from ..megatron_distopt import require_layout
+from . import common_state
 from .distopt import DistOptItems, dp_group_of
 from .items import (COMMON, METADATA, parse_sharded_object, read_item, read_metadata, sharded_object_fqn, split_opt,
                     write_items)
@@ -27,12 +28,14 @@ from .items import (COMMON, METADATA, parse_sharded_object, read_item, read_meta
 logger = logging.getLogger(__name__)
 
 # Why the rebuilt stage's Adam step count is not reset in the file (see docs of megatron.checkpoint.reset_rebuilt_
-# optimizer_state): megatron.core saves one "common_step" for all parameters of every stage, in common.pt.
-STEP_KEPT_NOTE = ("torch_dist keeps one Adam step count for every stage (common.pt, 'common_step'), so the rebuilt "
-                  "stage's moments are zero but its step is the shared one; the checkfree hook resets the rebuilt "
-                  "stage's step after loading (a truly fresh Adam state, as legacy and DeepSpeed repairs give). "
+# optimizer_state): megatron.core saves one "common_step" for all parameters of every stage, in the common state.
+STEP_KEPT_NOTE = ("torch_dist keeps one Adam step count for every stage (the common state, 'common_step'), so the "
+                  "rebuilt stage's moments are zero but its step is the shared one; the checkfree hook resets the "
+                  "rebuilt stage's step after loading (a truly fresh Adam state, as legacy and DeepSpeed repairs give). "
                   "Without the hook its first update is about (1-beta1)/sqrt(1-beta2) times a fresh one's (3.2 with "
                   "betas 0.9, 0.999).")
+# megatron.core >= 0.19: the rerun state machine's ShardedObject, one shard per global rank.
+RERUN_STATE_KEY = "rerun_state_machine_state"
 DISTOPT_PREFIX = "optimizer.distributed."
 DISTOPT_PAD = 64  # megatron.core param_and_grad_buffer: parameter starts are padded to multiples of 64 elements
 _DISTCP = re.compile(r"__(\d+)_(\d+)\.distcp")
@@ -60,11 +63,7 @@ class MegatronDistCheckpoint(MegatronIteration):
     # -- reading --------------------------------------------------------------------------------------------
 
     def _read_args(self) -> Any:
-        path = os.path.join(self.iter_dir, COMMON)
-        if not os.path.exists(path):
-            raise RecoveryError(f"{path} is missing; it holds the checkpoint's args and iteration (written once by "
-                                f"global rank 0) and cannot be rebuilt from neighbours. Restore it from another copy.")
-        common = self.ledger.load(path)
+        common = common_state.read_common_state(self.iter_dir, self.md, self.ledger)
         if not isinstance(common, dict):
             return None
         self.sharding_type = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
@@ -88,6 +87,10 @@ class MegatronDistCheckpoint(MegatronIteration):
                 return lay.stage_of_layer(offsets[0])
             if key == "rng_state":
                 return offsets[0]
+            if key == common_state.COMMON_STATE_KEY:  # written by global rank 0, a rank of stage 0
+                return 0
+            if key == RERUN_STATE_KEY:  # offset: the global rank that wrote it
+                return self._rank_stage(offsets[0])
             if dp_group_of(key) is not None:
                 return self.group_stage(dp_group_of(key)[0])
             return None
@@ -115,14 +118,22 @@ class MegatronDistCheckpoint(MegatronIteration):
         except RecoveryError:  # a layer outside a layout this version cannot compute (custom pipeline layout)
             return None
 
-    def _file_stage(self, rel: str) -> Optional[int]:
-        """The pipeline rank that wrote ``__{rank}_{k}.distcp`` under Megatron's default rank order
-        (tp-cp-ep-dp-pp: the pipeline rank is the slowest-varying); used where the items do not tell."""
-        m = _DISTCP.fullmatch(rel)
+    def _ranks_per_stage(self) -> Optional[int]:
         world = int(getattr(self.args, "world_size", 0) or 0)
-        if m is None or world <= 0 or world % self.layout.num_stages:
+        if world <= 0 or world % self.layout.num_stages:
             return None
-        return int(m.group(1)) // (world // self.layout.num_stages)
+        return world // self.layout.num_stages
+
+    def _rank_stage(self, rank: int) -> Optional[int]:
+        """The pipeline rank of global rank ``rank`` under Megatron's default rank order (tp-cp-ep-dp-pp: the
+        pipeline rank is the slowest-varying)."""
+        per_stage = self._ranks_per_stage()
+        return None if per_stage is None else int(rank) // per_stage
+
+    def _file_stage(self, rel: str) -> Optional[int]:
+        """The pipeline rank that wrote ``__{rank}_{k}.distcp``; used where the items do not tell."""
+        m = _DISTCP.fullmatch(rel)
+        return None if m is None else self._rank_stage(int(m.group(1)))
 
     def _value_problem(self, rel: str, indices: List[Any]) -> Optional[str]:
         bad = []
@@ -142,7 +153,7 @@ class MegatronDistCheckpoint(MegatronIteration):
     def inspect(self) -> Inspection:
         self.md = read_metadata(self.iter_dir, self.ledger)
         self.args = self._read_args()
-        self.layout = MegatronLayout.from_args(self.args, os.path.join(self.iter_dir, COMMON))
+        self.layout = MegatronLayout.from_args(self.args, f"the common state of {self.iter_dir}")
         lay = self.layout
         for required in ("metadata.json",):
             if not os.path.exists(os.path.join(self.iter_dir, required)):
@@ -179,8 +190,9 @@ class MegatronDistCheckpoint(MegatronIteration):
                     f"{owners}; unmatched items {unplaced[:5]}{' ...' if len(unplaced) > 5 else ''}). Only the "
                     f"files of a single stage can be rebuilt from its neighbours.")
             damaged[owners[0]] = "; ".join(filter(None, [damaged.get(owners[0]), f"{rel} {why}"]))
-        return Inspection(lay.num_stages, damaged, dict(stage_files), [METADATA, COMMON, "metadata.json"],
-                          directory_bytes(self.iter_dir), self.unsupported_settings())
+        shared = [f for f in (METADATA, COMMON, "metadata.json") if os.path.exists(os.path.join(self.iter_dir, f))]
+        return Inspection(lay.num_stages, damaged, dict(stage_files), shared, directory_bytes(self.iter_dir),
+                          self.unsupported_settings())
 
     def rewritten_files(self, found: Inspection, damaged: set) -> List[str]:
         # The rebuild rewrites the storage offsets of the lost stage's items in the global index too.
@@ -200,6 +212,22 @@ class MegatronDistCheckpoint(MegatronIteration):
                 name = f"{index.fqn}@{tuple(index.offset[1:])}"
                 params[layer - off].append((name, tuple(size[1:]), ""))
         return tuple(LayerSignature(str(k), "TransformerLayer", tuple(sorted(params[k]))) for k in range(n))
+
+    def _common_state_bytes(self, index) -> bytes:
+        """The ``common_state`` item of a rebuilt stage 0: as its file still holds it, else the hook's replica."""
+        data = common_state.item_bytes(self.iter_dir, self.md, index)
+        if data is not None:
+            try:
+                common_state.decode(data)
+                return data
+            except Exception:  # noqa: BLE001 - damaged: take the replica
+                pass
+        data = common_state.read_replica(self.iter_dir, self.ledger)
+        if data is None:
+            raise RecoveryError(f"the common state (args, iteration, scheduler) was in the lost file "
+                                f"{self.md.storage_data[index].relative_path} of global rank 0 and no CheckFree "
+                                f"replica ({common_state.replica_path(self.iter_dir)}) holds it. {REPLICA_FIX}")
+        return data
 
     def _chunk_size(self, index) -> Tuple[int, ...]:
         for chunk in self.md.state_dict_metadata[index.fqn].chunks:
@@ -301,6 +329,14 @@ class MegatronDistCheckpoint(MegatronIteration):
         files: Dict[str, List[Any]] = defaultdict(list)
         for index in lost:
             files[self.md.storage_data[index].relative_path].append(index)
+        # Rewriting a file drops whatever it held besides the stage's items: refuse rather than write a checkpoint
+        # whose index points into the void.
+        others = sorted(i.fqn for i, info in self.md.storage_data.items()
+                        if info.relative_path in files and self._item_stage.get(i) != target)
+        if others:
+            raise RecoveryError(f"the files of stage {target} ({sorted(files)}) also hold items this version cannot "
+                                f"place or rebuild ({others[:5]}{' ...' if len(others) > 5 else ''}); they are not "
+                                f"rewritten. Restore the files from another copy.")
         values: Dict[Any, Any] = {}
         distopt = [i for i in lost if dp_group_of(parse_sharded_object(i.fqn)[0] if i.offset is None else i.fqn)]
         skip = set(distopt)
@@ -309,8 +345,13 @@ class MegatronDistCheckpoint(MegatronIteration):
                 continue
             if index.offset is None:
                 key, offsets, shape = parse_sharded_object(index.fqn)
+                if key == common_state.COMMON_STATE_KEY:
+                    values[index] = self._common_state_bytes(index)
+                    continue
                 if key.startswith(LAYER_PREFIX):
                     offsets[0] = layer_plan(offsets[0])[0][0]
+                elif key == RERUN_STATE_KEY:  # the same rank's of the first source stage
+                    offsets[0] += (plan.sources[0] - target) * self._ranks_per_stage()
                 else:  # rng_state: the first source's generator states
                     offsets[0] = plan.sources[0]
                 values[index] = self._read_item(MetadataIndex(sharded_object_fqn(key, offsets, shape)))
