@@ -229,6 +229,15 @@ def get_if_set(store: dist.Store, key: str) -> Optional[bytes]:
     return None if value == MISSING else value
 
 
+def get_waited_for(store: dist.Store, key: str) -> Optional[bytes]:
+    """``key``'s value, None when unset, for a key that others wait on (:func:`wait_for`): one request while it is
+    unset. On a TCPStore it is ``check`` first: :func:`get_if_set`'s compare-and-set on an unset key would wake
+    every waiter of that key, each of which then asks again (N arrivals x N waiters requests)."""
+    if hasattr(store, "values_if_set") or not hasattr(store, "check"):
+        return get_if_set(store, key)
+    return store.get(key) if store.check([key]) else None
+
+
 def values_if_set(store: dist.Store, keys: Sequence[str]) -> List[Optional[bytes]]:
     """Each key's value, None where unset: one request on etcd; on another store two when more than two keys are
     all set (``check`` then ``multi_get``), else one per key."""

@@ -42,6 +42,7 @@ def test_the_megatron_extra_picks_the_megatron_core_each_python_can_run(tmp_path
     src.mkdir()
     shutil.copy(REPO / "setup.py", src / "setup.py")
     (src / "deepspeed_checkfree").mkdir()
+    shutil.copy(REPO / "deepspeed_checkfree" / "__init__.py", src / "deepspeed_checkfree" / "__init__.py")  # version
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=src, check=True,
                    timeout=120, capture_output=True)
     requires = [Requirement(r) for r in PathDistribution(next(tmp_path.glob("*.egg-info"))).requires]
