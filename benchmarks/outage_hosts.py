@@ -30,6 +30,7 @@ step_time.py), not the lease watch's alone.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from tests.harness.job import world_info  # noqa: E402
 from tests.harness.netns import Hosts, netns_unavailable  # noqa: E402
 from tests.harness.ports import reserve_ports  # noqa: E402
 from tests.harness.ranks import cpu_env  # noqa: E402
+from tests.e2e.test_optimizer_outage import wait_until_spare_ready  # noqa: E402
 
 SHIPPED = "checkfree_no_failure.json"
 WARMUP_STEPS = 3  # left out of the failure-free step time (the first steps build and warm up)
@@ -77,6 +79,8 @@ def run_checkfree(args, work: Path, fault: str) -> dict:
                       token=f"bench-{time.time_ns()}", world=args.hosts)
         try:
             job.wait_for_step(args.fault_step, timeout_s=300)
+            if fault != "kill":  # (the machine's processes die: none may be inside a compiled op's load, see below)
+                wait_until_spare_ready(job, args.victim)
             victim, spare = bed[args.victim], bed[args.hosts]
             done_before = job.steps_done()
             preempted = None
@@ -194,7 +198,20 @@ def median_of(results: List[dict], key: str) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def stale_extension_locks(max_age_s: float = 600) -> List[str]:
+    """torch's JIT extension locks older than ``max_age_s``: a process killed while it loaded a compiled op (here:
+    a spare's prewarm of deepspeed_shm_comm) leaves one, and every later load on this machine then waits for ever.
+    The bed's machines share this cache (real machines do not), so a machine fault can leave one for all."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    now = time.time()
+    return [str(f) for f in root.glob("*/*/lock") if now - f.stat().st_mtime > max_age_s]
+
+
 def main_hosts(args) -> None:
+    stale = stale_extension_locks()
+    if stale:
+        raise SystemExit(f"stale torch extension locks {stale}: every spare would wait for them for ever (a process "
+                         f"was killed while it loaded a compiled op). Remove them when no build runs.")
     why = netns_unavailable()
     if why is not None:
         print(f"SKIPPED: --hosts runs the job on network namespaces, which this process cannot make: {why}. "
@@ -203,13 +220,17 @@ def main_hosts(args) -> None:
     work = REPO / args.workdir / f"hosts{args.hosts}"
     baseline = [attempt(f"checkpoint_restart {i}", work / f"checkpoint_restart_{i}",
                         lambda w: run_checkpoint_restart(args, w)) for i in range(args.baseline_runs)]
-    restart_s = median_of(baseline, "wall_s_fault_to_next_step")
-    stock_step_s = median_of(baseline, "failure_free_step_s")
-    faults = {}
+    faults: Dict[str, List[dict]] = {}
     for i in range(args.repeat):  # the kinds alternate, so load drifts hit each alike
         for fault in args.fault:
             faults.setdefault(fault, []).append(attempt(f"checkfree {fault} {i}", work / f"{fault}_{i}",
                                                         lambda w: run_checkfree(args, w, fault)))
+            write_summary(args, baseline, faults)  # after every run: a cut-short session keeps what it measured
+
+
+def write_summary(args, baseline: List[dict], faults: Dict[str, List[dict]]) -> None:
+    restart_s = median_of(baseline, "wall_s_fault_to_next_step")
+    stock_step_s = median_of(baseline, "failure_free_step_s")
     table = {}
     for fault, runs in faults.items():
         ok = [r for r in runs if "error" not in r]
