@@ -220,6 +220,7 @@ def main() -> None:
                    "--hosts: the faults on the victim's machine (a trainer kill, a silent vanish, SIGTERM to all its "
                    "processes), each --repeat times, alternating")
     p.add_argument("--baseline-runs", type=int, default=1, help="with --hosts: checkpoint-restart runs")
+    p.add_argument("--append", action="store_true", help="with --hosts: add this session's runs to those of --out")
     p.add_argument("--victim", type=int, default=2, help="with --hosts: the rank whose machine the fault hits")
     p.add_argument("--grace", type=float, default=30.0, help="with --fault sigterm: SIGKILL after this many seconds")
     p.add_argument("--teardown-timeout", type=float, default=60.0, help="with --hosts: checkpoint-restart's "

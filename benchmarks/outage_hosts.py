@@ -217,10 +217,14 @@ def main_hosts(args) -> None:
         print(f"SKIPPED: --hosts runs the job on network namespaces, which this process cannot make: {why}. "
               f"Run it as root (CAP_NET_ADMIN, CAP_SYS_ADMIN) with iproute2 installed.")
         return
-    work = REPO / args.workdir / f"hosts{args.hosts}"
-    baseline = [attempt(f"checkpoint_restart {i}", work / f"checkpoint_restart_{i}",
-                        lambda w: run_checkpoint_restart(args, w)) for i in range(args.baseline_runs)]
+    work = REPO / args.workdir / f"hosts{args.hosts}_{time.strftime('%H%M%S')}"
+    baseline: List[dict] = []
     faults: Dict[str, List[dict]] = {}
+    if args.append and (REPO / args.out).exists():  # the runs of earlier sessions count too
+        before = json.loads((REPO / args.out).read_text())
+        baseline, faults = before["checkpoint_restart_runs"], before["checkfree_runs"]
+    baseline += [attempt(f"checkpoint_restart {i}", work / f"checkpoint_restart_{i}",
+                         lambda w: run_checkpoint_restart(args, w)) for i in range(args.baseline_runs)]
     for i in range(args.repeat):  # the kinds alternate, so load drifts hit each alike
         for fault in args.fault:
             faults.setdefault(fault, []).append(attempt(f"checkfree {fault} {i}", work / f"{fault}_{i}",
