@@ -32,7 +32,7 @@ from .test_optimizer_outage import wait_until_spare_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STEPS = 48
+STEPS = 160  # enough for every fault and the waits between them (steps of ~0.2 s run on meanwhile)
 SMALL = ["--d-model", "32", "--layers", "4", "--heads", "2", "--seq-len", "32", "--min-step-s", "0.2"]
 LEASE_TIMEOUT_S = 4.0
 # Kills are pushed (death records), a vanish and a partition are found by the lease: a long detection timeout
