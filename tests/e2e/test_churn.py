@@ -152,7 +152,10 @@ def test_a_job_across_machines_survives_eight_mixed_faults_in_a_row_without_grow
     assert [int(row["step"]) for row in job.metrics()] == list(range(STEPS)), "every step ran exactly once"
     log = job.tail(10**8)
     assert "replacement incarnation 1 kills itself in its re-join's rendezvous phase" in log
-    assert [e for e in job.events() if e["event"] == "fenced"], "the old machine recorded its fencing"
+    # (the old supervisor or its trainer, whichever learns it first, records it; the supervisor's record is in the
+    # log only, the trainers' events file holds the trainers')
+    assert '"event": "fenced"' in log and "recorded lost by the job while it was cut off" in log, \
+        "the old machine recorded its fencing"
     records = outages()
     assert [(e["lost_ranks"], e["start"]) for e in records] == [
         ([2], "trainer death"), ([1], "trainer death"), ([1, 2], "trainer death"), ([2], "machine silent"),
