@@ -16,6 +16,12 @@ With --store etcd://..., the CheckFree job is also run with its coordination sta
 with the embedded store --repeat times, and both outages are reported (--only-stores skips the other runs):
 
     python benchmarks/outage.py --store etcd://127.0.0.1:2379,127.0.0.1:2381,127.0.0.1:2383 --only-stores --repeat 3
+
+With --hosts N --fault kill|vanish|sigterm, both jobs run across N machines (network namespaces; needs root), one rank
+each, --repeat times, and the fault is a trainer kill, a silent vanish of the machine or SIGTERM to all its
+processes (benchmarks/outage_hosts.py says how):
+
+    python benchmarks/outage.py --hosts 4 --fault kill vanish sigterm --repeat 2
 """
 from __future__ import annotations
 
@@ -207,8 +213,26 @@ def main() -> None:
                    help="run just this one and print it (no summary is written)")
     p.add_argument("--store", default=None, help="also run CheckFree on this etcd store (etcd://...)")
     p.add_argument("--only-stores", action="store_true", help="with --store: only the embedded-vs-etcd runs")
-    p.add_argument("--repeat", type=int, default=1, help="with --store: runs of each store, alternating")
+    p.add_argument("--repeat", type=int, default=1, help="with --store: runs of each store, alternating; with "
+                   "--hosts: pairs of runs (CheckFree, checkpoint-restart)")
+    p.add_argument("--hosts", type=int, default=None, help="run across this many network-namespace machines")
+    p.add_argument("--fault", choices=("kill", "vanish", "sigterm"), nargs="+", default=["kill"], help="with "
+                   "--hosts: the faults on the victim's machine (a trainer kill, a silent vanish, SIGTERM to all its "
+                   "processes), each --repeat times, alternating")
+    p.add_argument("--baseline-runs", type=int, default=1, help="with --hosts: checkpoint-restart runs")
+    p.add_argument("--append", action="store_true", help="with --hosts: add this session's runs to those of --out")
+    p.add_argument("--victim", type=int, default=2, help="with --hosts: the rank whose machine the fault hits")
+    p.add_argument("--grace", type=float, default=30.0, help="with --fault sigterm: SIGKILL after this many seconds")
+    p.add_argument("--teardown-timeout", type=float, default=60.0, help="with --hosts: checkpoint-restart's "
+                   "operator ends the stock job this long after the kill if a rank still waits")
     args = p.parse_args()
+    if args.hosts:
+        from outage_hosts import main_hosts  # (the same folder)
+        args.fault_step = args.kill_step
+        if args.out == p.get_default("out"):
+            args.out = f"benchmarks/results/outage_hosts{args.hosts}.json"
+        main_hosts(args)
+        return
     work = REPO / args.workdir
     if args.store:
         compare_stores(args, work)
