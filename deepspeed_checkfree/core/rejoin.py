@@ -227,7 +227,8 @@ def measure_outage(plan: RejoinPlan, times: Sequence[RankTimes], losses: Iterabl
     return Outage(generation=plan.generation, lost_ranks=sorted(plan.fresh_ranks + plan.handed_over_ranks),
                   lost_stages=list(plan.hit_stages), replayed_step=plan.step, lost_steps=lost_steps, start=first,
                   method=method, drain_s=round(max(drains), 6) if drains else None,
-                  silent_s=round(max(0.0, min(detected) - start), 6) if detected else 0.0,
+                  # (a machine that gave notice was never silent: its drain is a phase of its own)
+                  silent_s=round(max(0.0, min(detected) - start), 6) if detected and first != PREEMPTION else 0.0,
                   detected_s=round(max(detected) - start, 6) if detected else None,
                   rejoined_s=phase("rejoined"), rebuilt_s=phase("rebuilt"), resumed_s=phase("resumed"),
                   outage_s=phase("resumed"))
