@@ -28,7 +28,7 @@ from .contract import (ABORTED, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNAL
                        finished_fact,
                        formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact, member_key,
                        parse_lease, pid_fact, rank_generation_key, signal_key, written_key)
-from .store_access import get_if_set, get_waited_for, values_if_set, wait_for
+from .store_access import get_if_set, values_if_set, wait_for
 
 ARRIVAL_WAIT_S = 2.0  # a member waiting for its generation to form looks at the job's stop this often
 
@@ -134,9 +134,9 @@ class Membership:
         started = time.monotonic()
         next_report = started + ARRIVAL_WAIT_S
         while True:
-            # (the formed key is read without waking its waiters: see get_waited_for)
-            ended = get_waited_for(self.store, self.key(formed_key(generation)))
-            active = get_if_set(self.store, self.key(fact_key(incarnation_fact(self.rank))))
+            formed = self.key(formed_key(generation))  # (read without waking its waiters: see get_waited_for)
+            ended, active = values_if_set(self.store, [formed, self.key(fact_key(incarnation_fact(self.rank)))],
+                                          waited=[formed])
             if active is not None and json.loads(active) != info.incarnation:
                 raise Fenced(f"rank {self.rank}'s active trainer is incarnation {json.loads(active)}, not this one "
                              f"({info.incarnation}): the job recorded this rank as lost and went on without it")

@@ -238,9 +238,10 @@ def get_waited_for(store: dist.Store, key: str) -> Optional[bytes]:
     return store.get(key) if store.check([key]) else None
 
 
-def values_if_set(store: dist.Store, keys: Sequence[str]) -> List[Optional[bytes]]:
+def values_if_set(store: dist.Store, keys: Sequence[str], waited: Sequence[str] = ()) -> List[Optional[bytes]]:
     """Each key's value, None where unset: one request on etcd; on another store two when more than two keys are
-    all set (``check`` then ``multi_get``), else one per key."""
+    all set (``check`` then ``multi_get``), else one per key, those in ``waited`` (keys that others wait on) read
+    without waking their waiters (:func:`get_waited_for`)."""
     keys = list(keys)
     method = getattr(store, "values_if_set", None)
     if method is not None:
@@ -249,7 +250,7 @@ def values_if_set(store: dist.Store, keys: Sequence[str]) -> List[Optional[bytes
         return []
     if len(keys) > 2 and store.check(keys):  # (for one or two keys, reading each costs no more)
         return list(store.multi_get(keys))
-    return [get_if_set(store, k) for k in keys]
+    return [get_waited_for(store, k) if k in waited else get_if_set(store, k) for k in keys]
 
 
 def wait_for(store: dist.Store, key: str, timeout_s: float) -> Optional[bytes]:

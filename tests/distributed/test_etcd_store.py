@@ -317,7 +317,8 @@ def test_membership_runs_unchanged_on_the_etcd_store(etcd_cluster):
     threading.Thread(target=members[1].arrive, args=(0, infos[1])).start()
     before = stores[0].requests
     assert members[0].arrive(0, infos[0]) == (0, {0: infos[0], 1: infos[1]})
-    assert stores[0].requests - before <= 8, "an arrival is a handful of requests"
+    # (8, and 2 more when the two members' adds on the arrival counter conflict: etcd's add is a compare-and-swap)
+    assert stores[0].requests - before <= 10, "an arrival is a handful of requests"
     assert members[1].last_generations() == [0, 0]
     members[0].record("note", {"a": 1})
     assert members[1].fact("note") == {"a": 1}
