@@ -123,7 +123,8 @@ def test_the_demo_runs_from_an_installed_wheel_without_the_repository(tmp_path):
     assert not left, LEFTOVER + "\n".join(left)
     assert f"{site / 'deepspeed_checkfree' / 'demo' / 'train.py'} --deepspeed_config" in output, \
         "every rank ran the installed training script"
-    assert str(REPO) not in output
+    # (the venv may live inside the repository, as CI's does: only the package must not come from there)
+    assert str(REPO / "deepspeed_checkfree") not in output and str(REPO / "launch") not in output
     assert "done: 10 steps" in output and "rebuilt by gradnorm_average from stage 1" in output
     rows = list(csv.DictReader(open(cwd / "out" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(10))
