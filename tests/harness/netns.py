@@ -139,7 +139,11 @@ class Host:
         return _signal_all(self.name, sig)
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to one process of this machine (``pid`` must run here)."""
+        """Send ``sig`` to one process of this machine (``pid`` must run here; a process started a moment ago may
+        not be listed in the namespace yet, so it is looked for during a second)."""
+        deadline = time.monotonic() + 1.0
+        while pid not in self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert pid in self.pids(), f"pid {pid} does not run on {self}: {self.pids()}"
         os.kill(pid, sig)
 

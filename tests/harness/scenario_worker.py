@@ -97,6 +97,9 @@ def detached_copy(obj):
         return {k: detached_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(detached_copy(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # (the engine's StageState and its progress)
+        return dataclasses.replace(obj, **{f.name: detached_copy(getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
     return copy.deepcopy(obj)
 
 
