@@ -13,7 +13,7 @@ import pytest
 
 from deepspeed_checkfree.resilience.contract import FENCED_EXIT_CODE, STORE_LOST_EXIT_CODE
 
-from ..harness.cluster import HostJob, host_jobs  # noqa: F401 (fixture)
+from ..harness.cluster import HostJob, check_machines_empty, host_jobs, outage_of  # noqa: F401 (fixture)
 from ..harness.netns import new_hosts  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -29,17 +29,6 @@ LEASE_FLAKE = pytest.mark.xfail(strict=False, reason="issue 24, open: the embedd
 
 def check_every_step_once(job: HostJob) -> None:
     assert [int(row["step"]) for row in job.metrics()] == list(range(job.steps)), "every step ran exactly once"
-
-
-def check_machines_empty(job: HostJob) -> None:
-    left = {host.name: host.pids() for host in job.hosts if host.pids()}
-    assert not left, f"processes still run on the job's machines: {left}"
-
-
-def outage_of(job: HostJob, ranks) -> dict:
-    records = [e for e in job.events() if e["event"] == "outage" and e["lost_ranks"] == ranks]
-    assert len(records) == 1, [e for e in job.events() if e["event"] == "outage"]
-    return records[0]
 
 
 def detections_after(job: HostJob, when: float) -> dict:

@@ -16,7 +16,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from ..harness.cluster import HostJob, host_jobs  # noqa: F401 (fixture)
+from ..harness.cluster import HostJob, check_machines_empty, host_jobs, outage_of  # noqa: F401 (fixture)
 from ..harness.job import Job
 from ..harness.netns import new_hosts  # noqa: F401 (fixture)
 from ..harness.processes import LEFTOVER, close_all
@@ -62,17 +62,6 @@ def check_bit_identical(job: HostJob, reference: Dict[str, object], weights: Pat
     for rank, want in reference["weights"].items():
         got = torch.load(weights / f"rank{rank}.pt")
         assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), f"rank {rank}"
-
-
-def check_machines_empty(job: HostJob) -> None:
-    left = {host.name: host.pids() for host in job.hosts if host.pids()}
-    assert not left, f"processes still run on the job's machines: {left}"
-
-
-def outage_of(job: HostJob, ranks) -> dict:
-    records = [e for e in job.events() if e["event"] == "outage" and e["lost_ranks"] == ranks]
-    assert len(records) == 1, [e for e in job.events() if e["event"] == "outage"]
-    return records[0]
 
 
 def preempt_in_background(job: HostJob, rank: int) -> threading.Thread:

@@ -98,6 +98,19 @@ class HostJob(Job):
         return pid
 
 
+def check_machines_empty(job: HostJob) -> None:
+    """No process runs on any of the job's machines any more."""
+    left = {host.name: host.pids() for host in job.hosts if host.pids()}
+    assert not left, f"processes still run on the job's machines: {left}"
+
+
+def outage_of(job: HostJob, ranks) -> dict:
+    """The one outage record of the failure that lost ``ranks``."""
+    records = [e for e in job.events() if e["event"] == "outage" and e["lost_ranks"] == ranks]
+    assert len(records) == 1, [e for e in job.events() if e["event"] == "outage"]
+    return records[0]
+
+
 @pytest.fixture
 def host_jobs(tmp_path, new_hosts) -> Iterator:
     """A factory of jobs, each on a bed of its own: ``host_jobs(hosts=5, etcd=0, **HostJob kwargs)``; with ``etcd=k``
