@@ -136,17 +136,7 @@ def parses_own_arguments(pretrain: Callable) -> bool:
 
 def _add_options_in_pretrain(T: Any, MT: Any, state: CheckFreeState) -> None:
     """core_v0.16: ``pretrain()`` parses the arguments, with the ``extra_args_provider`` it is given."""
-    orig_pretrain = T.pretrain
-    signature = inspect.signature(orig_pretrain)
-
-    @functools.wraps(orig_pretrain)
-    def pretrain(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
-        state.reset()
-        return orig_pretrain(*bound.args, **bound.kwargs)
-
-    T.pretrain = MT.pretrain = pretrain
+    T.pretrain = MT.pretrain = _with_checkfree_options(T.pretrain, state)
 
 
 def _add_options_in_parse_args(state: CheckFreeState) -> None:
@@ -155,17 +145,22 @@ def _add_options_in_parse_args(state: CheckFreeState) -> None:
     ``parse_and_validate_args`` before :func:`install` gets the options too)."""
     import megatron.training.arguments as A
 
-    orig_parse = A.parse_args
-    signature = inspect.signature(orig_parse)
+    A.parse_args = _with_checkfree_options(A.parse_args, state)
 
-    @functools.wraps(orig_parse)
-    def parse_args(*args, **kwargs):
+
+def _with_checkfree_options(parses: Callable, state: CheckFreeState) -> Callable:
+    """``parses`` (a Megatron function that parses the arguments, taking ``extra_args_provider``) with the
+    ``--checkfree-*`` options added to the user's provider, and the hook's state reset for the new run."""
+    signature = inspect.signature(parses)
+
+    @functools.wraps(parses)
+    def wrapped(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
         bound.arguments["extra_args_provider"] = extra_args_provider(bound.arguments.get("extra_args_provider"))
         state.reset()
-        return orig_parse(*bound.args, **bound.kwargs)
+        return parses(*bound.args, **bound.kwargs)
 
-    A.parse_args = parse_args
+    return wrapped
 
 
 def install() -> CheckFreeState:
