@@ -212,6 +212,12 @@ def member_key(generation: int, rank: int) -> str:
     return f"g/{generation}/member/{rank}"
 
 
+def members_prefix(generation: int) -> str:
+    """Every member entry of ``generation`` starts with this (counted on etcd, where it replaces the arrival
+    counter)."""
+    return f"g/{generation}/member/"
+
+
 def generation_prefix(generation: int) -> str:
     """Every key of ``generation`` (members, formed, the process group's rendezvous) starts with this."""
     return f"g/{generation}/"

@@ -23,11 +23,10 @@ import torch.distributed as dist
 from ..core.rejoin import MemberInfo, missing_members
 from ..errors import CheckFreeError
 from .contract import (ABORTED, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNALS_KEY, STOP_ACKS_KEY, STOPPED_FACT,
-                       Lease,
-                       TOKEN_ENV, TrainerDeath, abort_key, arrivals_key, death_fact, draining_fact, fact_key,
-                       finished_fact,
-                       formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact, member_key,
-                       parse_lease, pid_fact, rank_generation_key, signal_key, written_key)
+                       TOKEN_ENV, Lease, TrainerDeath, abort_key, arrivals_key, death_fact, draining_fact, fact_key,
+                       finished_fact, formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact,
+                       member_key, members_prefix, parse_lease, pid_fact, rank_generation_key, signal_key,
+                       written_key)
 from .store_access import get_if_set, values_if_set, wait_for
 
 ARRIVAL_WAIT_S = 2.0  # a member waiting for its generation to form looks at the job's stop this often
@@ -146,10 +145,7 @@ class Membership:
                     return generation, members  # (it formed with this member's earlier arrival)
                 generation += 1  # aborted, or formed without this incarnation: the job is at a later generation
                 continue
-            self.store.multi_set([self.key(rank_generation_key(self.rank)),
-                                  self.key(member_key(generation, self.rank))],
-                                 [str(generation), json.dumps(info.__dict__)])
-            if self.store.add(self.key(arrivals_key(generation)), 1) >= self.world_size:
+            if self._count_in(generation, info) >= self.world_size:
                 self._form(generation)
             if on_counted is not None:
                 on_counted()
@@ -176,6 +172,17 @@ class Membership:
                 generation += 1
                 continue
             return generation, members
+
+    def _count_in(self, generation: int, info: MemberInfo) -> int:
+        """Write this rank's member entry; return the arrivals counted so far (the one that reaches the world size
+        checks the members). etcd: one transaction writes and counts the entries (no contended counter)."""
+        keys = [self.key(rank_generation_key(self.rank)), self.key(member_key(generation, self.rank))]
+        values = [str(generation), json.dumps(info.__dict__)]
+        set_and_count = getattr(self.store, "set_and_count", None)
+        if set_and_count is not None:
+            return set_and_count(keys, values, self.key(members_prefix(generation)))
+        self.store.multi_set(keys, values)
+        return self.store.add(self.key(arrivals_key(generation)), 1)
 
     def _formed_with(self, generation: int, value: bytes, info: MemberInfo) -> Optional[Dict[int, MemberInfo]]:
         """The members of a generation whose arrival ended with ``value``, if it formed with ``info``; None if it

@@ -42,6 +42,7 @@ from .joins import JoinRefused, request_join
 from .membership import Membership, job_token
 from .network import set_gloo_interface
 from .signal_watch import SignalWatch
+from .stall_watch import supervisor_stall_watch
 from .supervisor_drain import Draining
 from .supervisor_args import parse_args  # noqa: F401 - (the command line, also this module's name)
 
@@ -161,6 +162,7 @@ class Supervisor(Draining):
     # ------------------------------------------------------------------------------------------------------
 
     def _store_tick(self, now: float) -> None:
+        self.stall.turn()
         try:
             self.coordinator.note_lost(self.signals.lost[self._lost_seen:])
             self._lost_seen = len(self.signals.lost)
@@ -286,6 +288,8 @@ class Supervisor(Draining):
             self.seen_fresh_start = self.membership.fresh_start_epoch()
             self.membership.record_trainer(self.rank, incarnation)
             self.active = self._activate(incarnation)
+            self.stall = supervisor_stall_watch(self.args.lease_timeout, self.events, self.rank, self._prefix(),
+                                                lambda: self.coordinator.leading)
             try:
                 return self._supervise(incarnation)
             except Exception as err:  # noqa: BLE001 - a store failure anywhere in the loop means the same
@@ -316,8 +320,9 @@ class Supervisor(Draining):
                 if child is not None:
                     child.end(grace_s=STOP_GRACE_S)
             self.launcher.announce_spare(None)
-            if getattr(self, "signals", None) is not None:
-                self.signals.close()
+            for watch in (getattr(self, "signals", None), getattr(self, "stall", None)):
+                if watch is not None:
+                    watch.close()
 
     def _finished_before_the_store_closed(self) -> bool:
         """Whether the active trainer had said it finished and then exits cleanly: rank 0's supervisor closes the
@@ -337,7 +342,8 @@ class Supervisor(Draining):
         restarts = 0
         while True:
             self._announce(self.active, incarnation)
-            outcome = self._watch()
+            with self.stall.watching():
+                outcome = self._watch()
             if outcome == "fenced":
                 lost = self._fenced()
                 return self._fence(f"its lease was silent; recorded as {lost.get('cause')} for trainer incarnation "
@@ -396,10 +402,11 @@ class Supervisor(Draining):
         if self.server is not None:
             # Keep the store up until every trainer has finished with it (or the job stopped).
             deadline = time.monotonic() + 120
-            while (self.membership.finished() < self.world_size and self.membership.stopped() is None
-                   and time.monotonic() < deadline):
-                self._store_tick(time.monotonic())
-                time.sleep(0.05)
+            with self.stall.watching():
+                while (self.membership.finished() < self.world_size and self.membership.stopped() is None
+                       and time.monotonic() < deadline):
+                    self._store_tick(time.monotonic())
+                    time.sleep(0.05)
         return 0
 
 

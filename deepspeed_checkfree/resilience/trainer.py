@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from ..core.config import CheckFreeConfig
 from ..core.fault_policy import COMMUNICATION, classify
 from ..errors import CheckFreeError
-from ..events import EventLog
+from ..events import EventLog, identity
 from ..pipe import ds_internals
 from ..pipe.engine import CheckFreeEngine
 from .contract import incarnation_from_env, is_spare, supervised
@@ -127,11 +127,16 @@ class ResilientTrainer:
         session = JobSession(self.config, self.backend, self.rank, self.world_size, self.incarnation,
                              self.build_engine, self.events, self.heartbeat, engine=self._built, drain=self.drain)
         self.session = session
+        interrupted: Optional[int] = None  # the step a failure interrupted on this rank
         while True:
             session.arrive()
             try:
                 step = self.step = session.resume()
                 engine = session.engine
+                if interrupted is not None and on_step is not None:
+                    for done in range(interrupted, step):  # (at most one: a rank is at most one step ahead)
+                        self._report_lost_loss(engine, done, on_step)
+                interrupted = None
                 while step < num_steps:
                     loss = train_step(engine, step)
                     session.step_done()
@@ -146,7 +151,19 @@ class ResilientTrainer:
                 if classify(err) != COMMUNICATION:
                     raise  # train() stops the job with it
                 failure = err
+            interrupted = self.step if interrupted is None else interrupted
             session.failed(failure, self.step)
             del failure  # (with it the frames that hold the failed world's groups)
         session.finish()
         return session.engine
+
+    def _report_lost_loss(self, engine: CheckFreeEngine, step: int,
+                          on_step: Callable[[CheckFreeEngine, int, object], None]) -> None:
+        """``step`` was applied by every survivor, but the failure came on this rank after its update and before
+        its ``train_batch`` returned (in DeepSpeed's broadcast of the loss from the last stage), so the job goes on
+        after it and its loss is lost with the failed world: ``on_step`` gets NaN for it, so that no step goes
+        unreported."""
+        logger.warning("%s step %d was applied by every survivor before the failure, but its loss went with the "
+                       "failed world: it is reported as NaN", identity(rank=self.rank), step)
+        self.events.write("loss_lost", rank=self.rank, step=step, generation=self.generation)
+        on_step(engine, step, float("nan"))

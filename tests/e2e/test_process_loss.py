@@ -9,6 +9,7 @@ is tracked by pid; at the end the test ends those (and only those) and fails if 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -90,7 +91,11 @@ def job_factory(tmp_path):
 def check_completed(job: Job) -> List[float]:
     rows = job.metrics()
     assert [int(r["step"]) for r in rows] == list(range(job.steps)), "every step ran exactly once, none lost"
-    losses = [float(r["loss"]) for r in rows]
+    # (a failure that came after every survivor's update of a step, in DeepSpeed's broadcast of its loss, leaves
+    # that step's loss unknown: rank 0 reports it as NaN and records it, trainer.py)
+    lost = {int(e["step"]) for e in job.events() if e["event"] == "loss_lost"}
+    assert len(lost) <= 1 and all(math.isnan(float(rows[s]["loss"])) for s in lost), lost
+    losses = [float(r["loss"]) for r in rows if int(r["step"]) not in lost]
     check_loss_falls(losses, since=0, window=3)
     assert not list(job.out.rglob("*model_states*")) and not list(job.out.rglob("*.ckpt")), "no checkpoint file"
     return losses

@@ -24,7 +24,7 @@ MAX_LINES = 460
 DEEPSPEED_ENGINE = ("deepspeed.runtime.pipe.engine", "deepspeed.runtime.engine", "deepspeed.initialize",
                     "deepspeed.PipelineEngine", "deepspeed.DeepSpeedEngine")
 # Private names of other libraries that are fine to use where they are (not DeepSpeed's, not c10d's).
-FOREIGN_PRIVATE_OK = {"_exit", "_foreach_mul_", "_option_string_actions", "_getframe"}
+FOREIGN_PRIVATE_OK = {"_exit", "_foreach_mul_", "_option_string_actions", "_getframe", "_current_frames"}
 
 
 def module_name(path: Path) -> str:
