@@ -47,9 +47,10 @@ class EventLog:
 
 
 def read_events(path: str) -> list:
-    """All records of a JSON-lines events file, in order."""
+    """All records of a JSON-lines events file, in order (of a file being written, the complete lines)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]  # (the last piece: "" or a partial line)
 
 
 # ``checkfree events FILE``: summarise a JSON-lines events file (detections and recoveries) as a table. Standard

@@ -172,4 +172,6 @@ class Job:
         return list(csv.DictReader(open(self.out / "metrics.csv")))
 
     def events(self) -> List[dict]:
-        return read_events(str(self.out / "events.jsonl"))
+        """The job's event records so far (none before the first is written: the file does not exist yet)."""
+        path = self.out / "events.jsonl"
+        return read_events(str(path)) if path.exists() else []
