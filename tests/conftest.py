@@ -24,7 +24,19 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     ranks.current_markers = None
 
 
+# The tiers run cheapest first (a stable sort: the order within a tier is pytest's): single-process tests while
+# `.ci/run` still builds the Python 3.12 venv in the background, the multi-process tiers after.
+TIER_ORDER = ("unit", "harness", "distributed", "megatron", "e2e")
+
+
+def tier_rank(item: pytest.Item) -> int:
+    parts = item.path.parts
+    tier = parts[parts.index("tests") + 1] if "tests" in parts[:-1] else ""
+    return TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items) -> None:
+    items.sort(key=tier_rank)
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_tests:
         return

@@ -92,8 +92,8 @@ def check_completed(job: Job) -> List[float]:
     rows = job.metrics()
     assert [int(r["step"]) for r in rows] == list(range(job.steps)), "every step ran exactly once, none lost"
     # (a failure that came after every survivor's update of a step, in DeepSpeed's broadcast of its loss, leaves
-    # that step's loss unknown: rank 0 reports it as NaN and records it, trainer.py)
-    lost = {int(e["step"]) for e in job.events() if e["event"] == "loss_lost"}
+    # that step's loss unknown on a rank: it reports it as NaN and records it, trainer.py; rank 0 writes the rows)
+    lost = {int(e["step"]) for e in job.events() if e["event"] == "loss_lost" and e["rank"] == 0}
     assert len(lost) <= 1 and all(math.isnan(float(rows[s]["loss"])) for s in lost), lost
     losses = [float(r["loss"]) for r in rows if int(r["step"]) not in lost]
     check_loss_falls(losses, since=0, window=3)
