@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..events import read_events, table
-from ..resilience.contract import TOKEN_ENV, pid_file
+from ..resilience.contract import TOKEN_ENV, pid_file, spare_pid_file, spare_ready_file
 
 TRAIN_SCRIPT = Path(__file__).resolve().with_name("train.py")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder this package is imported from
@@ -71,6 +71,15 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
         if not 0 < step < args.steps:
             return f"{flag} {step} must lie between 1 and --steps - 1 = {args.steps - 1}, or nothing is lost"
     return None
+
+
+def spare_ready(out: Path, rank: int) -> bool:
+    """Whether ``rank``'s current warm spare has said it is ready (the supervisor's ``--pid-dir`` files)."""
+    try:
+        pids = [Path(f(str(out / "pids"), rank)).read_text().strip() for f in (spare_pid_file, spare_ready_file)]
+    except FileNotFoundError:
+        return False
+    return pids[0] == pids[1]
 
 
 def steps_done(out: Path) -> int:
@@ -141,19 +150,29 @@ def run_demo(args: argparse.Namespace) -> int:
     print("+ " + " ".join(cmd), flush=True)
     previous = {sig: signal.signal(sig, _raise_ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
     proc = subprocess.Popen(cmd, env=child_env(out), start_new_session=True)
-    deadline, killed = time.monotonic() + args.timeout, not killing
+    deadline, killed, waiting = time.monotonic() + args.timeout, not killing, False
     try:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 print(f"checkfree demo: still running after --timeout {args.timeout:g} s: ending it", file=sys.stderr)
                 _end(proc)
                 return TIMEOUT_EXIT_CODE
-            if not killed and steps_done(out) >= args.kill_step:
-                pid = int(Path(pid_file(str(out / "pids"), args.kill_stage)).read_text())  # (rank = stage here)
-                print(f">>> kill -9 of stage {args.kill_stage}'s trainer (pid {pid}) after step {args.kill_step - 1}",
-                      flush=True)
-                os.kill(pid, signal.SIGKILL)
-                killed = True
+            done = steps_done(out)
+            if not killed and done >= args.kill_step:
+                # The kill waits for the stage's warm spare (on a new install the first imports compile, for tens
+                # of seconds), unless the job is about to end without it.
+                ready = spare_ready(out, args.kill_stage)
+                if ready or done >= args.steps - 5:
+                    pid = int(Path(pid_file(str(out / "pids"), args.kill_stage)).read_text())  # (rank = stage)
+                    print(f">>> kill -9 of stage {args.kill_stage}'s trainer (pid {pid}) after step {done - 1}"
+                          + ("" if ready else ": its warm spare is not ready yet, so the outage includes the start "
+                             "of a new process"), flush=True)
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+                elif not waiting:
+                    print(f">>> step {args.kill_step}: waiting for stage {args.kill_stage}'s warm spare to be ready "
+                          f"before the kill", flush=True)
+                    waiting = True
             time.sleep(0.1)
     except (KeyboardInterrupt, _Ended) as why:
         _end(proc)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from .contract import (activation_line, pid_file, remove_pid_file, spare_pid_file, started_file, trainer_env,
+from .contract import (PID_DIR_ENV, activation_line, pid_file, remove_pid_file, spare_pid_file, started_file,
+                       trainer_env,
                        write_pid_file)
 from .heartbeat import HeartbeatPipe
 
@@ -89,6 +90,8 @@ class Launcher:
                  extra_env: Optional[Dict[str, str]] = None) -> None:
         self.script, self.script_args, self.env, self.rank, self.pid_dir = script, script_args, env, rank, pid_dir
         self.extra_env = dict(extra_env or {})
+        if pid_dir:
+            self.extra_env[PID_DIR_ENV] = pid_dir  # (a warm spare says there when it is ready)
 
     def start(self, incarnation: Optional[int]) -> Child:
         """Start the trainer script: active with ``incarnation``, or as a warm spare (``None``)."""

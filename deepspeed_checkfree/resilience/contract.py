@@ -411,6 +411,12 @@ def supervisor_pid_file(pid_dir: str, rank: int) -> str:
     return os.path.join(pid_dir, f"supervisor{rank}.pid")
 
 
+def spare_ready_file(pid_dir: str, rank: int) -> str:
+    """Where ``rank``'s warm spare writes its pid once it has prepared everything and waits (``--pid-dir``): a kill
+    of the active trainer from then on is taken over without any start-up in the outage."""
+    return os.path.join(pid_dir, f"rank{rank}.spare.ready")
+
+
 def started_file(pid_dir: str, rank: int) -> str:
     """Where ``rank``'s supervisor appends one ``ROLE PID`` line per process it starts (``--pid-dir``): tests check
     that none survives the job."""

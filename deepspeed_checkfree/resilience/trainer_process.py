@@ -12,7 +12,8 @@ from ..core.config import CheckFreeConfig
 from ..events import EventLog, identity
 from ..pipe import ds_internals
 from ..pipe.engine import CheckFreeEngine
-from .contract import FENCED_EXIT_CODE, LEFT_EXIT_CODE, activated, read_activation
+from .contract import (FENCED_EXIT_CODE, LEFT_EXIT_CODE, PID_DIR_ENV, activated, read_activation, spare_ready_file,
+                       write_pid_file)
 from .coordination import prepare_client
 from .heartbeat import Heartbeat
 from .membership import Fenced
@@ -42,6 +43,9 @@ def wait_as_spare(config: CheckFreeConfig, ds_config: Optional[dict],
         if ds_config is not None:
             ds_internals.prewarm_engine_ops(ds_config)  # e.g. FusedAdam: never loaded in the outage
     prepare_client()
+    pid_dir = os.environ.get(PID_DIR_ENV)
+    if pid_dir:
+        write_pid_file(spare_ready_file(pid_dir, int(os.environ["RANK"])), os.getpid())
     incarnation = read_activation(sys.stdin)
     if incarnation is None:
         sys.exit(0)  # the supervisor ended without needing this spare

@@ -130,3 +130,16 @@ def test_the_installed_demo_trains_with_the_repositorys_demo_configs(config, dem
         return ds_config
 
     assert normalised(demo_config(**demo)) == normalised(json.loads((REPO / "configs" / config).read_text()))
+
+
+def test_the_demo_kills_only_once_the_stages_current_warm_spare_says_it_is_ready(tmp_path):
+    from deepspeed_checkfree.demo.job import spare_ready
+    from deepspeed_checkfree.resilience.contract import spare_pid_file, spare_ready_file, write_pid_file
+    pids = str(tmp_path / "pids")
+    assert not spare_ready(tmp_path, 2)  # nothing started yet
+    write_pid_file(spare_pid_file(pids, 2), 4242)
+    assert not spare_ready(tmp_path, 2)  # still preparing
+    write_pid_file(spare_ready_file(pids, 2), 4242)
+    assert spare_ready(tmp_path, 2)
+    write_pid_file(spare_pid_file(pids, 2), 4343)  # activated; the next spare is starting
+    assert not spare_ready(tmp_path, 2)
