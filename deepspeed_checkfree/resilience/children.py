@@ -14,8 +14,7 @@ import sys
 from typing import Dict, List, Optional
 
 from .contract import (PID_DIR_ENV, activation_line, pid_file, remove_pid_file, spare_pid_file, started_file,
-                       trainer_env,
-                       write_pid_file)
+                       trainer_env, write_pid_file)
 from .heartbeat import HeartbeatPipe
 
 
