@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..events import read_events, table
-from ..resilience.contract import TOKEN_ENV, pid_file, spare_pid_file, spare_ready_file
+from ..resilience.contract import TOKEN_ENV, pid_file, ready_spare
 
 TRAIN_SCRIPT = Path(__file__).resolve().with_name("train.py")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder this package is imported from
@@ -71,15 +71,6 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
         if not 0 < step < args.steps:
             return f"{flag} {step} must lie between 1 and --steps - 1 = {args.steps - 1}, or nothing is lost"
     return None
-
-
-def spare_ready(out: Path, rank: int) -> bool:
-    """Whether ``rank``'s current warm spare has said it is ready (the supervisor's ``--pid-dir`` files)."""
-    try:
-        pids = [Path(f(str(out / "pids"), rank)).read_text().strip() for f in (spare_pid_file, spare_ready_file)]
-    except FileNotFoundError:
-        return False
-    return pids[0] == pids[1]
 
 
 def steps_done(out: Path) -> int:
@@ -161,7 +152,7 @@ def run_demo(args: argparse.Namespace) -> int:
             if not killed and done >= args.kill_step:
                 # The kill waits for the stage's warm spare (on a new install the first imports compile, for tens
                 # of seconds), unless the job is about to end without it.
-                ready = spare_ready(out, args.kill_stage)
+                ready = ready_spare(str(out / "pids"), args.kill_stage) is not None
                 if ready or done >= args.steps - 5:
                     pid = int(Path(pid_file(str(out / "pids"), args.kill_stage)).read_text())  # (rank = stage)
                     print(f">>> kill -9 of stage {args.kill_stage}'s trainer (pid {pid}) after step {done - 1}"

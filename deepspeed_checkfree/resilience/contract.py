@@ -417,6 +417,19 @@ def spare_ready_file(pid_dir: str, rank: int) -> str:
     return os.path.join(pid_dir, f"rank{rank}.spare.ready")
 
 
+def ready_spare(pid_dir: str, rank: int) -> Optional[int]:
+    """The pid of ``rank``'s current warm spare once it has said it is ready (its pid in :func:`spare_ready_file`
+    is the one in :func:`spare_pid_file`); None before, or when it has none."""
+    pids = []
+    for path in (spare_pid_file(pid_dir, rank), spare_ready_file(pid_dir, rank)):
+        try:
+            with open(path) as f:
+                pids.append(f.read().strip())
+        except FileNotFoundError:
+            return None
+    return int(pids[0]) if pids[0] == pids[1] else None
+
+
 def started_file(pid_dir: str, rank: int) -> str:
     """Where ``rank``'s supervisor appends one ``ROLE PID`` line per process it starts (``--pid-dir``): tests check
     that none survives the job."""

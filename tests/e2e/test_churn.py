@@ -84,7 +84,6 @@ class Samples:
             assert last[key] <= first[key] + slack, (key, [r[key] for r in self.rows])
 
 
-
 def test_a_job_across_machines_survives_eight_mixed_faults_in_a_row_without_growing(host_jobs):
     job = host_jobs(hosts=6, steps=STEPS, train_args=SMALL, checkfree=CHECKFREE,
                     supervisor_args=["--lease-timeout", str(LEASE_TIMEOUT_S)])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from deepspeed_checkfree.resilience.contract import ready_spare
+
 from .test_process_loss import check_completed, job_factory, outage  # noqa: F401 - job_factory is a fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -23,34 +25,14 @@ def maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def waiting_for_activation(pid: int, ticks_before: int) -> bool:
-    """Whether the spare's main thread sits in its read of the activation line (stdin, a pipe); where the kernel
-    does not say (wchan "0"), whether it used no CPU since ``ticks_before``."""
-    wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
-    return "pipe" in wchan if wchan not in ("", "0") else cpu_ticks(pid) == ticks_before
-
-
 def wait_until_spare_ready(job, rank: int, timeout_s: float = 120) -> int:
-    """The pid of ``rank``'s warm spare, once it has prepared everything and waits for its activation."""
-    deadline, ready_since, ticks = time.monotonic() + timeout_s, None, -1
-    while True:
+    """The pid of ``rank``'s warm spare, once it has prepared everything and waits for its activation (it writes
+    ``rank<R>.spare.ready`` in the supervisor's pid dir then)."""
+    deadline = time.monotonic() + timeout_s
+    while (pid := ready_spare(str(job.pid_dir), rank)) is None:
         assert time.monotonic() < deadline, f"rank {rank}'s spare was not ready after {timeout_s} s\n{job.tail()}"
-        pid = int((job.out / "pids" / f"rank{rank}.spare.pid").read_text())
-        idle, ticks = waiting_for_activation(pid, ticks), cpu_ticks(pid)
-        if idle:
-            ready_since = ready_since or time.monotonic()
-            # (for a second: loading an op reads pipes briefly too; a spare taken for ready too early fails the
-            # test's check of what it had loaded, it cannot pass it)
-            if time.monotonic() - ready_since > 1.0:
-                return pid
-        else:
-            ready_since = None
         time.sleep(0.05)
+    return pid
 
 
 def kill_stage_2(job_factory, optimizer_params: dict) -> dict:

@@ -132,14 +132,14 @@ def test_the_installed_demo_trains_with_the_repositorys_demo_configs(config, dem
     assert normalised(demo_config(**demo)) == normalised(json.loads((REPO / "configs" / config).read_text()))
 
 
-def test_the_demo_kills_only_once_the_stages_current_warm_spare_says_it_is_ready(tmp_path):
-    from deepspeed_checkfree.demo.job import spare_ready
-    from deepspeed_checkfree.resilience.contract import spare_pid_file, spare_ready_file, write_pid_file
+def test_a_warm_spare_counts_as_ready_only_while_its_ready_file_names_the_current_spare(tmp_path):
+    """What `checkfree demo --kill-stage` waits for before its kill (and the e2e tests before theirs)."""
+    from deepspeed_checkfree.resilience.contract import ready_spare, spare_pid_file, spare_ready_file, write_pid_file
     pids = str(tmp_path / "pids")
-    assert not spare_ready(tmp_path, 2)  # nothing started yet
+    assert ready_spare(pids, 2) is None  # nothing started yet
     write_pid_file(spare_pid_file(pids, 2), 4242)
-    assert not spare_ready(tmp_path, 2)  # still preparing
+    assert ready_spare(pids, 2) is None  # still preparing
     write_pid_file(spare_ready_file(pids, 2), 4242)
-    assert spare_ready(tmp_path, 2)
+    assert ready_spare(pids, 2) == 4242
     write_pid_file(spare_pid_file(pids, 2), 4343)  # activated; the next spare is starting
-    assert not spare_ready(tmp_path, 2)
+    assert ready_spare(pids, 2) is None
