@@ -137,6 +137,23 @@ def on_spare_exit(returncode: int, *, stopped_code: int, consecutive_deaths: int
     return ExitDecision(SPARE_RESTART, "another spare is started")
 
 
+GLOO_CONNECT_WAIT_FACTOR = 5  # gloo waits this times a pair's timeout for a peer to connect in (tcp/pair.h)
+CONNECT_FLOOR_S = 10.0        # the least a group's connect may wait for a living peer (today's bound at T = 2 s)
+
+
+def gloo_pair_timeout_s(detection_timeout_s: float) -> float:
+    """The timeout a gloo group's pairs are created with, so that its connect ends within
+    max(``detection_timeout_s``, ``CONNECT_FLOOR_S``) when a peer died after publishing its address.
+
+    gloo's full-mesh connect has two sides per pair. The active side connects to the published address and retries
+    a refused one until the pair's timeout; the passive side waits for the peer to connect in, for
+    ``GLOO_CONNECT_WAIT_FACTOR`` times that timeout, with no socket anything could cut. A group created with the
+    start-up allowance (minutes) would so hold a survivor 5x as long when a replacement dies in the rendezvous. A
+    living peer listens before it publishes and connects right after it read the others' addresses, so this bound
+    is only ever reached by a dead one; the floor keeps a loaded machine's slow peer from failing a formation."""
+    return max(detection_timeout_s, CONNECT_FLOOR_S) / GLOO_CONNECT_WAIT_FACTOR
+
+
 def startup_timeout_s(detection_timeout_s: float) -> float:
     """How long a trainer may take to start, build its engine and form a group, during which neither a peer's
     wait nor its supervisor's heartbeat check holds it to ``detection_timeout_s``: a fresh process pays first-use

@@ -264,6 +264,49 @@ def set_default_group_timeout(timeout: timedelta) -> None:
     c10d.default_pg_nccl_timeout = timeout
 
 
+_GLOO_PAIR_TIMEOUT: List[Optional[timedelta]] = [None]
+
+
+def keeps_own_wait_timeout(store: Any) -> bool:
+    """``store`` (or a store a ``PrefixStore`` chain wraps) waits at least its own timeout whatever timeout its
+    caller passes (it says so with ``KEEPS_OWN_WAIT_TIMEOUT``, as the resilience's generation store does)."""
+    while store is not None:
+        if getattr(store, "KEEPS_OWN_WAIT_TIMEOUT", False):
+            return True
+        store = getattr(store, "underlying_store", None)
+    return False
+
+
+def bound_gloo_connect(pair_timeout: timedelta) -> None:
+    """From now on every gloo group over a store that keeps its own wait timeout (a generation's groups, the world
+    group included) connects its pairs with ``pair_timeout``, then carries the timeout it was created with for its
+    collectives (see ``fault_policy.gloo_pair_timeout_s``).
+
+    A pair keeps the timeout of its creation for its connect, while a group's later timeout changes reach only its
+    operations, so the group is created with ``pair_timeout`` and given its own timeout back at once. gloo also
+    passes that timeout to its store waits for the peers' addresses: a plain store would honour it and give up on a
+    peer that is still starting, so only stores that keep their own wait timeout are bounded. Other backends are
+    left alone (NCCL connects lazily, under its watchdog). A second call changes the bound.
+    """
+    first = _GLOO_PAIR_TIMEOUT[0] is None
+    _GLOO_PAIR_TIMEOUT[0] = pair_timeout
+    if not first:
+        return
+    create = c10d._new_process_group_helper
+
+    def create_bounded(*args, **kwargs):
+        backend, timeout = (args[3] if len(args) > 3 else kwargs.get("backend")), kwargs.get("timeout")
+        store = args[4] if len(args) > 4 else kwargs.get("store")
+        if str(backend).lower() != "gloo" or timeout is None or not keeps_own_wait_timeout(store):
+            return create(*args, **kwargs)
+        pg, store = create(*args, **dict(kwargs, timeout=min(timeout, _GLOO_PAIR_TIMEOUT[0])))
+        if pg is not None and pg is not c10d.GroupMember.NON_GROUP_MEMBER:
+            c10d._set_pg_timeout(timeout, pg)
+        return pg, store
+
+    c10d._new_process_group_helper = create_bounded
+
+
 def set_every_group_timeout(timeout: timedelta) -> None:
     """Shorten (or lengthen) the timeout of every existing process group, the world group included."""
     for group in list(c10d._world.pg_map):

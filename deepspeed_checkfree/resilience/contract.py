@@ -437,5 +437,6 @@ def started_file(pid_dir: str, rank: int) -> str:
 
 
 def dump_file(dump_dir: str, generation: int, when: str, rank: int) -> str:
-    """Where the trainer of ``rank`` dumps its state ``when`` ("before"/"after") rebuilding in ``generation``."""
+    """Where the trainer of ``rank`` dumps its state ``when`` ("before"/"after") rebuilding in ``generation``, or
+    ("resumed") once it completed that generation's first step."""
     return os.path.join(dump_dir, f"g{generation}-{when}-rank{rank}.pt")

@@ -71,6 +71,8 @@ class GenerationStore(dist.Store):
         death_poll_s: how often a wait reads the abort record.
     """
 
+    KEEPS_OWN_WAIT_TIMEOUT = True  # (a caller's shorter wait timeout does not apply: ds_internals.bound_gloo_connect)
+
     def __init__(self, inner: dist.Store, aborted: Callable[[], Optional[dict]], generation: int,
                  timeout: timedelta, prefix: str = "", poll_max_s: float = POLL_S,
                  death_poll_s: float = DEATH_POLL_S, on_published: Optional[Callable[[], None]] = None) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..core.config import CheckFreeConfig
 from ..core.failures import replacement_death_phase
-from ..core.fault_policy import detection_trigger, startup_timeout_s
+from ..core.fault_policy import detection_trigger, gloo_pair_timeout_s, startup_timeout_s
 from ..core.rejoin import (MemberInfo, RankTimes, RejoinPlan, joining_generation,
                            plan_rejoin)
 from ..errors import CheckFreeError
@@ -272,13 +272,12 @@ class JobSession:
                                 on_published=self._hook("rendezvous"), **rendezvous_polling())
         # (c10d keeps only the C++ side of a Python store: the Python object must stay referenced here)
         self._group_store = store
-        # gloo connects to every peer whose address is published with the group's timeout, retrying a refused
-        # connection until then; a living peer accepts at once, but one that died after publishing its address
-        # would hold every rank here for the whole start-up timeout (the abort record does not reach a connect).
-        # So the group is created with the detection timeout, then given the start-up one for the engine's build.
+        # A peer that died after publishing its gloo address is waited for by gloo's connect, which neither the
+        # abort record nor a connection cut reaches: every gloo group (this one and those the engine's build
+        # creates) connects within max(T, 10 s) and then carries the start-up timeout (fault_policy).
+        ds_internals.bound_gloo_connect(timedelta(seconds=gloo_pair_timeout_s(self.config.detection_timeout_s)))
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=self.config.detection_timeout_s))
-        ds_internals.set_every_group_timeout(startup)
+                                timeout=startup)
         # DeepSpeed's communication layer wraps the process group that now exists (it delegates every call to
         # torch.distributed, so it follows the group of each new generation).
         deepspeed.init_distributed(dist_backend=self.backend)
@@ -335,6 +334,9 @@ class JobSession:
             if self.heartbeat is not None:
                 self.heartbeat.set_timeout(self.config.detection_timeout_s)
             if not self.plan.cold_start:
+                dump = os.environ.get(DUMP_ENV)
+                if dump:  # every rank has now applied the replayed step: their LR schedules are in step again
+                    self._dump(dump, self.plan.generation, "resumed", self.engine)
                 self._report_outage(RankTimes(
                     detected=self.detected_at, last_success=self.last_success_at, arrived=self._times["arrived"],
                     rejoined=self._times["rejoined"], rebuilt=self._times["rebuilt"], resumed=now,

@@ -107,12 +107,14 @@ def check_rebuilt(job: Job, generation: int, rebuilt: Dict[int, Sequence[int]],
     sources) or the copy (one source, CheckFree+: blocks and (de)embedding replica) of its sources' pre-failure
     weights, computed here, with a fresh optimizer and boosted LR; every other rank is bit-identical across it."""
     before, after = job.snapshots(generation)
+    resumed = {r: job.dump(generation, "resumed", r) for r in range(job.world)}
     for target, sources in rebuilt.items():
         weights = None
         if len(sources) == 2:
             weights = gradnorm_weights([before[s]["norm"] for s in sources],
                                        distances=(distances or {}).get(target, (1, 1)))
-        check_rebuild(before, after, target, sources, weights, lr_boost=LR_BOOST, expect_replica=weights is None)
+        check_rebuild(before, after, target, sources, weights, lr_boost=LR_BOOST, expect_replica=weights is None,
+                      lrs_at=resumed)
     check_survivors_untouched(before, after, [r for r in range(job.world) if r not in rebuilt])
 
 

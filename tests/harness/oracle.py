@@ -91,13 +91,16 @@ def expected_rebuild(target_params: Mapping[str, torch.Tensor], sources: Sequenc
 
 def check_rebuild(before: Snapshots, after: Snapshots, target: int, sources: Sequence[int],
                   weights: Optional[Sequence[float]] = None, lr_boost: Optional[float] = None,
-                  expect_replica: bool = False) -> None:
+                  expect_replica: bool = False, lrs_at: Optional[Snapshots] = None) -> None:
     """The rebuilt rank ``target`` holds exactly the blend (``weights``) or copy (``weights=None``) of the
     ``sources``' pre-failure weights, every one of its parameters accounted for, with a fresh optimizer.
 
     Args:
         lr_boost: if given, the rebuilt rank's LRs are this times the sources' (scheduled) LRs.
         expect_replica: a CheckFree+ edge stage: the copy must include an embedding or head replica.
+        lrs_at: the snapshots whose LRs are compared (default ``after``). Across processes, a failure can come
+            after some ranks applied the interrupted step and before others did: their schedules are a step apart
+            until the replayed step, so there the snapshots after it are the ones to compare.
     """
     got = after[target]["params"]
     want = expected_rebuild(got, [before[s]["params"] for s in sources], weights)
@@ -111,9 +114,10 @@ def check_rebuild(before: Snapshots, after: Snapshots, target: int, sources: Seq
         assert any(n.startswith(TIED) for n in got), f"rank {target} has no (de)embedding replica"
     assert after[target]["opt_state"] == {}, "the rebuilt stage starts with a fresh optimizer"
     if lr_boost is not None:
-        mine = after[target]["lrs"]
+        lrs_at = after if lrs_at is None else lrs_at
+        mine = lrs_at[target]["lrs"]
         for s in sources:
-            theirs = after[s]["lrs"]
+            theirs = lrs_at[s]["lrs"]
             assert len(mine) == len(theirs) and all(
                 math.isclose(a, lr_boost * b, rel_tol=1e-12) for a, b in zip(mine, theirs)), \
                 f"rank {target} LRs {mine} are not {lr_boost} x rank {s}'s {theirs}"

@@ -145,6 +145,17 @@ def test_c10d_timeouts():
     assert hasattr(c10d, "default_pg_timeout") and hasattr(c10d, "default_pg_nccl_timeout")
 
 
+def test_c10d_group_creation_goes_through_one_helper_by_module_name():
+    # ds_internals.bound_gloo_connect replaces the helper: its backend and store are the 4th and 5th positional
+    # parameters, init_process_group and new_group pass the timeout by keyword and call it by its module name.
+    params = tuple(inspect.signature(c10d._new_process_group_helper).parameters)
+    assert params[3:5] == ("backend", "store") and "timeout" in params
+    for caller in (c10d.init_process_group, c10d._new_group_with_tag):
+        source = inspect.getsource(caller)
+        assert "_new_process_group_helper(" in source and "timeout=timeout" in source, caller.__name__
+    assert hasattr(c10d.PrefixStore, "underlying_store")
+
+
 def test_config_keeps_the_raw_dict():
     from deepspeed.runtime.config import DeepSpeedConfig
     assert "self._param_dict" in inspect.getsource(DeepSpeedConfig.__init__)

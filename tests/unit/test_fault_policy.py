@@ -106,3 +106,11 @@ def test_a_join_is_admitted_only_with_the_token_for_a_rank_whose_supervisor_is_s
     assert verdict(lease_renewed_at=4.0)[0] == policy.ADMIT
     assert verdict(lease_renewed_at=None, now=10.0, requested_at=9.0)[0] == policy.PENDING
     assert verdict(lease_renewed_at=None, now=15.0, requested_at=9.0)[0] == policy.ADMIT, "never seen alive"
+
+
+@pytest.mark.parametrize("detection_s, connect_s", [(2.0, 10.0), (4.0, 10.0), (10.0, 10.0), (30.0, 30.0)])
+def test_a_gloo_connect_waits_for_a_dead_peer_at_most_max_of_t_and_the_floor(detection_s, connect_s):
+    # gloo's passive side waits 5x the pair timeout (tcp/pair.h): the pair timeout is that bound over 5
+    pair = policy.gloo_pair_timeout_s(detection_s)
+    assert pair * policy.GLOO_CONNECT_WAIT_FACTOR == pytest.approx(connect_s)
+    assert pair * policy.GLOO_CONNECT_WAIT_FACTOR < policy.startup_timeout_s(detection_s)
