@@ -27,7 +27,7 @@ from .contract import (ABORTED, DONE_KEY, FRESH_START_KEY, PROGRESS_FACT, SIGNAL
                        finished_fact, formed_key, incarnation_fact, key_prefix, lease_key, lease_value, lost_fact,
                        member_key, members_prefix, parse_lease, pid_fact, rank_generation_key, signal_key,
                        written_key)
-from .store_access import get_if_set, values_if_set, wait_for
+from .store_access import get_if_set, get_waited_for, values_if_set, wait_for
 
 ARRIVAL_WAIT_S = 2.0  # a member waiting for its generation to form looks at the job's stop this often
 
@@ -70,10 +70,7 @@ class Membership:
     """
 
     def __init__(self, store: dist.Store, token: str, rank: int, world_size: int, join_timeout_s: float) -> None:
-        self.store = store
-        self.prefix = key_prefix(token)
-        self.rank = rank
-        self.world_size = world_size
+        self.store, self.prefix, self.rank, self.world_size = store, key_prefix(token), rank, world_size
         self.join_timeout_s = join_timeout_s
         self._lease_written: Optional[bytes] = None  # this process's last lease value (see renew_lease)
 
@@ -87,6 +84,9 @@ class Membership:
 
     def _get(self, name: str) -> Optional[bytes]:
         return get_if_set(self.store, self.key(name))
+
+    def _get_formed(self, generation: int) -> Optional[bytes]:  # (not waking its waiters: get_waited_for)
+        return get_waited_for(self.store, self.key(formed_key(generation)))
 
     # ------------------------------------------------------------------------------------------------------
     # Generations
@@ -103,7 +103,7 @@ class Membership:
 
     def formed(self, generation: int) -> bool:
         """Whether ``generation``'s arrival has ended: it formed (every rank arrived) or was aborted before."""
-        return self._get(formed_key(generation)) is not None
+        return self._get_formed(generation) is not None
 
     def arrive(self, generation: int, info: MemberInfo,
                on_waiting: Optional[Callable[[int, List[int], float], None]] = None,
@@ -259,8 +259,8 @@ class Membership:
         self.store.compare_set(self.key(formed_key(generation)), "", ABORTED)
 
     def abort_reason(self, generation: int) -> Optional[dict]:
-        """``generation``'s abort record ({"rank", "reason", "time"}), None while it stands."""
-        value = self._get(abort_key(generation))
+        """``generation``'s abort record, None while it stands (read not waking the death watches waiting on it)."""
+        value = get_waited_for(self.store, self.key(abort_key(generation)))
         return None if value is None else json.loads(value)
 
     def _lease_words(self, ranks: Sequence[int]) -> str:
@@ -316,7 +316,7 @@ class Membership:
             [self.key(fact_key(STOPPED_FACT)), self.key(fact_key(PROGRESS_FACT)),
              self.key(rank_generation_key(rank)), self.key(fact_key(finished_fact(rank)))])
         last = -1 if generation is None else int(generation)
-        ended = self._get(formed_key(last)) if last >= 0 else None
+        ended = self._get_formed(last) if last >= 0 else None
         formed = ended is not None and ended.decode() != ABORTED
         return dict(job_stopped=stop is not None, job_has_progress=progress is not None, group_formed=formed,
                     trainer_finished=finished is not None, generation=last)

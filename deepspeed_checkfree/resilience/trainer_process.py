@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from ..core.config import CheckFreeConfig
 from ..events import EventLog, identity
-from ..pipe import ds_internals
+from ..pipe import spare_prewarm
 from ..pipe.engine import CheckFreeEngine
 from .contract import (FENCED_EXIT_CODE, LEFT_EXIT_CODE, PID_DIR_ENV, activated, read_activation, spare_ready_file,
                        write_pid_file)
@@ -39,9 +39,9 @@ def wait_as_spare(config: CheckFreeConfig, ds_config: Optional[dict],
     needing this spare."""
     engine = build_solo() if build_solo is not None and config.spare_builds_engine else None
     if engine is None:
-        ds_internals.prewarm_engine_imports()
+        spare_prewarm.prewarm_engine_imports()
         if ds_config is not None:
-            ds_internals.prewarm_engine_ops(ds_config)  # e.g. FusedAdam: never loaded in the outage
+            spare_prewarm.prewarm_engine_ops(ds_config)  # e.g. FusedAdam: never loaded in the outage
     prepare_client()
     pid_dir = os.environ.get(PID_DIR_ENV)
     if pid_dir:

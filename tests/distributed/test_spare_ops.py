@@ -1,4 +1,4 @@
-"""A warm spare loads the compiled ops its engine build will load (``ds_internals.prewarm_engine_ops``), so a
+"""A warm spare loads the compiled ops its engine build will load (``spare_prewarm.prewarm_engine_ops``), so a
 replacement's ``deepspeed.initialize`` neither compiles nor loads one in the outage: with ``"AdamW"`` (no
 ``torch_adam``) DeepSpeed builds FusedAdam, whose load takes seconds even from torch's extensions cache.
 
@@ -25,11 +25,11 @@ disable_shm_comm_op()  # (only the optimizer's op is looked at here)
 import torch.utils.cpp_extension as cpp_extension
 from deepspeed.ops.op_builder.builder import OpBuilder
 from deepspeed_checkfree.models import gpt
-from deepspeed_checkfree.pipe import ds_internals
+from deepspeed_checkfree.pipe import ds_internals, spare_prewarm
 
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**6,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "checkfree": {"enabled": True}}
-prewarmed = ds_internals.prewarm_engine_ops(config) if sys.argv[1] == "prewarm" else []
+prewarmed = spare_prewarm.prewarm_engine_ops(config) if sys.argv[1] == "prewarm" else []
 
 calls = []
 jit_load, cpp_load = OpBuilder.jit_load, cpp_extension.load

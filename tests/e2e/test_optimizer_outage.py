@@ -1,6 +1,6 @@
 """The outage after a real `kill -9` does not depend on how the optimizer is spelt: with ``"AdamW"`` DeepSpeed
 builds FusedAdam, a compiled op whose load takes seconds even from torch's extensions cache, and the warm spare
-loads it before it is needed (``ds_internals.prewarm_engine_ops``), so the replacement does not load it in the
+loads it before it is needed (``spare_prewarm.prewarm_engine_ops``), so the replacement does not load it in the
 outage. Two jobs, one with torch's AdamW (``"torch_adam": true``) and one with FusedAdam, each losing stage 2's
 trainer, under the stock `deepspeed` launcher and the supervisor, on the smallest model."""
 from __future__ import annotations

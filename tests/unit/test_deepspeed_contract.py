@@ -203,7 +203,7 @@ def test_the_solo_world_and_abort_exist():
 
 
 def test_the_optimizer_ops_follow_the_rules_engine_op_builders_copies():
-    """``ds_internals.engine_op_builders`` restates which op the engine's optimizer loads; a new rule in DeepSpeed
+    """``spare_prewarm.engine_op_builders`` restates which op the engine's optimizer loads; a new rule in DeepSpeed
     must be copied there, or a warm spare would leave that op to the outage."""
     configure = inspect.getsource(DeepSpeedEngine.get_optimizer_configuration)
     assert configure.index("if torch_adam:") < configure.index("if self.zero_use_cpu_optimizer():") < \

@@ -5,15 +5,20 @@ a real etcd in tests/distributed/test_etcd_store.py."""
 from __future__ import annotations
 
 import threading
+import time
+from datetime import timedelta
 
 import pytest
+import torch.distributed as dist
 
 from deepspeed_checkfree.core.rejoin import MemberInfo
 from deepspeed_checkfree.events import EventLog
-from deepspeed_checkfree.resilience.contract import TrainerDeath, formed_key, rank_generation_key
+from deepspeed_checkfree.resilience.contract import TrainerDeath, abort_key, formed_key, rank_generation_key
 from deepspeed_checkfree.resilience.coordinator import Coordinator
 from deepspeed_checkfree.resilience.membership import Membership
+from deepspeed_checkfree.resilience.store_access import DeadlineStore
 
+from ..harness.ports import free_port
 from .test_death_watch import Counting
 
 
@@ -106,3 +111,47 @@ def test_a_finished_generation_is_deleted_key_by_key_on_a_store_without_prefix_d
     assert not shared.shared.check([pg]) and not shared.shared.check([ranks[0].key(formed_key(3))])
     assert shared.shared.check([ranks[0].key(rank_generation_key(0))]), "job-wide keys stay"
     assert not shared.shared.check([ranks[0].key(member_key(3, 1))])
+
+
+class CountingGets(dist.Store):
+    """A TCPStore client that counts the ``get`` requests it sends (a blocking wait's, woken or not)."""
+
+    def __init__(self, inner: dist.Store) -> None:
+        super().__init__()
+        self.inner, self.gets = inner, 0
+
+    def get(self, key):
+        self.gets += 1
+        return self.inner.get(key)
+
+    def set_timeout(self, timeout):
+        self.inner.set_timeout(timeout)
+
+    @property
+    def timeout(self):
+        return self.inner.timeout
+
+
+@pytest.mark.parametrize("waited", ["formed", "abort"])
+def test_reading_a_generation_s_end_or_abort_does_not_wake_the_ranks_waiting_for_it(waited):
+    # A real TCPStore (torch 2.13's libuv server) wakes the waiters of an unset key when a client compare-and-sets
+    # it; each woken waiter asks again (N members x N reads). The members wait for the generation's end, the death
+    # watches for its abort record; formed(), exit_facts() and abort_reason() (a rendezvous polls it) read with check.
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, True, timeout=timedelta(seconds=30), use_libuv=True)
+    waiter = CountingGets(dist.TCPStore("127.0.0.1", port, 1, False, timeout=timedelta(seconds=30)))
+    reader = Membership(DeadlineStore(dist.TCPStore("127.0.0.1", port, 1, False, timeout=timedelta(seconds=30)),
+                                      timedelta(seconds=30)), "tok", 1, 2, 10.0)
+    key = reader.key(formed_key(0) if waited == "formed" else abort_key(0))
+    server.set(reader.key(rank_generation_key(1)), "0")
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(DeadlineStore(waiter, timedelta(seconds=30)).wait_for(
+        key, 20.0)))
+    waiting.start()
+    time.sleep(0.3)  # (the waiter blocks in its get)
+    for _ in range(5):
+        assert not reader.formed(0) and reader.abort_reason(0) is None
+        assert reader.exit_facts(1)["group_formed"] is False
+    server.set(key, '{"reason": "set"}')
+    waiting.join(20)
+    assert got == [b'{"reason": "set"}'] and waiter.gets == 1, (got, waiter.gets)

@@ -1,4 +1,4 @@
-"""A warm spare imports what building the first engine would (pipe/ds_internals.ENGINE_LAZY_IMPORTS), so that a
+"""A warm spare imports what building the first engine would (pipe/spare_prewarm.ENGINE_LAZY_IMPORTS), so that a
 replacement's engine build does not pay DeepSpeed's lazy imports (1.4 s measured, of 858 modules) in the outage.
 If a DeepSpeed or torch upgrade moves the cost elsewhere, this fails and names what the first build imported."""
 from __future__ import annotations
@@ -19,8 +19,8 @@ import deepspeed
 import deepspeed_checkfree
 from deepspeed_checkfree.core.config import CheckFreeConfig
 from deepspeed_checkfree.models import gpt
-from deepspeed_checkfree.pipe import ds_internals
-ds_internals.prewarm_engine_imports()
+from deepspeed_checkfree.pipe import ds_internals, spare_prewarm
+spare_prewarm.prewarm_engine_imports()
 config = json.load(open("configs/checkfree_no_failure.json"))
 config["checkfree"] = json.loads(CheckFreeConfig.from_ds_config(config).model_dump_json())
 ds_internals.form_solo_world(1, 4)
@@ -45,11 +45,11 @@ def test_after_the_prewarm_the_first_engine_build_imports_almost_nothing():
 
 
 def test_the_ops_the_engine_build_loads_follow_the_optimizer_config(monkeypatch):
-    """Which compiled ops a warm spare loads for a config (``ds_internals.engine_op_builders``): selection only,
+    """Which compiled ops a warm spare loads for a config (``spare_prewarm.engine_op_builders``): selection only,
     nothing is built or loaded."""
     from deepspeed.ops.op_builder.builder import OpBuilder
 
-    from deepspeed_checkfree.pipe.ds_internals import engine_op_builders
+    from deepspeed_checkfree.pipe.spare_prewarm import engine_op_builders
 
     def no_load(self, *args, **kwargs):
         raise AssertionError(f"selecting the ops loaded {self.name}")
