@@ -85,8 +85,8 @@ class Membership:
     def _get(self, name: str) -> Optional[bytes]:
         return get_if_set(self.store, self.key(name))
 
-    def _get_formed(self, generation: int) -> Optional[bytes]:  # (not waking its waiters: get_waited_for)
-        return get_waited_for(self.store, self.key(formed_key(generation)))
+    def _get_waited(self, name: str) -> Optional[bytes]:  # (a key others wait on, read not waking them)
+        return get_waited_for(self.store, self.key(name))
 
     # ------------------------------------------------------------------------------------------------------
     # Generations
@@ -103,7 +103,7 @@ class Membership:
 
     def formed(self, generation: int) -> bool:
         """Whether ``generation``'s arrival has ended: it formed (every rank arrived) or was aborted before."""
-        return self._get_formed(generation) is not None
+        return self._get_waited(formed_key(generation)) is not None
 
     def arrive(self, generation: int, info: MemberInfo,
                on_waiting: Optional[Callable[[int, List[int], float], None]] = None,
@@ -260,7 +260,7 @@ class Membership:
 
     def abort_reason(self, generation: int) -> Optional[dict]:
         """``generation``'s abort record, None while it stands (read not waking the death watches waiting on it)."""
-        value = get_waited_for(self.store, self.key(abort_key(generation)))
+        value = self._get_waited(abort_key(generation))
         return None if value is None else json.loads(value)
 
     def _lease_words(self, ranks: Sequence[int]) -> str:
@@ -316,7 +316,7 @@ class Membership:
             [self.key(fact_key(STOPPED_FACT)), self.key(fact_key(PROGRESS_FACT)),
              self.key(rank_generation_key(rank)), self.key(fact_key(finished_fact(rank)))])
         last = -1 if generation is None else int(generation)
-        ended = self._get_formed(last) if last >= 0 else None
+        ended = self._get_waited(formed_key(last)) if last >= 0 else None
         formed = ended is not None and ended.decode() != ABORTED
         return dict(job_stopped=stop is not None, job_has_progress=progress is not None, group_formed=formed,
                     trainer_finished=finished is not None, generation=last)

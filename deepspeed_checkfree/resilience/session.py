@@ -307,17 +307,14 @@ class JobSession:
         if not survivor:
             engine.load_progress(payload[0])
         cause = f"process lost (ranks {list(plan.fresh_ranks)}, generation {plan.generation})"
-        dump = os.environ.get(DUMP_ENV)
-        if dump:
-            self._dump(dump, plan.generation, "before", engine)
+        self._dump(plan.generation, "before", engine)
         engine.replay_from(step)
         restore = plan.replica_restore(engine.stage_id, engine.grid.get_data_parallel_group_ranks())
         if restore is not None:
             engine.restore_from_replica(restore.source_rank, list(restore.restored_ranks), cause)
         if plan.lost_stages:
             engine.lose_and_rebuild(list(plan.lost_stages), cause=cause)
-        if dump:
-            self._dump(dump, plan.generation, "after", engine)
+        self._dump(plan.generation, "after", engine)
         return step
 
     # ------------------------------------------------------------------------------------------------------
@@ -334,9 +331,8 @@ class JobSession:
             if self.heartbeat is not None:
                 self.heartbeat.set_timeout(self.config.detection_timeout_s)
             if not self.plan.cold_start:
-                dump = os.environ.get(DUMP_ENV)
-                if dump:  # every rank has now applied the replayed step: their LR schedules are in step again
-                    self._dump(dump, self.plan.generation, "resumed", self.engine)
+                # (every rank has now applied the replayed step: their LR schedules are in step again)
+                self._dump(self.plan.generation, "resumed", self.engine)
                 self._report_outage(RankTimes(
                     detected=self.detected_at, last_success=self.last_success_at, arrived=self._times["arrived"],
                     rejoined=self._times["rejoined"], rebuilt=self._times["rebuilt"], resumed=now,
@@ -430,7 +426,11 @@ class JobSession:
     # Verification aid
     # ------------------------------------------------------------------------------------------------------
 
-    def _dump(self, directory: str, generation: int, when: str, engine: CheckFreeEngine) -> None:
+    def _dump(self, generation: int, when: str, engine: CheckFreeEngine) -> None:
+        """With ``CHECKFREE_DUMP_DIR`` set: save this rank's state ``when`` (:func:`.contract.dump_file`)."""
+        directory = os.environ.get(DUMP_ENV)
+        if not directory:
+            return
         os.makedirs(directory, exist_ok=True)
         torch.save({"stage": engine.stage_id, "step": engine.global_steps, "norm": engine.stage_grad_norm,
                     "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
