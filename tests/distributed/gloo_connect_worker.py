@@ -2,7 +2,8 @@
 ``ds_internals.bound_gloo_connect`` with a 60 s group timeout.
 
 - ``dead_peer``: rank 1 exits right after it published its address (as a replacement that dies in the rendezvous
-  does), and rank 0 reports how long its ``init_process_group`` took to fail. gloo would wait 5 x 60 s for the
+  does), and rank 0 reports how long it took to learn: its ``init_process_group`` fails, or, where its connect
+  reached rank 1 before the exit, the group's first all-reduce does. gloo would wait 5 x 60 s for the
   peer to connect in if rank 0 is the pair's passive side, 60 s if it is the active one.
 - ``living``: both ranks form the world group and a subgroup and all-reduce on each, rank 1 arriving later than
   the pair timeout: the groups' own timeout applies to their collectives.
@@ -44,13 +45,19 @@ def main(scenario: str) -> None:
         if RANK == 0:
             store.inner.set("rank0-forming", b"1")
         started = time.monotonic()
+        failed_in = None
         try:
             dist.init_process_group("gloo", store=store, rank=RANK, world_size=WORLD, timeout=GROUP_TIMEOUT)
+            # Rank 1 may still have been alive when this side's connect reached it (the kernel accepts into the
+            # listener's backlog): then the group forms, and its first collective meets the closed socket.
+            failed_in = "all_reduce"
+            dist.all_reduce(torch.ones(1))
             error = None
         except RuntimeError as err:
+            failed_in = failed_in or "init_process_group"
             error = str(err).splitlines()[0]
         print("RESULT " + json.dumps({"rank": RANK, "failed_after_s": time.monotonic() - started,
-                                      "error": error}), flush=True)
+                                      "failed_in": failed_in, "error": error}), flush=True)
         return
     dist.init_process_group("gloo", store=store, rank=RANK, world_size=WORLD, timeout=GROUP_TIMEOUT)
     sub = dist.new_group(ranks=[0, 1])

@@ -24,7 +24,7 @@ def results(scenario: str, tmp_path) -> dict:
 
 def test_a_peer_that_dies_after_publishing_its_address_fails_the_group_within_the_connect_bound(tmp_path):
     survivor = results("dead_peer", tmp_path)[0]
-    assert survivor["error"] is not None, "the group cannot form without its peer"
+    assert survivor["error"] is not None, "the group cannot work without its peer"
     # 5 x 0.5 s pair timeout (+ start-up slack on a loaded machine); the 60 s group timeout would give 60 or 300 s.
     assert survivor["failed_after_s"] < 15, survivor
 
