@@ -7,6 +7,7 @@ entry and fails loudly if DeepSpeed or torch changes it; re-check that test befo
 """
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import timedelta
 from types import MethodType
@@ -15,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torch.utils import cpp_extension
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -217,6 +219,28 @@ def bound_gloo_connect(pair_timeout: timedelta) -> None:
         return pg, store
 
     c10d._new_process_group_helper = create_bounded
+
+
+def retry_jit_load_on(error: type, baton: type) -> None:
+    """torch's JIT extension load (``cpp_extension._jit_compile``, through which DeepSpeed's op builders build and
+    load their ops) takes its build lock with ``baton``, and a load whose wait for the lock raises ``error`` loads
+    again, building the op itself. Idempotent."""
+    cpp_extension.FileBaton = baton
+    if getattr(cpp_extension._jit_compile, "retried_on", None) is error:
+        return
+    jit_compile = cpp_extension._jit_compile
+
+    @functools.wraps(jit_compile)
+    def load(name, *args, **kwargs):
+        try:
+            return jit_compile(name, *args, **kwargs)
+        except error:
+            # (torch builds only when the op's sources or flags changed since this process's last load of it)
+            cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)
+            return jit_compile(name, *args, **kwargs)
+
+    load.retried_on = error
+    cpp_extension._jit_compile = load
 
 
 def set_every_group_timeout(timeout: timedelta) -> None:

@@ -26,7 +26,7 @@ from ..core.rejoin import (MemberInfo, RankTimes, RejoinPlan, joining_generation
                            plan_rejoin)
 from ..errors import CheckFreeError
 from ..events import EventLog, identity
-from ..pipe import ds_internals
+from ..pipe import ds_internals, op_build_lock
 from ..pipe.engine import CheckFreeEngine
 from ..pipe.progress import StageProgress
 from .connection_cut import CUT_BACKENDS, GenerationConnections
@@ -68,6 +68,7 @@ class JobSession:
         self.config, self.backend, self.rank, self.world_size = config, backend, rank, world_size
         self.incarnation, self.build_engine, self.events, self.heartbeat = incarnation, build_engine, events, heartbeat
         self.engine = engine
+        op_build_lock.bound_build_lock_wait()  # (a compiled op's build killed midway holds no later build up)
         self.token = job_token()
         self.membership = Membership(trainer_store(self.token, config.join_timeout_s), self.token, rank, world_size,
                                      config.join_timeout_s)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from ..core.config import CheckFreeConfig
 from ..events import EventLog, identity
-from ..pipe import spare_prewarm
+from ..pipe import op_build_lock, spare_prewarm
 from ..pipe.engine import CheckFreeEngine
 from .contract import (FENCED_EXIT_CODE, LEFT_EXIT_CODE, PID_DIR_ENV, activated, read_activation, spare_ready_file,
                        write_pid_file)
@@ -37,6 +37,7 @@ def wait_as_spare(config: CheckFreeConfig, ds_config: Optional[dict],
     until the supervisor activates this process in place of a trainer that died, which saves the replacement the
     seconds of start-up. Returns the engine built meanwhile (or None). Exits when the supervisor ends without
     needing this spare."""
+    op_build_lock.bound_build_lock_wait()  # (a compiled op's build killed midway holds no later build up)
     engine = build_solo() if build_solo is not None and config.spare_builds_engine else None
     if engine is None:
         spare_prewarm.prewarm_engine_imports()
