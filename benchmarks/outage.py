@@ -223,6 +223,8 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="with --hosts: add this session's runs to those of --out")
     p.add_argument("--victim", type=int, default=2, help="with --hosts: the rank whose machine the fault hits")
     p.add_argument("--grace", type=float, default=30.0, help="with --fault sigterm: SIGKILL after this many seconds")
+    p.add_argument("--standby", action="store_true", help="with --hosts: the replacement machine stands by from the "
+                   "job's start (--join --standby) instead of joining at the fault")
     p.add_argument("--teardown-timeout", type=float, default=60.0, help="with --hosts: checkpoint-restart's "
                    "operator ends the stock job this long after the kill if a rank still waits")
     args = p.parse_args()

@@ -11,6 +11,8 @@ Faults (each on --victim's machine once rank 0 has completed --kill-step steps):
   (an extra namespace) runs the README's ``--join`` command at once.
 - sigterm: every process on it gets SIGTERM at once (a preemption notice: the drain hands the stage over), SIGKILL
   after --grace seconds, then its link goes down; the replacement machine runs ``--join`` at the signal.
+With --standby the replacement machine runs ``--join --standby`` from the job's start instead (for vanish and
+sigterm), and the fault comes once its trainer is warm: a machine that waits for the rank to need it.
 Checkpoint-restart: the stock engine under the stock node launchers saves a checkpoint every --save-every steps; the
 victim's trainer is SIGKILLed at the same step (a kill is the most favourable fault for it: the others learn of it at
 once); when every launcher has exited (or, after --teardown-timeout, is ended as an operator would) the same
@@ -31,7 +33,6 @@ step_time.py), not the lease watch's alone.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from tests.harness.netns import Hosts, netns_unavailable  # noqa: E402
 from tests.harness.ports import reserve_ports  # noqa: E402
 from tests.harness.ranks import cpu_env  # noqa: E402
 from tests.e2e.test_optimizer_outage import wait_until_spare_ready  # noqa: E402
+from deepspeed_checkfree.resilience.contract import ready_spare  # noqa: E402
 
 SHIPPED = "checkfree_no_failure.json"
 WARMUP_STEPS = 3  # left out of the failure-free step time (the first steps build and warm up)
@@ -79,10 +81,22 @@ def run_checkfree(args, work: Path, fault: str) -> dict:
         job = HostJob(work, bed, SHIPPED, steps=args.steps, checkfree=shipped_checkfree(),
                       token=f"bench-{time.time_ns()}", world=args.hosts)
         try:
-            job.wait_for_step(args.fault_step, timeout_s=300)
-            if fault != "kill":  # (the machine's processes die: none may be inside a compiled op's load, see below)
-                wait_until_spare_ready(job, args.victim)
             victim, spare = bed[args.victim], bed[args.hosts]
+            standby = args.standby and fault != "kill"
+            if standby:  # the replacement machine stands by from the start, with pid files of its own
+                standby_dir = work / "standby"
+                job.procs[args.victim] = job.run_on(spare, args.victim, job.join_command(
+                    args.victim, "--standby", "--pid-dir", str(standby_dir), master_addr=job.master_addr))
+                job.host_of[args.victim] = victim
+            job.wait_for_step(args.fault_step, timeout_s=300)
+            if fault != "kill":  # (a machine dying inside a compiled op's first load would cost the next load 60 s)
+                wait_until_spare_ready(job, args.victim)
+            if standby:
+                deadline = time.monotonic() + 120
+                while ready_spare(str(standby_dir), args.victim) is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the standby's trainer was not ready in 120 s; see {work}/job.log")
+                    time.sleep(0.05)
             done_before = job.steps_done()
             preempted = None
             faulted = time.time()
@@ -90,11 +104,13 @@ def run_checkfree(args, work: Path, fault: str) -> dict:
                 job.kill_trainer(args.victim)
             elif fault == "vanish":
                 victim.vanish()
-                job.join(args.victim, spare)
+                if not standby:
+                    job.join(args.victim, spare)
             else:
                 preempted = threading.Thread(target=victim.preempt, kwargs={"grace_s": args.grace}, daemon=True)
                 preempted.start()
-                job.join(args.victim, spare)
+                if not standby:
+                    job.join(args.victim, spare)
             codes = job.wait(timeout_s=300, succeed=False)
             if preempted is not None:
                 preempted.join()
@@ -107,6 +123,7 @@ def run_checkfree(args, work: Path, fault: str) -> dict:
             record = records[0]
             resumed = [float(r["time"]) for r in metrics if int(r["step"]) == record["replayed_step"]]
             return {
+                "standby": standby,
                 # the first step of the new generation: after a drain, the leaving rank's last step comes first
                 "wall_s_fault_to_resumed_step": resumed[0] - faulted,
                 "wall_s_fault_to_next_step": next_step_after(metrics, faulted),
@@ -202,20 +219,7 @@ def median_of(results: List[dict], key: str) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def stale_extension_locks(max_age_s: float = 600) -> List[str]:
-    """torch's JIT extension locks older than ``max_age_s``: a process killed while it loaded a compiled op (here:
-    a spare's prewarm of deepspeed_shm_comm) leaves one, and every later load on this machine then waits for ever.
-    The bed's machines share this cache (real machines do not), so a machine fault can leave one for all."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    now = time.time()
-    return [str(f) for f in root.glob("*/*/lock") if now - f.stat().st_mtime > max_age_s]
-
-
 def main_hosts(args) -> None:
-    stale = stale_extension_locks()
-    if stale:
-        raise SystemExit(f"stale torch extension locks {stale}: every spare would wait for them for ever (a process "
-                         f"was killed while it loaded a compiled op). Remove them when no build runs.")
     why = netns_unavailable()
     if why is not None:
         print(f"SKIPPED: --hosts runs the job on network namespaces, which this process cannot make: {why}. "

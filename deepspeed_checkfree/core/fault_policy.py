@@ -228,7 +228,8 @@ PENDING = "pending"  # the rank's supervisor has not been silent for long enough
 
 def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requested_at: float,
                  lease_renewed_at: Optional[float], lease_timeout_s: float, token_env: str,
-                 recorded_lost: Optional[str] = None, draining: bool = False) -> Tuple[str, str]:
+                 recorded_lost: Optional[str] = None, draining: bool = False,
+                 standby: bool = False) -> Tuple[str, str]:
     """Whether a machine that asked to take over ``rank`` is admitted.
 
     A rank's supervisor renews a lease while it runs (and replaces its trainer itself when that dies); a join
@@ -247,6 +248,8 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
             if it was: the rank is free at once, without waiting for the lease timeout again.
         draining: the rank's supervisor got a preemption notice (its lease still moves while its trainer hands
             over): the join waits for the leaving record instead of being refused.
+        standby: the joiner stands by for the rank (``--standby``): while the rank's supervisor lives, the join
+            waits instead of being refused, and is admitted the moment the rank is recorded lost or leaves.
 
     Returns:
         (:data:`ADMIT`, :data:`REFUSE` or :data:`PENDING`, the reason in words).
@@ -259,11 +262,15 @@ def join_verdict(*, token_ok: bool, rank: int, world_size: int, now: float, requ
         return ADMIT, f"token verified; rank {rank} was recorded lost ({recorded_lost})"
     if draining:
         return PENDING, f"rank {rank} is leaving on a preemption notice: admitted once it has handed over"
-    if lease_renewed_at is not None and lease_renewed_at > requested_at:
+    silent_since = requested_at if lease_renewed_at is None else lease_renewed_at
+    if standby and now - silent_since <= lease_timeout_s:
+        return PENDING, (f"standing by for rank {rank}: admitted when its machine is lost or leaves on a preemption "
+                         f"notice")
+    if not standby and lease_renewed_at is not None and lease_renewed_at > requested_at:
         return REFUSE, (f"rank {rank} is alive: its supervisor renewed its lease after the request. A join replaces "
                         f"only a rank whose machine is gone (supervisor silent for {lease_timeout_s:g} s); a dead "
-                        f"trainer is replaced by its own supervisor. To move a live rank, stop its supervisor first")
-    silent_since = requested_at if lease_renewed_at is None else lease_renewed_at
+                        f"trainer is replaced by its own supervisor. To move a live rank, stop its supervisor first; "
+                        f"to wait for the rank to need a replacement, join with --standby")
     if now - silent_since > lease_timeout_s:
         return ADMIT, f"token verified; the supervisor of rank {rank} has been silent for {now - silent_since:.1f} s"
     return PENDING, "waiting to see whether the rank's supervisor is alive"

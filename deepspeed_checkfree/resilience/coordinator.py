@@ -115,10 +115,13 @@ class Coordinator:
 
     def note_lost(self, signals: List[dict]) -> None:
         """Losses other processes recorded (a leaving trainer's): the leader's lease watch ignores the lost
-        supervisor's renewals from then on, as for a loss it recorded itself."""
+        supervisor's renewals from then on, as for a loss it recorded itself; and it looks at the next tick (a
+        machine waiting for the rank is admitted at once)."""
         if self.watch is not None:
             for signal_ in signals:
                 self.watch.recorded.setdefault(int(signal_["rank"]), signal_.get("owner"))
+            if signals:
+                self.next_look = 0.0
 
     def renew(self) -> None:
         """Renew this rank's lease now (the first one at start-up, before anything else)."""
@@ -132,7 +135,10 @@ class Coordinator:
             self.next_lease = now + LEASE_INTERVAL_S
         if now < self.next_look:
             return
-        self.next_look = now + LEASE_INTERVAL_S
+        # (while a join waits for a draining rank's hand-over, the leader looks every tick: the successor is
+        # admitted the moment the rank leaves, not up to a second later)
+        hurry = self.leading and self.reviewer is not None and self.reviewer.awaits_drain
+        self.next_look = now + (0.0 if hurry else LEASE_INTERVAL_S)
         if self.external:
             self._lead_or_follow(now)
         elif self.leading:

@@ -69,6 +69,10 @@ class JobSession:
         self.incarnation, self.build_engine, self.events, self.heartbeat = incarnation, build_engine, events, heartbeat
         self.engine = engine
         op_build_lock.bound_build_lock_wait()  # (a compiled op's build killed midway holds no later build up)
+        # What exists now (the modules of torch, DeepSpeed and the script) stays for the process's life: set it
+        # aside from the collector, so that the collection letting a failed generation's groups go (on every
+        # rank, in the outage) scans only what was made since (0.37-0.56 s -> 0.12-0.23 s, 4 ranks across hosts).
+        gc.freeze()
         self.token = job_token()
         self.membership = Membership(trainer_store(self.token, config.join_timeout_s), self.token, rank, world_size,
                                      config.join_timeout_s)
@@ -389,21 +393,22 @@ class JobSession:
         outcome = leave(self.membership, engine.stage_state() if engine is not None else None,
                         incarnation=self.incarnation, generation=self.generation, parkers=parkers,
                         backend=self.backend, request=self.drain, events=self.events, replica_kept=replica_kept,
-                        release_world=self._release_world)
+                        release_world=lambda: self._release_world(collect=False))  # (it ends: no next world)
         self.events.write("preempted", rank=self.rank, stage=engine.stage_id if engine is not None else None,
                           step=engine.global_steps if engine is not None else None, notice=self.drain.at,
                           left_s=round(time.time() - self.drain.at, 6), outcome=outcome)
         return outcome
 
-    def _release_world(self) -> None:
+    def _release_world(self, collect: bool = True) -> None:
         """Let this generation's world go (a failure's or a leaving rank's): its connections first, then its
-        groups."""
+        groups (with ``collect``, their objects too, before the next generation makes new ones)."""
         self.death_watch.disarm()
         if self.connections is not None:
             self.connections.cut()
         if self.engine is not None and self.engine.grid is not None:
             self.engine.release_process_groups()
-        gc.collect()
+        if collect:
+            gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
         ds_internals.forget_failed_world()

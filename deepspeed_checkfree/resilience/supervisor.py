@@ -15,6 +15,7 @@ the same command with ``--join``:
 
     CHECKFREE_JOB_TOKEN=... python -m deepspeed_checkfree.supervisor --join --rank 2 --world-size 4 \
         --master-addr HOST --master-port PORT [--store etcd://...] launch/train.py --deepspeed_config cfg.json ...
+(``--standby`` too: started ahead of a loss or a notice, it takes the rank over the moment it is free.)
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from .coordination import (StoreLost, check_job_exists, check_not_a_previous_run
                            is_store_failure, open_store)
 from .coordinator import Coordinator
 from .etcd_client import StoreError
-from .joins import JoinRefused, request_join
+from .joins import JoinRefused, StandbyEnded, join_job
 from .membership import Membership, job_token
 from .network import set_gloo_interface
 from .signal_watch import SignalWatch
@@ -195,7 +196,7 @@ class Supervisor(Draining):
             if self.drain_at is not None:
                 return "drain"
             self._check_spare()
-            if now >= next_tick:
+            if now >= next_tick or len(self.signals.lost) > self._lost_seen:  # (a loss: the leader looks at once)
                 next_tick = now + STORE_TICK_S
                 self._store_tick(now)
             if self._fenced() is not None:
@@ -275,13 +276,9 @@ class Supervisor(Draining):
         incarnation = 0
         try:
             if self.args.join:
-                # The spare warms up (imports, ops) while the job's leader decides: an admitted join then activates
-                # a ready trainer instead of paying its start-up.
-                if self.keep_spare:
-                    self.spare = self.launcher.start(None)
-                request_join(self.store, self.token, self.rank, timeout_s=60)
-                # The new machine's trainer is a replacement: it continues the rank's incarnations.
-                incarnation = (self.membership.incarnation(self.rank) or 0) + 1
+                # The spare warms up (imports, ops) while the leader decides: an admitted join activates it at once.
+                self.spare = self.launcher.start(None) if self.keep_spare else None
+                incarnation = join_job(self.membership, self.token, self.args.standby)  # (a replacement's)
                 logger.warning("%s joined the job as a replacement (incarnation %d)", self._prefix(), incarnation)
             self.coordinator.renew()  # the rank's lease is this supervisor's from now on
             self._watch_signals()
@@ -438,6 +435,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except JoinRefused as err:
         logger.error("%s", err)
         return JOIN_REFUSED_EXIT_CODE
+    except StandbyEnded as err:
+        logger.warning("%s %s", identity(rank=args.rank), err)
+        return 0
     except StoreError as err:  # before the loop (connecting, joining): the store named, nothing started yet
         logger.error("%s cannot use the job's store: %s", identity(rank=args.rank), err)
         return STORE_LOST_EXIT_CODE

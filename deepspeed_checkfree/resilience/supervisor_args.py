@@ -17,6 +17,10 @@ DESCRIPTION = ("The per-rank supervisor: what the launcher starts instead of the
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepspeed_checkfree.supervisor", description=DESCRIPTION)
     p.add_argument("--join", action="store_true", help="this is a new machine taking over --rank of a running job")
+    p.add_argument("--standby", action="store_true",
+                   help="with --join: start before --rank needs a replacement, and take it over the moment it does "
+                        "(its machine lost, or leaving on a preemption notice), the trainer warmed up meanwhile; "
+                        "ends with the job if it never does")
     p.add_argument("--rank", type=int, default=None, help="global rank (default: $RANK, set by the launcher)")
     p.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE")
     p.add_argument("--local-rank", type=int, default=None, help="default: $LOCAL_RANK or 0")
@@ -53,6 +57,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("script", help="the training script")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args(argv)
+    if args.standby and not args.join:
+        p.error("--standby stands by to join: it needs --join (and --rank, the rank to take over)")
     try:
         args.store = choose_store(args.store, args.script_args)  # (also checkfree.store of --deepspeed_config)
     except ConfigError as err:

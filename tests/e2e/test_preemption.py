@@ -8,6 +8,7 @@ Needs root (network namespaces); skipped with the reason elsewhere.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Dict, List
 
 import pytest
 import torch
+
+from deepspeed_checkfree.resilience.contract import ready_spare
 
 from ..harness.cluster import HostJob, check_machines_empty, host_jobs, outage_of  # noqa: F401 (fixture)
 from ..harness.job import Job
@@ -97,6 +100,42 @@ def test_a_preempted_middle_stage_is_handed_over_to_a_replacement_that_starts_at
     assert "The job goes on without this machine: start a replacement" in log
     print(f"preemption with a joiner at the signal: next step {job.step_after(signalled) - signalled:.2f} s after "
           f"the signal; outage record {record['outage_s']:.2f} s (drain {record['drain_s']:.2f} s)")
+    check_machines_empty(job)
+
+
+def test_a_standby_takes_a_preempted_stage_over_at_the_notice_and_one_never_needed_ends_with_the_job(
+        host_jobs, tmp_path, reference_4):
+    # Two machines stand by (``--join --standby``) from the job's start: one for rank 2, one for rank 1. Steps of
+    # at least 1 s, so the job still trains when the standbys' trainers are warm (the losses do not depend on it).
+    job, weights = start_job(host_jobs, tmp_path, hosts=6, train_args=["--min-step-s", "1.0"])
+    leaving = job.host(2)
+    standby_dirs = {rank: tmp_path / f"standby{rank}" for rank in (1, 2)}  # (their own pid files: rank R's run)
+    standbys = {rank: job.run_on(host, rank, job.join_command(rank, "--standby", "--pid-dir", str(standby_dirs[rank]),
+                                                              master_addr=job.master_addr))
+                for rank, host in ((2, job.hosts[4]), (1, job.hosts[5]))}
+    job.host_of.update({1: job.hosts[1], 2: leaving})
+    deadline = time.monotonic() + 180
+    while ready_spare(str(standby_dirs[2]), 2) is None:
+        assert time.monotonic() < deadline and standbys[2].poll() is None, job.tail()
+        time.sleep(0.05)
+    job.wait_for_step(3)
+    assert job.steps_done() < STEPS - 4, "the notice comes while the job trains"
+    signalled = time.time()
+    preempted = threading.Thread(target=leaving.preempt, kwargs={"grace_s": GRACE_S}, daemon=True)
+    preempted.start()
+    job.procs[2] = standbys[2]  # (rank 2's launcher from now on)
+    assert job.wait(timeout_s=240) == [0, 0, 0, 0], job.tail()
+    preempted.join()
+    check_bit_identical(job, reference_4, weights)
+    record = outage_of(job, [2])
+    assert (record["start"], record["method"]) == ("preemption notice", "exact hand-over"), record
+    log = job.tail(10**7)
+    assert "stands by for rank 2" in log and "stands by for rank 1" in log
+    # The standby that was never needed ends with the job, saying so, and leaves nothing behind.
+    assert standbys[1].wait(timeout=60) == 0, job.tail()
+    assert re.search(r"stood by for rank 1\b.*nothing to take over", job.tail(10**7)), job.tail()
+    print(f"preemption with a standby: next step {job.step_after(signalled) - signalled:.2f} s after the signal; "
+          f"outage record {record['outage_s']:.2f} s (drain {record['drain_s']:.2f} s)")
     check_machines_empty(job)
 
 

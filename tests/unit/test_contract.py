@@ -310,3 +310,11 @@ def test_the_supervisor_rejects_a_bad_store_url_with_the_form_to_use(capsys):
     assert err.value.code == 2
     err_text = capsys.readouterr().err
     assert "--store: store URL 'http://a:2379': unknown scheme 'http'" in err_text and "etcd://host:port" in err_text
+
+
+def test_standby_without_join_is_refused_naming_the_rule(capsys):
+    from deepspeed_checkfree.resilience.supervisor import parse_args
+    assert parse_args(["--join", "--standby", "--rank", "2", "s.py"]).standby
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--standby", "--rank", "2", "s.py"])
+    assert err.value.code == 2 and "--standby stands by to join: it needs --join" in capsys.readouterr().err

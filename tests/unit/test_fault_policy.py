@@ -108,6 +108,18 @@ def test_a_join_is_admitted_only_with_the_token_for_a_rank_whose_supervisor_is_s
     assert verdict(lease_renewed_at=None, now=15.0, requested_at=9.0)[0] == policy.ADMIT, "never seen alive"
 
 
+def test_a_standby_join_waits_while_the_rank_lives_and_is_admitted_when_it_is_lost_or_leaves():
+    pending, reason = verdict(standby=True)  # (the lease renewed after the request: a plain join is refused)
+    assert pending == policy.PENDING and "standing by for rank 2" in reason
+    assert verdict(standby=True, now=1000.0, lease_renewed_at=999.0)[0] == policy.PENDING, "however long it waits"
+    assert verdict(standby=True, now=20.0, lease_renewed_at=14.0)[0] == policy.ADMIT, "its supervisor went silent"
+    admitted, reason = verdict(standby=True, recorded_lost="preemption notice")
+    assert admitted == policy.ADMIT and "preemption notice" in reason
+    assert verdict(standby=True, draining=True)[0] == policy.PENDING
+    assert verdict(standby=True, token_ok=False)[0] == policy.REFUSE
+    assert "join with --standby" in verdict()[1], "a refused join names the way to wait"
+
+
 @pytest.mark.parametrize("detection_s, connect_s", [(2.0, 10.0), (4.0, 10.0), (10.0, 10.0), (30.0, 30.0)])
 def test_a_gloo_connect_waits_for_a_dead_peer_at_most_max_of_t_and_the_floor(detection_s, connect_s):
     # gloo's passive side waits 5x the pair timeout (tcp/pair.h): the pair timeout is that bound over 5

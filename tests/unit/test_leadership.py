@@ -9,11 +9,12 @@ import pytest
 import torch.distributed as dist
 
 from deepspeed_checkfree.core import leadership as lead
+from deepspeed_checkfree.core.rejoin import PREEMPTION
 from deepspeed_checkfree.events import EventLog
 from deepspeed_checkfree.resilience import contract
 from deepspeed_checkfree.resilience.coordination import check_job_exists
 from deepspeed_checkfree.resilience.coordinator import Coordinator
-from deepspeed_checkfree.resilience.joins import JoinRefused
+from deepspeed_checkfree.resilience.joins import JoinRefused, StandbyEnded, join_job, request_join
 from deepspeed_checkfree.resilience.membership import Membership
 
 
@@ -122,6 +123,74 @@ def test_a_join_for_the_lost_leaders_rank_is_admitted_by_the_new_leader():
     store.set(contract.join_verdict_key(index), json.dumps({"admitted": False, "reason": "kept"}))
     run(machines, now + 1, now + 2)
     assert json.loads(store.get(contract.join_verdict_key(index)))["reason"] == "kept"
+
+
+def request(store, rank: int, standby: bool) -> str:
+    """A joiner's request (what request_join writes); returns its verdict key."""
+    index = store.add(contract.JOIN_REQUESTS, 1)
+    store.set(contract.join_request_key(index), json.dumps(
+        {"rank": rank, "nonce": "n", "mac": contract.token_mac("tok", "n"), "standby": standby}))
+    return contract.join_verdict_key(index)
+
+
+def test_a_standby_for_a_living_rank_waits_and_is_admitted_once_its_machine_is_lost():
+    store = dist.HashStore()
+    machines = [Machine(store, r) for r in range(4)]
+    now = run(machines, 0.0, 3.0)
+    plain, standby = request(store, 2, standby=False), request(store, 2, standby=True)
+    now = run(machines, now, now + 30)
+    assert json.loads(store.get(plain))["admitted"] is False, "a plain join for a living rank is refused"
+    assert not store.check([standby]), "the standby still waits, 30 s on"
+    machines[2].alive = False
+    lost_at = now
+    while not store.check([standby]):
+        now = run(machines, now, now + 0.25)
+        assert now - lost_at < 12
+    assert json.loads(store.get(standby))["admitted"] is True
+
+
+def test_a_standby_for_a_draining_rank_is_admitted_within_a_tick_of_its_leaving():
+    store = dist.HashStore()
+    machines = [Machine(store, r) for r in range(4)]
+    now = run(machines, 0.0, 3.0)
+    standby = request(store, 2, standby=True)
+    now = run(machines, now, now + 2)
+    leader = machines[0].coordinator
+    assert leader.leading and not leader.reviewer.awaits_drain, "a standby alone: the leader looks once a second"
+    machines[2].membership.record_draining(2, notice=now, deadline=now + 25, owner="owner-2")
+    now = run(machines, now, now + 1.25)
+    assert leader.reviewer.awaits_drain and not store.check([standby])
+    # The leaving trainer's record (drain.leave): the leader, looking every tick now, admits at its next one.
+    machines[2].membership.record_machine_loss(2, 0, PREEMPTION, "owner-2", now, 0)
+    run(machines, now, now + 0.25)
+    assert store.check([standby]) and json.loads(store.get(standby))["admitted"] is True
+    assert not leader.reviewer.awaits_drain
+
+
+def test_a_loss_another_process_recorded_makes_the_leader_look_at_once():
+    store = dist.HashStore()
+    machines = [Machine(store, r) for r in range(4)]
+    now = run(machines, 0.0, 3.0)
+    standby = request(store, 2, standby=True)
+    leader = machines[0].coordinator
+    leader.tick(now)  # a look: the next is a second away
+    assert not store.check([standby])
+    machines[2].membership.record_machine_loss(2, 0, PREEMPTION, "owner-2", now, 0)  # (a leaving trainer's)
+    leader.note_lost([{"rank": 2, "owner": "owner-2"}])  # (what the supervisor passes on from its signal watch)
+    leader.tick(now + 0.05)
+    assert store.check([standby]) and json.loads(store.get(standby))["admitted"] is True
+
+
+def test_a_standby_ends_when_the_job_is_over_and_names_why():
+    store = dist.HashStore()
+    membership = Membership(store, "tok", 2, 4, join_timeout_s=1.0)
+    over = iter([None, "finished"])
+    with pytest.raises(StandbyEnded, match="the job finished while this machine stood by for rank 2"):
+        request_join(store, "tok", 2, timeout_s=0.1, job_over=lambda: next(over))  # (no answer: pending)
+    for rank in range(4):
+        Membership(store, "tok", rank, 4, join_timeout_s=1.0).finish()
+    with pytest.raises(StandbyEnded, match="the job finished"):
+        join_job(membership, "tok", standby=True)
 
 
 def test_two_claims_of_a_vacant_leadership_leave_one_holder():
