@@ -3,6 +3,11 @@ sharing one in-memory store (HashStore stands in for etcd; a fake clock stands i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
 from typing import List
 
 import pytest
@@ -191,6 +196,25 @@ def test_a_standby_ends_when_the_job_is_over_and_names_why():
         Membership(store, "tok", rank, 4, join_timeout_s=1.0).finish()
     with pytest.raises(StandbyEnded, match="the job finished"):
         join_job(membership, "tok", standby=True)
+
+
+def test_a_standby_ends_when_the_embedded_store_closes_under_it():
+    """The embedded store closes with the job (or with rank 0's machine): a real TCPStore server process is killed
+    while a standby waits on it."""
+    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d\n"
+                               "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+                               "print(s.port, flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        store = dist.TCPStore("127.0.0.1", int(server.stdout.readline()), is_master=False,
+                              timeout=timedelta(seconds=30))
+        threading.Timer(1.0, server.kill).start()
+        started = time.monotonic()
+        with pytest.raises(StandbyEnded, match="the job's store closed while this machine stood by for rank 2"):
+            join_job(Membership(store, "tok", 2, 4, join_timeout_s=1.0), "tok", standby=True)
+        assert time.monotonic() - started < 20
+    finally:
+        server.kill()
+        server.wait(timeout=30)
 
 
 def test_two_claims_of_a_vacant_leadership_leave_one_holder():
