@@ -164,8 +164,10 @@ class Coordinator:
             self.events.write("join_admitted" if admitted else "join_refused", rank=req.get("rank"),
                               host=req.get("host"), reason=reason)
         if now >= self.next_cleanup:
-            self.next_cleanup = now + CLEANUP_INTERVAL_S
-            self._delete_finished_generations()
+            # (while the ranks are leaving a generation for the next, look again at the next look: its keys go as
+            # soon as the last rank has left it, not up to 10 s later, which may be after the job's end)
+            leaving = self._delete_finished_generations()
+            self.next_cleanup = now + (LEASE_INTERVAL_S if leaving else CLEANUP_INTERVAL_S)
 
     def _record_silent(self, rank: int, lease: Lease, now: float) -> None:
         m = self.membership
@@ -182,11 +184,13 @@ class Coordinator:
         self.events.write("machine_silent", rank=rank, incarnation=incarnation, generation=generation,
                           silent_s=round(silent_s, 3), last_renewal=when, detected_by=self.rank)
 
-    def _delete_finished_generations(self) -> None:
+    def _delete_finished_generations(self) -> bool:
         """A long job's store does not grow with its failures: every generation all ranks have left goes (on etcd
-        by prefix; elsewhere key by key, from the list its ranks registered)."""
+        by prefix; elsewhere key by key, from the list its ranks registered). Returns whether some ranks are still
+        leaving one (they are not all in the same generation)."""
         store = self.membership.store
-        gone = leadership.generations_to_delete(self.membership.last_generations(), self.deleted_below)
+        last = self.membership.last_generations()
+        gone = leadership.generations_to_delete(last, self.deleted_below)
         for generation in gone:
             if hasattr(store, "delete_prefix"):
                 deleted = store.delete_prefix(self.membership.key(generation_prefix(generation)))
@@ -194,6 +198,7 @@ class Coordinator:
                 deleted = self.membership.delete_generation(generation)
             logger.debug("%s deleted generation %d's %d keys", self.prefix, generation, deleted)
         self.deleted_below = gone.stop
+        return bool(last) and min(last) != max(last)
 
     # the leadership (external store) ------------------------------------------------------------------------------
 
